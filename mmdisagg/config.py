@@ -1,0 +1,198 @@
+"""Settings: one frozen object per role, built once from CLI flags and ``MMDISAGG_*`` variables.
+
+Every knob is a dataclass field declared with :func:`knob`. Its CLI flag is ``--field-name`` and
+its environment variable ``MMDISAGG_FIELD_NAME``; a flag beats the variable, which beats the
+default. A bad value fails at start-up with a :class:`SettingsError` naming the knob and the
+value. Nothing else in mmdisagg reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "MMDISAGG_"
+
+
+class SettingsError(ValueError):
+    """A knob has a value mmdisagg cannot run with."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def power_of_two(value: int) -> str | None:
+    return None if value > 0 and value & (value - 1) == 0 else "must be a power of two"
+
+
+def port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def any_port(value: int) -> str | None:
+    """A port, or 0 for 'pick a free one'."""
+    return None if 0 <= value < 65536 else "must be a TCP port (0-65535, 0 = any free port)"
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    check: Check | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a setting. Numbers must be > 0 unless another ``check`` is given."""
+    metadata = {"help": help, "check": check, "choices": choices, "secret": secret}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _knob_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _group_fields(cls: type) -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(cls)
+    return [
+        (f.name, hints[f.name])
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(hints[f.name])
+    ]
+
+
+def _convert(raw: Any, kind: Any) -> Any:
+    """Turn a flag or env string into the field's type; raise ValueError with a reason."""
+    if typing.get_origin(kind) is tuple:
+        items = raw if isinstance(raw, list | tuple) else [s for s in raw.split(",") if s.strip()]
+        return tuple(str(item).strip() for item in items)
+    if not isinstance(raw, str):
+        return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("not a boolean (use 1/0, true/false)")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ValueError("not an integer") from None
+    if kind is float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+    return raw
+
+
+def _validate(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
+    choices = f.metadata["choices"]
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(choices)}"
+    check = f.metadata["check"]
+    if check is None and kind in (int, float) and kind is not bool:
+        check = positive
+    return check(value) if check else None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per knob of ``cls`` (and of its nested groups); defaults stay unset."""
+    for _, group in _group_fields(cls):
+        add_arguments(parser, group)
+    for f, kind in _knob_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "***" if f.metadata["secret"] and default else default
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown!r}]"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, nargs="+",
+                                help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help_text,
+                                choices=f.metadata["choices"])
+
+
+def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> Any:
+    """Build ``cls`` from flags (``args``), then ``MMDISAGG_*`` variables, then defaults."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, group in _group_fields(cls):
+        values[name] = load(group, given, environ)
+    for f, kind in _knob_fields(cls):
+        if given.get(f.name) is not None:
+            raw, source = given[f.name], flag_name(f.name)
+        elif env_name(f.name) in environ:
+            raw, source = environ[env_name(f.name)], env_name(f.name)
+        else:
+            continue
+        shown = "***" if f.metadata["secret"] else repr(raw)
+        try:
+            value = _convert(raw, kind)
+        except ValueError as exc:
+            raise SettingsError(f"{source}={shown}: {exc}") from None
+        problem = _validate(f, kind, value)
+        if problem:
+            raise SettingsError(f"{source}={shown}: {problem}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def describe(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(flag, env var, default, help) for every knob: the source of docs/configuration.md."""
+    rows = []
+    for _, group in _group_fields(cls):
+        rows.extend(describe(group))
+    for f, _ in _knob_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((flag_name(f.name), env_name(f.name), default, f.metadata["help"]))
+    return rows
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    block_size: int = knob(128, "tokens per embedding-pool block", check=power_of_two)
+    default_blocks: int = knob(
+        8, "blocks a language server offers before it knows the prompt length (alloc_default)")
+    pool_blocks: int = knob(256, "blocks in each server's embedding pool")
+
+    def __post_init__(self) -> None:
+        if self.default_blocks > self.pool_blocks:
+            raise SettingsError(
+                f"{env_name('default_blocks')}={self.default_blocks} is larger than "
+                f"{env_name('pool_blocks')}={self.pool_blocks}: the first window could never fit")
