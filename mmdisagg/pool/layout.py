@@ -1,0 +1,110 @@
+"""Byte layout of an embedding pool: enough for a peer to write a block with no pool code.
+
+The pool is one buffer: a header page, then three block-major arrays, each page aligned:
+
+    embeddings [num_blocks, block_size, hidden_size]  model dtype
+    token_ids  [num_blocks, block_size]               int32
+    positions  [num_blocks, block_size, 3]            int32 (M-RoPE t/h/w)
+
+Block ``b`` of an array is the single byte range ``offset + b * block_bytes`` of length
+``block_bytes``, so one block is one memcpy or one RDMA write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+PAGE = 4096
+HEADER_BYTES = PAGE
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+TOKEN_DTYPE = torch.int32
+POSITION_DTYPE = torch.int32
+ARRAYS = ("embeddings", "token_ids", "positions")
+
+
+def _page_align(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported embedding dtype {dtype}; use one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    num_blocks: int
+    block_size: int
+    hidden_size: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported embedding dtype {self.dtype!r}; use one of "
+                             f"{', '.join(DTYPES)}")
+        for name in ("num_blocks", "block_size", "hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pool layout {name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token occupies across the three arrays."""
+        return self.hidden_size * self.itemsize + 4 + 12
+
+    def block_bytes(self, array: str) -> int:
+        per_token = {"embeddings": self.hidden_size * self.itemsize, "token_ids": 4,
+                     "positions": 12}[array]
+        return self.block_size * per_token
+
+    def offset(self, array: str) -> int:
+        """Byte offset of block 0 of ``array`` from the start of the buffer."""
+        at = HEADER_BYTES
+        for name in ARRAYS:
+            if name == array:
+                return at
+            at = _page_align(at + self.num_blocks * self.block_bytes(name))
+        raise KeyError(array)
+
+    def block_range(self, array: str, block: int) -> tuple[int, int]:
+        """(offset, length) in bytes of one block of one array."""
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} outside a pool of {self.num_blocks} blocks")
+        size = self.block_bytes(array)
+        return self.offset(array) + block * size, size
+
+    @property
+    def total_bytes(self) -> int:
+        last = ARRAYS[-1]
+        return _page_align(self.offset(last) + self.num_blocks * self.block_bytes(last))
+
+    def mismatch(self, other: PoolLayout) -> str | None:
+        """Why two pools cannot exchange blocks, or None. Block counts may differ."""
+        for name in ("block_size", "hidden_size", "dtype"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"pool layout mismatch: {name} {mine} here vs {theirs} at the peer"
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PoolLayout:
+        return cls(**{name: data[name] for name in ("num_blocks", "block_size", "hidden_size",
+                                                     "dtype")})

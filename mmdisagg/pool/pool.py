@@ -1,0 +1,145 @@
+"""The embedding pool: block-major arrays (``PoolArrays``) plus their allocator (``EmbeddingPool``).
+
+Writes scatter and reads gather block by block over the blocks given, in the order given: a
+request's tokens ``[k * block_size, (k + 1) * block_size)`` live in its k-th block, whatever
+that block's id. Metadata (total length, mrope delta) is never stored here: it travels in
+control messages (seed note 05).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmdisagg.pool.allocator import Allocation, BlockAllocator
+from mmdisagg.pool.layout import POSITION_DTYPE, TOKEN_DTYPE, PoolLayout
+from mmdisagg.pool.shm import SharedSegment
+
+BACKINGS = ("process", "shm")
+
+
+@dataclass
+class Gathered:
+    """Tokens read back from a pool, in request order."""
+
+    embeddings: torch.Tensor
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+class PoolArrays:
+    """Typed views over one pool buffer, with block-wise scatter and gather.
+
+    A peer on the same host builds one of these over the owner's segment (``attach``) to write
+    into blocks it was offered; it has no allocator.
+    """
+
+    def __init__(self, layout: PoolLayout, buffer: torch.Tensor,
+                 segment: SharedSegment | None = None) -> None:
+        self.layout = layout
+        self.buffer = buffer
+        self.segment = segment
+        n, bs, h = layout.num_blocks, layout.block_size, layout.hidden_size
+
+        def view(array: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            start = layout.offset(array)
+            raw = buffer[start: start + layout.num_blocks * layout.block_bytes(array)]
+            return raw.view(dtype).view(shape)
+
+        self.embeddings = view("embeddings", layout.torch_dtype, (n, bs, h))
+        self.token_ids = view("token_ids", TOKEN_DTYPE, (n, bs))
+        self.positions = view("positions", POSITION_DTYPE, (n, bs, 3))
+
+    @classmethod
+    def in_process(cls, layout: PoolLayout, pin: bool = False) -> PoolArrays:
+        return cls(layout, torch.zeros(layout.total_bytes, dtype=torch.uint8, pin_memory=pin))
+
+    @classmethod
+    def shared(cls, layout: PoolLayout) -> PoolArrays:
+        """A new named segment this process owns; peers ``attach`` to it by name."""
+        segment = SharedSegment.create(layout.total_bytes, layout.to_dict())
+        return cls(layout, torch.frombuffer(segment.mmap, dtype=torch.uint8), segment)
+
+    @classmethod
+    def attach(cls, name: str, layout: PoolLayout) -> PoolArrays:
+        segment = SharedSegment.attach(name, layout.total_bytes, layout.to_dict())
+        return cls(layout, torch.frombuffer(segment.mmap, dtype=torch.uint8), segment)
+
+    @property
+    def segment_name(self) -> str | None:
+        return self.segment.name if self.segment else None
+
+    def _spans(self, blocks: Sequence[int], start_token: int, num_tokens: int):
+        """(block, offset in block, offset in request slice, count) for each touched block."""
+        bs = self.layout.block_size
+        if start_token < 0 or num_tokens < 0 or start_token + num_tokens > len(blocks) * bs:
+            raise IndexError(
+                f"tokens [{start_token}, {start_token + num_tokens}) do not fit in "
+                f"{len(blocks)} blocks of {bs}")
+        done = 0
+        while done < num_tokens:
+            token = start_token + done
+            offset = token % bs
+            count = min(bs - offset, num_tokens - done)
+            yield blocks[token // bs], offset, done, count
+            done += count
+
+    def write(self, blocks: Sequence[int], start_token: int, embeddings: torch.Tensor,
+              token_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Scatter ``len(token_ids)`` tokens into ``blocks`` from token ``start_token`` on."""
+        num_tokens = int(token_ids.shape[0])
+        if embeddings.shape != (num_tokens, self.layout.hidden_size) or positions.shape != (
+                num_tokens, 3):
+            raise ValueError(
+                f"expected embeddings [{num_tokens}, {self.layout.hidden_size}] and positions "
+                f"[{num_tokens}, 3], got {tuple(embeddings.shape)} and {tuple(positions.shape)}")
+        for block, offset, at, count in self._spans(blocks, start_token, num_tokens):
+            self.embeddings[block, offset: offset + count].copy_(embeddings[at: at + count])
+            self.token_ids[block, offset: offset + count].copy_(token_ids[at: at + count])
+            self.positions[block, offset: offset + count].copy_(positions[at: at + count])
+
+    def read(self, blocks: Sequence[int], num_tokens: int, start_token: int = 0,
+             out: Gathered | None = None) -> Gathered:
+        """Gather ``num_tokens`` tokens from ``blocks`` starting at token ``start_token``."""
+        if out is None:
+            out = Gathered(
+                torch.empty(num_tokens, self.layout.hidden_size, dtype=self.layout.torch_dtype),
+                torch.empty(num_tokens, dtype=TOKEN_DTYPE),
+                torch.empty(num_tokens, 3, dtype=POSITION_DTYPE),
+            )
+        for block, offset, at, count in self._spans(blocks, start_token, num_tokens):
+            out.embeddings[at: at + count].copy_(self.embeddings[block, offset: offset + count])
+            out.token_ids[at: at + count].copy_(self.token_ids[block, offset: offset + count])
+            out.positions[at: at + count].copy_(self.positions[block, offset: offset + count])
+        return out
+
+    def close(self) -> None:
+        """Drop the views and, for a segment, unmap it (its owner also unlinks it)."""
+        del self.embeddings, self.token_ids, self.positions, self.buffer
+        if self.segment is not None:
+            self.segment.close()
+
+
+class EmbeddingPool:
+    """Arrays plus the allocator that decides who owns which block."""
+
+    def __init__(self, layout: PoolLayout, backing: str = "process", default_blocks: int = 8,
+                 pin: bool = False) -> None:
+        if backing not in BACKINGS:
+            raise ValueError(f"unknown pool backing {backing!r}; use one of {', '.join(BACKINGS)}")
+        self.layout = layout
+        self.arrays = PoolArrays.shared(layout) if backing == "shm" else PoolArrays.in_process(
+            layout, pin=pin)
+        self.allocator = BlockAllocator(layout.num_blocks, layout.block_size, default_blocks)
+
+    def write(self, allocation: Allocation, start_token: int, embeddings: torch.Tensor,
+              token_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        self.arrays.write(allocation.blocks, start_token, embeddings, token_ids, positions)
+
+    def read(self, allocation: Allocation, num_tokens: int, start_token: int = 0) -> Gathered:
+        return self.arrays.read(allocation.blocks, num_tokens, start_token)
+
+    def close(self) -> None:
+        self.arrays.close()

@@ -1,0 +1,146 @@
+"""EmbeddingPool scatter/gather over unordered, non-contiguous, reused blocks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmdisagg.pool.allocator import Allocation
+from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.pool import EmbeddingPool
+
+BLOCK = 128
+
+
+def make_tokens(n: int, hidden: int, seed: int, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, hidden, generator=gen).to(dtype),
+        torch.randint(0, 150_000, (n,), generator=gen, dtype=torch.int32),
+        torch.randint(0, 10_000, (n, 3), generator=gen, dtype=torch.int32),
+    )
+
+
+def assert_reads_back(pool, allocation, tokens, start=0):
+    embeddings, token_ids, positions = tokens
+    got = pool.read(allocation, len(token_ids), start)
+    assert torch.equal(got.embeddings, embeddings)
+    assert torch.equal(got.token_ids, token_ids)
+    assert torch.equal(got.positions, positions)
+
+
+@pytest.fixture(params=["process", "shm"])
+def pool(request):
+    layout = PoolLayout(num_blocks=32, block_size=BLOCK, hidden_size=16, dtype="bfloat16")
+    pool = EmbeddingPool(layout, backing=request.param)
+    yield pool
+    pool.close()
+
+
+def test_unordered_non_contiguous_blocks_round_trip(pool):
+    """Seed notes 02/04: [15..19, 14..10] must not be read from min(block) * block_size."""
+    blocks = (15, 16, 17, 18, 19, 14, 13, 12, 11, 10)
+    allocation = Allocation(blocks, BLOCK, allocation_id=-1, allocator_id=-1)
+    tokens = make_tokens(len(blocks) * BLOCK - 37, 16, seed=1)
+    pool.write(allocation, 0, *tokens)
+    assert_reads_back(pool, allocation, tokens)
+    # and nothing landed in the neighbours a contiguous misreading would have used
+    assert not pool.arrays.embeddings[:10].any() and not pool.arrays.embeddings[20:].any()
+    assert torch.equal(pool.arrays.token_ids[14, :BLOCK], tokens[1][5 * BLOCK: 6 * BLOCK])
+
+
+def test_write_at_offset_spans_blocks(pool):
+    allocation = pool.allocator.alloc(1000)
+    first, second = make_tokens(300, 16, seed=2), make_tokens(700, 16, seed=3)
+    pool.write(allocation, 0, *first)
+    pool.write(allocation, 300, *second)
+    assert_reads_back(pool, allocation, first)
+    assert_reads_back(pool, allocation, second, start=300)
+
+
+def test_reused_block_holds_new_data_not_old(pool):
+    """A block freed and re-allocated at once reads the new request's data (seed note 05)."""
+    old = pool.allocator.alloc(2 * BLOCK)
+    pool.write(old, 0, *make_tokens(2 * BLOCK, 16, seed=4))
+    pool.allocator.free(old)
+    new = pool.allocator.alloc(BLOCK + 5)
+    assert new.blocks == old.blocks
+    fresh = make_tokens(BLOCK + 5, 16, seed=5)
+    pool.write(new, 0, *fresh)
+    assert_reads_back(pool, new, fresh)
+
+
+def test_overflowing_write_is_refused(pool):
+    allocation = pool.allocator.alloc_blocks(1)
+    with pytest.raises(IndexError):
+        pool.write(allocation, 100, *make_tokens(29, 16, seed=6))
+    with pytest.raises(ValueError):
+        embeddings, token_ids, positions = make_tokens(10, 16, seed=6)
+        pool.write(allocation, 0, embeddings[:, :8], token_ids, positions)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_other_dtypes(dtype):
+    layout = PoolLayout(num_blocks=4, block_size=8, hidden_size=5, dtype=dtype)
+    pool = EmbeddingPool(layout)
+    allocation = pool.allocator.alloc(20)
+    tokens = make_tokens(20, 5, seed=7, dtype=layout.torch_dtype)
+    pool.write(allocation, 0, *tokens)
+    assert_reads_back(pool, allocation, tokens)
+
+
+def test_layout_block_ranges_are_disjoint_and_inside_buffer():
+    layout = PoolLayout(num_blocks=7, block_size=16, hidden_size=24, dtype="bfloat16")
+    ranges = sorted(layout.block_range(a, b) for a in ("embeddings", "token_ids", "positions")
+                    for b in range(7))
+    for (start, size), (next_start, _) in itertools.pairwise(ranges):
+        assert start + size <= next_start
+    assert ranges[-1][0] + ranges[-1][1] <= layout.total_bytes
+    with pytest.raises(IndexError):
+        layout.block_range("embeddings", 7)
+
+
+def test_layout_mismatch_names_the_field():
+    base = PoolLayout(8, 128, 64, "bfloat16")
+    assert base.mismatch(PoolLayout(99, 128, 64, "bfloat16")) is None
+    assert "hidden_size 64 here vs 32" in base.mismatch(PoolLayout(8, 128, 32, "bfloat16"))
+    assert "dtype" in base.mismatch(PoolLayout(8, 128, 64, "float32"))
+
+
+operations = st.lists(
+    st.one_of(st.tuples(st.just("alloc"), st.integers(1, 5 * 16)),
+              st.tuples(st.just("free"), st.integers(0, 1000))),
+    min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations)
+def test_random_alloc_write_free_sequences(ops):
+    """Every live allocation reads back what was written; no block shared; accounting holds."""
+    layout = PoolLayout(num_blocks=12, block_size=16, hidden_size=4, dtype="float32")
+    pool = EmbeddingPool(layout)
+    live: list[tuple[Allocation, tuple]] = []
+    for step, (op, value) in enumerate(ops):
+        if op == "alloc":
+            allocation = pool.allocator.alloc(value)
+            if allocation is None:
+                assert pool.allocator.num_free_blocks < pool.allocator.blocks_for(value)
+                continue
+            tokens = make_tokens(value, 4, seed=step, dtype=torch.float32)
+            pool.write(allocation, 0, *tokens)
+            live.append((allocation, tokens))
+        elif live:
+            allocation, _ = live.pop(value % len(live))
+            pool.allocator.free(allocation)
+        pool.allocator.check()
+        used = [b for allocation, _ in live for b in allocation.blocks]
+        assert len(used) == len(set(used))
+        stats = pool.allocator.stats()
+        assert stats.free_blocks + stats.used_blocks == layout.num_blocks == (
+            stats.free_blocks + len(used))
+        for allocation, tokens in live:
+            assert_reads_back(pool, allocation, tokens)
