@@ -108,6 +108,24 @@ class BlockAllocator:
             self._free_block_ids.extend(reversed(allocation.blocks))
             self._frees += 1
 
+    def shrink(self, allocation: Allocation, keep_blocks: int) -> Allocation:
+        """Free the tail beyond ``keep_blocks`` and return the smaller allocation that replaces
+        ``allocation`` (which is no longer valid)."""
+        if not 0 < keep_blocks <= allocation.num_blocks:
+            raise ValueError(f"cannot keep {keep_blocks} of {allocation.num_blocks} blocks")
+        if keep_blocks == allocation.num_blocks:
+            return allocation
+        with self._lock:
+            self._check_owned(allocation)
+            del self._live[allocation.allocation_id]
+            kept = Allocation(allocation.blocks[:keep_blocks], self.block_size,
+                              next(self._serial), self._id)
+            self._live[kept.allocation_id] = kept
+            tail = allocation.blocks[keep_blocks:]
+            self._used_block_ids.difference_update(tail)
+            self._free_block_ids.extend(reversed(tail))
+            return kept
+
     def _check_owned(self, allocation: Allocation) -> None:
         for block in allocation.blocks:
             if not 0 <= block < self.num_blocks:

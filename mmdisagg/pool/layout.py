@@ -12,6 +12,7 @@ Block ``b`` of an array is the single byte range ``offset + b * block_bytes`` of
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,6 +88,34 @@ class PoolLayout:
             raise IndexError(f"block {block} outside a pool of {self.num_blocks} blocks")
         size = self.block_bytes(array)
         return self.offset(array) + block * size, size
+
+    def token_spans(self, blocks: Sequence[int], start_token: int,
+                    num_tokens: int) -> Iterator[tuple[int, int, int, int]]:
+        """Tokens ``[start_token, start_token + num_tokens)`` of a request whose k-th block is
+        ``blocks[k]``, as (block, first token in block, first token in slice, count) runs."""
+        bs = self.block_size
+        if start_token < 0 or num_tokens < 0 or start_token + num_tokens > len(blocks) * bs:
+            raise IndexError(f"tokens [{start_token}, {start_token + num_tokens}) do not fit in "
+                             f"{len(blocks)} blocks of {bs}")
+        done = 0
+        while done < num_tokens:
+            token = start_token + done
+            count = min(bs - token % bs, num_tokens - done)
+            yield blocks[token // bs], token % bs, done, count
+            done += count
+
+    def byte_ranges(self, blocks: Sequence[int], start_token: int,
+                    num_tokens: int) -> list[tuple[int, int]]:
+        """(offset, length) of those tokens in the buffer: embeddings, then token ids, then
+        positions. This order is the wire order of a chunk on every data plane."""
+        spans = list(self.token_spans(blocks, start_token, num_tokens))
+        ranges = []
+        for array in ARRAYS:
+            base, per_token = self.offset(array), self.block_bytes(array) // self.block_size
+            for block, first, _, count in spans:
+                ranges.append((base + (block * self.block_size + first) * per_token,
+                               count * per_token))
+        return ranges
 
     @property
     def total_bytes(self) -> int:

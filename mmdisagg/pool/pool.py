@@ -71,21 +71,6 @@ class PoolArrays:
     def segment_name(self) -> str | None:
         return self.segment.name if self.segment else None
 
-    def _spans(self, blocks: Sequence[int], start_token: int, num_tokens: int):
-        """(block, offset in block, offset in request slice, count) for each touched block."""
-        bs = self.layout.block_size
-        if start_token < 0 or num_tokens < 0 or start_token + num_tokens > len(blocks) * bs:
-            raise IndexError(
-                f"tokens [{start_token}, {start_token + num_tokens}) do not fit in "
-                f"{len(blocks)} blocks of {bs}")
-        done = 0
-        while done < num_tokens:
-            token = start_token + done
-            offset = token % bs
-            count = min(bs - offset, num_tokens - done)
-            yield blocks[token // bs], offset, done, count
-            done += count
-
     def write(self, blocks: Sequence[int], start_token: int, embeddings: torch.Tensor,
               token_ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Scatter ``len(token_ids)`` tokens into ``blocks`` from token ``start_token`` on."""
@@ -95,7 +80,7 @@ class PoolArrays:
             raise ValueError(
                 f"expected embeddings [{num_tokens}, {self.layout.hidden_size}] and positions "
                 f"[{num_tokens}, 3], got {tuple(embeddings.shape)} and {tuple(positions.shape)}")
-        for block, offset, at, count in self._spans(blocks, start_token, num_tokens):
+        for block, offset, at, count in self.layout.token_spans(blocks, start_token, num_tokens):
             self.embeddings[block, offset: offset + count].copy_(embeddings[at: at + count])
             self.token_ids[block, offset: offset + count].copy_(token_ids[at: at + count])
             self.positions[block, offset: offset + count].copy_(positions[at: at + count])
@@ -109,17 +94,48 @@ class PoolArrays:
                 torch.empty(num_tokens, dtype=TOKEN_DTYPE),
                 torch.empty(num_tokens, 3, dtype=POSITION_DTYPE),
             )
-        for block, offset, at, count in self._spans(blocks, start_token, num_tokens):
+        for block, offset, at, count in self.layout.token_spans(blocks, start_token, num_tokens):
             out.embeddings[at: at + count].copy_(self.embeddings[block, offset: offset + count])
             out.token_ids[at: at + count].copy_(self.token_ids[block, offset: offset + count])
             out.positions[at: at + count].copy_(self.positions[block, offset: offset + count])
         return out
+
+    def copy_to(self, dst: PoolArrays, src_blocks: Sequence[int], src_start: int,
+                dst_blocks: Sequence[int], dst_start: int, num_tokens: int) -> None:
+        """Copy tokens block to block into another pool of the same layout (the shm plane)."""
+        if num_tokens == 0:
+            return
+        src_ranges = self.layout.byte_ranges(src_blocks, src_start, num_tokens)
+        dst_ranges = dst.layout.byte_ranges(dst_blocks, dst_start, num_tokens)
+        src_ranges, dst_ranges = _split_to_match(src_ranges, dst_ranges)
+        for (src_at, size), (dst_at, _) in zip(src_ranges, dst_ranges, strict=True):
+            dst.buffer[dst_at: dst_at + size].copy_(self.buffer[src_at: src_at + size])
 
     def close(self) -> None:
         """Drop the views and, for a segment, unmap it (its owner also unlinks it)."""
         del self.embeddings, self.token_ids, self.positions, self.buffer
         if self.segment is not None:
             self.segment.close()
+
+
+def _split_to_match(a: list[tuple[int, int]], b: list[tuple[int, int]]):
+    """Cut two lists of byte ranges covering the same number of bytes at each other's seams."""
+    out_a, out_b = [], []
+    i = j = 0
+    (a_at, a_left), (b_at, b_left) = a[0], b[0]
+    while True:
+        size = min(a_left, b_left)
+        out_a.append((a_at, size))
+        out_b.append((b_at, size))
+        a_at, a_left, b_at, b_left = a_at + size, a_left - size, b_at + size, b_left - size
+        if a_left == 0:
+            i += 1
+            if i == len(a):
+                return out_a, out_b
+            a_at, a_left = a[i]
+        if b_left == 0:
+            j += 1
+            b_at, b_left = b[j]
 
 
 class EmbeddingPool:

@@ -143,3 +143,16 @@ def _record(errors, fn, *args):
         fn(*args)
     except Exception as exc:  # collected and asserted on in the main thread
         errors.append(exc)
+
+
+def test_shrink_frees_the_tail_and_replaces_the_allocation():
+    allocator = BlockAllocator(num_blocks=16, block_size=128, default_blocks=8)
+    window = allocator.alloc_default()
+    kept = allocator.shrink(window, 2)
+    assert kept.blocks == window.blocks[:2] and kept.allocated_tokens == 256
+    assert allocator.num_free_blocks == 14
+    with pytest.raises(AllocatorError, match="double free"):
+        allocator.free(window)
+    allocator.free(kept)
+    allocator.check()
+    assert allocator.num_free_blocks == 16

@@ -144,3 +144,23 @@ def test_random_alloc_write_free_sequences(ops):
             stats.free_blocks + len(used))
         for allocation, tokens in live:
             assert_reads_back(pool, allocation, tokens)
+
+
+@pytest.mark.parametrize("src_start, dst_start, count", [(0, 0, 300), (256, 0, 200),
+                                                         (128, 5, 130), (0, 0, 0)])
+def test_copy_between_pools_block_to_block(src_start, dst_start, count):
+    layout = PoolLayout(num_blocks=8, block_size=BLOCK, hidden_size=16, dtype="bfloat16")
+    src, dst = EmbeddingPool(layout), EmbeddingPool(layout, backing="shm")
+    try:
+        src.allocator.alloc_blocks(1)
+        src_alloc = src.allocator.alloc_blocks(5)
+        dst_alloc = Allocation((6, 2, 4), BLOCK, allocation_id=-1, allocator_id=-1)
+        tokens = make_tokens(5 * BLOCK, 16, seed=8)
+        src.write(src_alloc, 0, *tokens)
+        src.arrays.copy_to(dst.arrays, src_alloc.blocks, src_start, dst_alloc.blocks, dst_start,
+                           count)
+        window = tuple(t[src_start: src_start + count] for t in tokens)
+        assert_reads_back(dst, dst_alloc, window, start=dst_start)
+    finally:
+        src.close()
+        dst.close()
