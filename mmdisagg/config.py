@@ -196,3 +196,44 @@ class PoolSettings:
             raise SettingsError(
                 f"{env_name('default_blocks')}={self.default_blocks} is larger than "
                 f"{env_name('pool_blocks')}={self.pool_blocks}: the first window could never fit")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    host: str = knob("127.0.0.1", "address every server of this process binds to")
+    advertise_host: str = knob(
+        "", "address peers use to reach this process (default: --host; set it when binding "
+            "0.0.0.0)")
+    auth_token: str = knob(
+        "", "shared secret every control and bootstrap message must carry (empty: none)",
+        secret=True)
+
+    @property
+    def reachable_host(self) -> str:
+        return self.advertise_host or self.host
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    transfer_backend: str = knob("shm", "data plane moving embeddings",
+                                 choices=("shm", "tcp", "mooncake"))
+    bootstrap_port: int = knob(8998, "encode side: HTTP port where language servers register "
+                                     "(0 = any free port)", check=any_port)
+    control_port: int = knob(0, "ZeroMQ control port (0 = any free port)", check=any_port)
+    data_port: int = knob(0, "tcp data plane: receiving port (0 = any free port)",
+                          check=any_port)
+    window_blocks: int = knob(0, "most blocks a language server offers in one window after "
+                                 "the first (0 = the whole rest of the prompt)",
+                              check=non_negative)
+    bootstrap_timeout: float = knob(30.0, "seconds to meet the peer of a request")
+    waiting_timeout: float = knob(300.0, "seconds a language server waits for an encoder to "
+                                         "start sending a request's embeddings")
+    transfer_timeout: float = knob(30.0, "seconds a transfer may go without progress")
+    heartbeat_interval: float = knob(1.0, "seconds between heartbeats to each peer")
+    heartbeat_timeout: float = knob(6.0, "seconds of silence after which a peer is dead")
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise SettingsError(
+                f"{env_name('heartbeat_timeout')}={self.heartbeat_timeout} must exceed "
+                f"{env_name('heartbeat_interval')}={self.heartbeat_interval}")

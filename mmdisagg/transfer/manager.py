@@ -1,0 +1,143 @@
+"""What the sending and the receiving transfer manager share: one per process, owning the pool,
+the control channel, the data plane, the peers and the loop thread.
+
+The loop thread receives control messages, then ticks (timeouts, heartbeats, retries). Public
+methods called from a server's scheduler take the manager's lock briefly and never block on
+the network: the scheduler polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.control import ControlChannel
+from mmdisagg.transfer.planes import plane_class
+from mmdisagg.transfer.protocol import ControlCodec, Heartbeat, Message
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+RECENT_ROOMS = 65536
+
+
+@dataclass
+class Peer:
+    id: str
+    endpoint: str
+    last_heard: float
+    rooms: set[int] = field(default_factory=set)
+
+
+@dataclass
+class TransferStats:
+    """Counters a server exports as metrics."""
+
+    rooms_started: int = 0
+    rooms_succeeded: int = 0
+    rooms_failed: int = 0
+    windows: int = 0
+    resumes: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    spills: int = 0
+    refused: int = 0
+    peers_lost: int = 0
+
+
+class TransferManager:
+    role = "transfer"
+
+    def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
+                 network: NetworkSettings) -> None:
+        self.pool = pool
+        self.settings = transfer
+        self.network = network
+        self.id = f"{self.role}-{uuid.uuid4().hex[:12]}"
+        self.codec = ControlCodec(network.auth_token, self.id)
+        self.control = ControlChannel(self.codec, network.host, transfer.control_port,
+                                      network.reachable_host)
+        self.plane = plane_class(transfer.transfer_backend)(
+            pool, network.host, network.reachable_host, transfer.data_port,
+            network.auth_token, self.id, transfer.transfer_timeout)
+        self.stats = TransferStats()
+        self._lock = threading.RLock()
+        self._peers: dict[str, Peer] = {}
+        self._recent: deque[int] = deque(maxlen=RECENT_ROOMS)
+        self._recent_set: set[int] = set()
+        self._next_heartbeat = 0.0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{self.role}-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop and the plane; the pool stays with its owner."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.plane.close()
+        self.control.close()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            for source, message in self.control.receive(TICK_S):
+                with self._lock:
+                    peer = self._peers.get(source)
+                    if peer is not None:
+                        peer.last_heard = time.monotonic()
+                    if not isinstance(message, Heartbeat):
+                        self._handle(source, peer, message)
+            with self._lock:
+                now = time.monotonic()
+                self._tick(now)
+                self._check_peers(now)
+
+    def _check_peers(self, now: float) -> None:
+        heartbeat = now >= self._next_heartbeat
+        if heartbeat:
+            self._next_heartbeat = now + self.settings.heartbeat_interval
+        for peer in list(self._peers.values()):
+            silent = now - peer.last_heard
+            if silent > self.settings.heartbeat_timeout:
+                self.stats.peers_lost += 1
+                log.warning("peer %s (%s) silent for %.1fs: declaring it dead", peer.id,
+                            peer.endpoint, silent)
+                del self._peers[peer.id]
+                self.control.forget(peer.endpoint)
+                self._peer_lost(peer, f"peer {peer.id} stopped answering (no heartbeat for "
+                                      f"{silent:.1f}s)")
+            elif heartbeat:
+                self.control.send(peer.endpoint, Heartbeat())
+
+    # -- for subclasses -------------------------------------------------------------------
+
+    def _handle(self, source: str, peer: Peer | None, message: Message) -> None:
+        raise NotImplementedError
+
+    def _tick(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _peer_lost(self, peer: Peer, reason: str) -> None:
+        raise NotImplementedError
+
+    def _finished(self, room: int) -> None:
+        """Remember a finished room for a while, so late messages for it are not alarming."""
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(room)
+        self._recent_set.add(room)
+
+    def _refuse(self, what: str) -> None:
+        self.stats.refused += 1
+        log.warning("refused: %s", what)

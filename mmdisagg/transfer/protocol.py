@@ -1,0 +1,125 @@
+"""The transfer protocol: control messages, their one codec, and the ``Poll`` states.
+
+Control messages travel over ZeroMQ as four frames ``[VERSION, auth token, source manager id,
+body]``; the body is a msgpack-encoded tagged struct. Registration travels over HTTP as JSON.
+NOTE: metadata (total length, mrope delta) only ever travels in these messages; it is never
+written to or read back from pool blocks (seed note 05).
+"""
+
+from __future__ import annotations
+
+import hmac
+from enum import IntEnum
+
+import msgspec
+
+VERSION = b"mmdisagg-control/1"
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, unauthenticated or of another protocol version."""
+
+
+class Poll(IntEnum):
+    """Ordered so that the least advanced of several transfers is their ``min()``."""
+
+    Failed = 0
+    Bootstrapping = 1
+    WaitingForInput = 2
+    Transferring = 3
+    Success = 4
+
+
+class Window(msgspec.Struct, tag="window", frozen=True):
+    """Receiver -> sender: write tokens from ``start_token`` on into these blocks."""
+
+    room: int
+    start_token: int
+    blocks: list[int]
+    allocated_tokens: int
+
+
+class Announce(msgspec.Struct, tag="announce", frozen=True):
+    """Sender -> receiver: the prompt's length, known right after tokenizing."""
+
+    room: int
+    total_tokens: int
+
+
+class ChunkDone(msgspec.Struct, tag="chunk", frozen=True):
+    """Sender -> receiver: these tokens are in place in the window starting at ``start_token``."""
+
+    room: int
+    start_token: int
+    num_tokens: int
+    total_tokens: int
+    mrope_delta: int
+
+
+class Received(msgspec.Struct, tag="received", frozen=True):
+    """Receiver -> sender: every token arrived; the sender may free its blocks."""
+
+    room: int
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    """Either way: this room is over; free everything it holds."""
+
+    room: int
+    reason: str
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
+    """Either way, every heartbeat interval: the sending manager is alive."""
+
+
+Message = Window | Announce | ChunkDone | Received | Abort | Heartbeat
+
+
+class Registration(msgspec.Struct, frozen=True):
+    """Receiver -> encode side's bootstrap endpoint, once per encode server."""
+
+    receiver: str
+    control_endpoint: str
+    backend: str
+    layout: dict
+    plane: dict
+
+
+class PeerInfo(msgspec.Struct, frozen=True):
+    """The bootstrap endpoint's answer: where to send windows."""
+
+    sender: str
+    control_endpoint: str
+    backend: str
+    layout: dict
+
+
+class ControlCodec:
+    """Frames and unframes control messages; refuses a wrong version or auth token."""
+
+    def __init__(self, auth_token: str, source: str) -> None:
+        self._token = auth_token.encode()
+        self._source = source.encode()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(Message)
+
+    def encode(self, message: Message) -> list[bytes]:
+        return [VERSION, self._token, self._source, self._encoder.encode(message)]
+
+    def decode(self, frames: list[bytes]) -> tuple[str, Message]:
+        """(source manager id, message)."""
+        if len(frames) != 4:
+            raise ProtocolError(f"expected 4 frames, got {len(frames)}")
+        version, token, source, body = frames
+        if version != VERSION:
+            raise ProtocolError(f"protocol version {bytes(version)[:40]!r}, expected {VERSION!r}")
+        if not hmac.compare_digest(bytes(token), self._token):
+            raise ProtocolError("wrong or missing auth token")
+        try:
+            return bytes(source).decode(), self._decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed control message: {exc}") from None
+
+    def authentic(self, token: str | None) -> bool:
+        return hmac.compare_digest((token or "").encode(), self._token)

@@ -1,0 +1,526 @@
+"""Language side of the transfer: ``ReceiverManager`` (one per process) and
+``EmbeddingReceiver`` (one per request room).
+
+A receiver offers windows of its pool: ``init`` the first (before the length is known), then,
+as soon as the sender announces the length, the rest at once (so a long prompt costs no round
+trip), each as large as free blocks allow. Filled windows stay in the pool until ``take``
+gathers them, unless blocks run short: then the receiver copies its filled windows out
+("spills") and offers the freed blocks again. Progress is ``sent_tokens``, never block ids.
+
+NOTE: after a failure, blocks the sender may still be writing into (one-sided writes) are
+quarantined until the sender confirms with an ``Abort`` of its own, dies, or the transfer
+timeout passes; only then are they reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.core import EncodedPrompt
+from mmdisagg.pool.allocator import Allocation
+from mmdisagg.pool.pool import EmbeddingPool, Gathered
+from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
+from mmdisagg.transfer.manager import Peer, TransferManager
+from mmdisagg.transfer.planes.base import ChunkRefused
+from mmdisagg.transfer.protocol import (
+    Abort,
+    Announce,
+    ChunkDone,
+    Message,
+    PeerInfo,
+    Poll,
+    Received,
+    Registration,
+    Window,
+)
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (Poll.Success, Poll.Failed)
+
+
+@dataclass
+class OfferedWindow:
+    start: int
+    allocation: Allocation | None  # None once spilled
+    filled: int = 0
+    landing: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + (self.allocation.allocated_tokens if self.allocation else self.filled)
+
+
+class EmbeddingReceiver:
+    """One request's receiving half. All state changes happen in its manager, under its lock."""
+
+    def __init__(self, manager: ReceiverManager, room: int, encoder: str) -> None:
+        self.room = room
+        self.encoder = encoder
+        self._manager = manager
+        self.state = Poll.Bootstrapping
+        self.failure: str | None = None
+        self.peer: Peer | None = None
+        self.total_tokens: int | None = None
+        self.mrope_delta = 0
+        self.sent_tokens = 0
+        self.windows: list[OfferedWindow] = []
+        self.staged: Gathered | None = None
+        self.created = self.waiting_since = self.last_progress = time.monotonic()
+        self.release_by: float | None = None  # set while quarantined
+
+    def init(self, allocation: Allocation) -> None:
+        """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on."""
+        self._manager._init(self, allocation)
+
+    def resume_transfer(self, allocation: Allocation, sent_tokens: int) -> None:
+        """Offer the next window, starting at token ``sent_tokens``. The manager does this by
+        itself on announce; call it only to offer blocks of your own choosing."""
+        self._manager._resume(self, allocation, sent_tokens)
+
+    def poll(self) -> Poll:
+        return self.state
+
+    def abort(self, reason: str = "aborted by the language server") -> None:
+        self._manager._abort(self, reason)
+
+    def take(self) -> EncodedPrompt:
+        """Once ``Success``: the whole prompt, gathered out of the pool; frees every block."""
+        return self._manager._take(self)
+
+
+@dataclass
+class _EncoderLink:
+    """Bootstrap state with one encode server (by its bootstrap address)."""
+
+    address: str
+    peer: Peer | None = None
+    waiting: list[EmbeddingReceiver] = field(default_factory=list)
+
+
+class ReceiverManager(TransferManager):
+    role = "receiver"
+
+    def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
+                 network: NetworkSettings) -> None:
+        super().__init__(pool, transfer, network)
+        self._receivers: dict[int, EmbeddingReceiver] = {}
+        self._quarantine: dict[int, EmbeddingReceiver] = {}
+        self._pending: dict[int, EmbeddingReceiver] = {}
+        self._encoders: dict[str, _EncoderLink] = {}
+        self._bootstrapper = ThreadPoolExecutor(4, thread_name_prefix="bootstrap")
+        self._registration = Registration(
+            self.id, self.control.endpoint, self.plane.name, pool.layout.to_dict(),
+            self.plane.listen(self))
+        self.start()
+
+    def create_receiver(self, room: int, encoder: str) -> EmbeddingReceiver:
+        """A receiver for ``room``, whose embeddings the encode server whose bootstrap
+        endpoint is ``encoder`` (``host:port``) will send."""
+        with self._lock:
+            if room in self._receivers or room in self._recent_set or room in self._quarantine:
+                raise ValueError(f"duplicate room {room}")
+            receiver = EmbeddingReceiver(self, room, encoder)
+            self._receivers[room] = receiver
+            self.stats.rooms_started += 1
+            link = self._encoders.get(encoder)
+            if link is None:
+                link = self._encoders[encoder] = _EncoderLink(encoder)
+                self._bootstrapper.submit(self._bootstrap, encoder)
+            if link.peer is None:
+                link.waiting.append(receiver)
+            else:
+                self._connected(receiver, link.peer)
+            return receiver
+
+    def close(self) -> None:
+        with self._lock:
+            for receiver in list(self._receivers.values()):
+                self._fail(receiver, "language server shutting down", notify=True)
+        super().close()
+        self._bootstrapper.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def live_rooms(self) -> int:
+        return len(self._receivers)
+
+    # -- bootstrap ------------------------------------------------------------------------
+
+    def _bootstrap(self, address: str) -> None:
+        """Bootstrap thread: register with the encode server at ``address``."""
+        try:
+            info: PeerInfo | None = register_with(address, self._registration,
+                                                  self.network.auth_token,
+                                                  self.settings.bootstrap_timeout)
+            error = None
+        except BootstrapRefused as exc:
+            info, error = None, str(exc)
+        with self._lock:
+            link = self._encoders.get(address)
+            if link is None:
+                return
+            waiting, link.waiting = link.waiting, []
+            if info is None:
+                del self._encoders[address]
+                for receiver in waiting:
+                    self._fail(receiver, error, notify=False)
+                return
+            peer = self._peers.get(info.sender)
+            if peer is None:
+                peer = self._peers[info.sender] = Peer(info.sender, info.control_endpoint,
+                                                       time.monotonic())
+            link.peer = peer
+            for receiver in waiting:
+                self._connected(receiver, peer)
+
+    def _connected(self, receiver: EmbeddingReceiver, peer: Peer) -> None:
+        if receiver.state in TERMINAL:
+            return
+        receiver.peer = peer
+        peer.rooms.add(receiver.room)
+        receiver.state = Poll.WaitingForInput
+        for window in receiver.windows:
+            self._send_window(receiver, window)
+
+    # -- requests (scheduler thread) ------------------------------------------------------
+
+    def _init(self, receiver: EmbeddingReceiver, allocation: Allocation) -> None:
+        with self._lock:
+            if receiver.windows:
+                raise ValueError(f"room {receiver.room} already has its first window")
+            receiver.waiting_since = time.monotonic()
+            self._offer(receiver, allocation, 0)
+
+    def _resume(self, receiver: EmbeddingReceiver, allocation: Allocation,
+                sent_tokens: int) -> None:
+        with self._lock:
+            end = receiver.windows[-1].end if receiver.windows else 0
+            if receiver.state not in TERMINAL and sent_tokens != end:
+                raise ValueError(f"room {receiver.room}: the next window starts at token {end}, "
+                                 f"not {sent_tokens}")
+            self._offer(receiver, allocation, sent_tokens)
+
+    def _abort(self, receiver: EmbeddingReceiver, reason: str) -> None:
+        with self._lock:
+            if receiver.state == Poll.Success:
+                self._drop(receiver)
+            elif receiver.state != Poll.Failed:
+                self._fail(receiver, reason, notify=True)
+
+    def _take(self, receiver: EmbeddingReceiver) -> EncodedPrompt:
+        with self._lock:
+            if receiver.state != Poll.Success:
+                raise RuntimeError(f"room {receiver.room} is {receiver.state.name}, not Success"
+                                   + (f": {receiver.failure}" if receiver.failure else ""))
+            windows = [w for w in receiver.windows if w.allocation is not None]
+            receiver.windows = []
+            self._receivers.pop(receiver.room, None)
+        out = receiver.staged or self._new_buffer(receiver.total_tokens)
+        for window in windows:
+            self._copy_out(window, out)
+        with self._lock:
+            for window in windows:
+                self.pool.allocator.free(window.allocation)
+            self._retry_pending()
+        return EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
+                             receiver.mrope_delta)
+
+    # -- offering windows -----------------------------------------------------------------
+
+    def _offer(self, receiver: EmbeddingReceiver, allocation: Allocation, start: int) -> None:
+        if receiver.state in TERMINAL:
+            self.pool.allocator.free(allocation)
+            return
+        window = OfferedWindow(start, allocation)
+        receiver.windows.append(window)
+        receiver.last_progress = time.monotonic()
+        self.stats.windows += 1
+        if start > 0:
+            self.stats.resumes += 1
+        if receiver.peer is not None:
+            self._send_window(receiver, window)
+
+    def _send_window(self, receiver: EmbeddingReceiver, window: OfferedWindow) -> None:
+        allocation = window.allocation
+        self.control.send(receiver.peer.endpoint, Window(
+            receiver.room, window.start, list(allocation.blocks), allocation.allocated_tokens))
+
+    def _offer_more(self, receiver: EmbeddingReceiver) -> None:
+        """Offer windows up to the prompt's end, as far as free blocks allow."""
+        self._pending.pop(receiver.room, None)
+        if receiver.state in TERMINAL or receiver.total_tokens is None or not receiver.windows:
+            return
+        allocator = self.pool.allocator
+        end = receiver.windows[-1].end
+        while end < receiver.total_tokens:
+            need = allocator.blocks_for(receiver.total_tokens - end)
+            want = min(need, self.settings.window_blocks or need)
+            if allocator.num_free_blocks == 0:
+                self._spill(receiver)
+            allocation = allocator.alloc_blocks(min(want, max(allocator.num_free_blocks, 1)))
+            if allocation is None:
+                self._pending[receiver.room] = receiver
+                return
+            self._offer(receiver, allocation, end)
+            end += allocation.allocated_tokens
+
+    def _trim(self, receiver: EmbeddingReceiver) -> None:
+        """Give back the blocks of the last window that the announced length will not use."""
+        window = receiver.windows[-1] if receiver.windows else None
+        if window is None or window.allocation is None or window.filled or window.landing:
+            return
+        keep = self.pool.allocator.blocks_for(receiver.total_tokens - window.start)
+        if keep < window.allocation.num_blocks:
+            window.allocation = self.pool.allocator.shrink(window.allocation, keep)
+            self._retry_pending()
+
+    def _retry_pending(self) -> None:
+        for receiver in list(self._pending.values()):
+            if self.pool.allocator.num_free_blocks == 0:
+                return
+            self._offer_more(receiver)
+
+    # -- data arriving --------------------------------------------------------------------
+
+    def _handle(self, source: str, peer: Peer | None, message: Message) -> None:
+        if peer is None:
+            return self._refuse(f"{type(message).__name__} from unknown peer {source}")
+        room = message.room
+        if isinstance(message, Abort):
+            quarantined = self._quarantine.get(room)
+            if quarantined is not None and quarantined.peer is peer:
+                return self._release_quarantine(quarantined)
+            receiver = self._receivers.get(room)
+            if receiver is not None and receiver.peer is peer:
+                self._fail(receiver, f"aborted by the encode server: {message.reason}",
+                           notify=False)
+            return
+        receiver = self._receivers.get(room)
+        if receiver is None or receiver.peer is not peer:
+            if room not in self._recent_set:
+                self._refuse(f"{type(message).__name__} for room {room} that {source} does "
+                             "not serve here")
+            return
+        if isinstance(message, Announce):
+            self._announced(receiver, message.total_tokens)
+        elif isinstance(message, ChunkDone):
+            try:
+                window = self._check_chunk(receiver, message, None)
+            except ChunkRefused as exc:
+                return self._refuse(str(exc))
+            self._landed(receiver, window, message)
+        else:
+            self._refuse(f"{type(message).__name__} is not for a receiver (room {room})")
+
+    def _announced(self, receiver: EmbeddingReceiver, total_tokens: int) -> None:
+        if receiver.state in TERMINAL:
+            return
+        if total_tokens <= 0 or receiver.total_tokens not in (None, total_tokens):
+            return self._fail(receiver, f"inconsistent length {total_tokens} for room "
+                                        f"{receiver.room} (had {receiver.total_tokens})",
+                              notify=True)
+        receiver.total_tokens = total_tokens
+        self._trim(receiver)
+        self._offer_more(receiver)
+
+    def begin_chunk(self, source: str, notice: ChunkDone, blocks: Sequence[int]) -> None:
+        """In-band planes (tcp), before a byte lands: check the chunk and mark it landing."""
+        with self._lock:
+            receiver = self._receivers.get(notice.room)
+            if receiver is None or receiver.peer is None or receiver.peer.id != source:
+                self.stats.refused += 1
+                raise ChunkRefused(f"chunk for room {notice.room}, which {source} does not "
+                                   "serve here")
+            try:
+                window = self._check_chunk(receiver, notice, blocks)
+            except ChunkRefused:
+                self.stats.refused += 1
+                raise
+            window.landing = True
+
+    def end_chunk(self, source: str, notice: ChunkDone, error: str | None) -> None:
+        with self._lock:
+            receiver = self._receivers.get(notice.room) or self._quarantine.get(notice.room)
+            window = receiver and next(
+                (w for w in receiver.windows if w.start == notice.start_token and w.landing), None)
+            if window is None:
+                return log.error("end of a chunk for room %d that is not landing", notice.room)
+            window.landing = False
+            if receiver.state == Poll.Failed:
+                return self._maybe_release(receiver)
+            if error is not None:
+                return self._fail(receiver, error, notify=True)
+            self._landed(receiver, window, notice)
+
+    def _check_chunk(self, receiver: EmbeddingReceiver, notice: ChunkDone,
+                     blocks: Sequence[int] | None) -> OfferedWindow:
+        room = receiver.room
+        if receiver.state in TERMINAL:
+            raise ChunkRefused(f"chunk for room {room}, which is {receiver.state.name}")
+        window = next((w for w in receiver.windows if w.start == notice.start_token), None)
+        if window is None or window.allocation is None:
+            raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} is outside "
+                               "every offered window")
+        if window.filled or window.landing:
+            raise ChunkRefused(f"duplicate chunk at token {notice.start_token} of room {room}")
+        if notice.start_token != receiver.sent_tokens:
+            raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} out of "
+                               f"order (next is {receiver.sent_tokens})")
+        total = receiver.total_tokens or notice.total_tokens
+        expected = min(total - window.start, window.allocation.allocated_tokens)
+        if notice.total_tokens != total or notice.num_tokens != expected:
+            raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
+                               f"room {room}; its window takes {expected} of {total}")
+        if blocks is not None:
+            used = window.allocation.blocks[: self.pool.allocator.blocks_for(expected)]
+            if list(blocks) != list(used):
+                raise ChunkRefused(f"chunk for room {room} aims at blocks {list(blocks)[:16]}, "
+                                   f"its window has {list(used)[:16]}")
+        return window
+
+    def _landed(self, receiver: EmbeddingReceiver, window: OfferedWindow,
+                notice: ChunkDone) -> None:
+        window.filled = notice.num_tokens
+        receiver.total_tokens = notice.total_tokens
+        receiver.mrope_delta = notice.mrope_delta
+        receiver.sent_tokens = notice.start_token + notice.num_tokens
+        receiver.last_progress = time.monotonic()
+        self.stats.chunks += 1
+        self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
+        if receiver.sent_tokens == receiver.total_tokens:
+            receiver.state = Poll.Success
+            self.stats.rooms_succeeded += 1
+            self.stats.seconds += receiver.last_progress - receiver.waiting_since
+            self.control.send(receiver.peer.endpoint, Received(receiver.room))
+            receiver.peer.rooms.discard(receiver.room)
+            self._finished(receiver.room)
+        else:
+            receiver.state = Poll.Transferring
+            self._trim(receiver)
+            self._offer_more(receiver)
+
+    # -- leaving --------------------------------------------------------------------------
+
+    def _spill(self, receiver: EmbeddingReceiver) -> None:
+        """Copy this room's filled windows out of the pool and free their blocks."""
+        filled = [w for w in receiver.windows if w.allocation is not None and w.filled]
+        if not filled:
+            return
+        if receiver.staged is None:
+            receiver.staged = self._new_buffer(receiver.total_tokens)
+        for window in filled:
+            self._copy_out(window, receiver.staged)
+            self.pool.allocator.free(window.allocation)
+            window.allocation = None
+        self.stats.spills += 1
+
+    def _new_buffer(self, total: int) -> Gathered:
+        return Gathered(
+            torch.empty(total, self.pool.layout.hidden_size, dtype=self.pool.layout.torch_dtype),
+            torch.empty(total, dtype=torch.int32), torch.empty(total, 3, dtype=torch.int32))
+
+    def _copy_out(self, window: OfferedWindow, out: Gathered) -> None:
+        span = slice(window.start, window.start + window.filled)
+        self.pool.arrays.read(window.allocation.blocks, window.filled, out=Gathered(
+            out.embeddings[span], out.token_ids[span], out.positions[span]))
+
+    def _fail(self, receiver: EmbeddingReceiver, reason: str, notify: bool) -> None:
+        """``notify``: tell the sender, and keep unfilled blocks until it confirms."""
+        if receiver.state in TERMINAL:
+            return
+        receiver.state = Poll.Failed
+        receiver.failure = reason
+        self.stats.rooms_failed += 1
+        log.info("room %d failed: %s", receiver.room, reason)
+        self._receivers.pop(receiver.room, None)
+        self._pending.pop(receiver.room, None)
+        self._finished(receiver.room)
+        receiver.staged = None
+        if receiver.peer is not None:
+            receiver.peer.rooms.discard(receiver.room)
+        waits_for_sender = notify and receiver.peer is not None
+        kept = [w for w in receiver.windows if w.allocation is not None
+                and (w.landing or (waits_for_sender and not w.filled))]
+        for window in receiver.windows:
+            if window.allocation is not None and window not in kept:
+                self.pool.allocator.free(window.allocation)
+                window.allocation = None
+        receiver.windows = kept
+        if waits_for_sender:
+            self.control.send(receiver.peer.endpoint, Abort(receiver.room, reason))
+        if kept:
+            receiver.release_by = (time.monotonic() + self.settings.transfer_timeout
+                                   if waits_for_sender else 0.0)
+            self._quarantine[receiver.room] = receiver
+            self._maybe_release(receiver)
+        self._retry_pending()
+
+    def _drop(self, receiver: EmbeddingReceiver) -> None:
+        """A Success that will never be taken: free it."""
+        self._receivers.pop(receiver.room, None)
+        for window in receiver.windows:
+            if window.allocation is not None:
+                self.pool.allocator.free(window.allocation)
+        receiver.windows = []
+        receiver.staged = None
+        self._retry_pending()
+
+    def _release_quarantine(self, receiver: EmbeddingReceiver) -> None:
+        receiver.release_by = 0.0
+        self._maybe_release(receiver)
+
+    def _maybe_release(self, receiver: EmbeddingReceiver) -> None:
+        """Free a failed room's last blocks once nobody can be writing into them: no chunk
+        landing here, and the sender confirmed (``release_by`` cleared)."""
+        if receiver.release_by or any(w.landing for w in receiver.windows):
+            return
+        self._quarantine.pop(receiver.room, None)
+        for window in receiver.windows:
+            self.pool.allocator.free(window.allocation)
+        receiver.windows = []
+        self._retry_pending()
+
+    # -- time -----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        timeout = self.settings
+        for receiver in list(self._receivers.values()):
+            if receiver.state == Poll.Bootstrapping:
+                if now - receiver.created > timeout.bootstrap_timeout:
+                    self._fail(receiver, f"could not meet encode server {receiver.encoder} "
+                                         f"within {timeout.bootstrap_timeout:g}s", notify=False)
+            elif receiver.state == Poll.WaitingForInput and receiver.windows:
+                if now - receiver.waiting_since > timeout.waiting_timeout:
+                    self._fail(receiver, f"encode server {receiver.encoder} sent nothing for "
+                                         f"room {receiver.room} within "
+                                         f"{timeout.waiting_timeout:g}s", notify=True)
+            elif (receiver.state == Poll.Transferring
+                  and now - receiver.last_progress > timeout.transfer_timeout):
+                what = ("no free blocks for its next window" if receiver.room in self._pending
+                        else "no data")
+                self._fail(receiver, f"transfer of room {receiver.room} stalled: {what} for "
+                                     f"{timeout.transfer_timeout:g}s", notify=True)
+        for receiver in list(self._quarantine.values()):
+            if receiver.release_by and now > receiver.release_by:
+                log.warning("room %d: sender never confirmed the abort; reusing its blocks",
+                            receiver.room)
+                self._release_quarantine(receiver)
+        self._retry_pending()
+
+    def _peer_lost(self, peer: Peer, reason: str) -> None:
+        for address, link in list(self._encoders.items()):
+            if link.peer is peer:
+                del self._encoders[address]
+        for receiver in list(self._receivers.values()):
+            if receiver.peer is peer:
+                self._fail(receiver, reason, notify=False)
+        for receiver in list(self._quarantine.values()):
+            if receiver.peer is peer:
+                self._release_quarantine(receiver)

@@ -1,0 +1,442 @@
+"""Encode side of the transfer: ``SenderManager`` (one per process) and ``EmbeddingSender``
+(one per request room).
+
+The encode server writes a prompt's embeddings into blocks of its own pool and hands the
+allocation to ``send``. The sender then fills the receiver's windows in order, as they are
+offered, one chunk per window, and frees its blocks once the receiver confirms (``Received``)
+or the room fails. Windows may arrive before the encode request does: they wait, bounded by
+the bootstrap timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.allocator import Allocation
+from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.bootstrap import BootstrapRefused, BootstrapServer
+from mmdisagg.transfer.manager import Peer, TransferManager
+from mmdisagg.transfer.planes.base import Link, PlaneError
+from mmdisagg.transfer.protocol import (
+    Abort,
+    Announce,
+    ChunkDone,
+    Message,
+    PeerInfo,
+    Poll,
+    Received,
+    Registration,
+    Window,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingSender:
+    """One request's sending half. All state changes happen in its manager, under its lock."""
+
+    def __init__(self, manager: SenderManager, room: int) -> None:
+        self.room = room
+        self._manager = manager
+        self.state = Poll.Bootstrapping
+        self.failure: str | None = None
+        self.total_tokens: int | None = None
+        self.sent_tokens = 0
+        self.mrope_delta = 0
+        self.peer: Peer | None = None
+        self.windows: dict[int, Window] = {}
+        self.source: Allocation | None = None
+        self.created = self.last_progress = time.monotonic()
+        self.writing = False
+        self.acked = False
+        self.announced = False
+        self.notify_peer = False
+        self.released = False
+
+    def announce(self, total_tokens: int) -> None:
+        """Tell the receiver the prompt's length as soon as it is known (before any vision
+        work), so it can offer every window at once."""
+        self._manager._announce(self, total_tokens)
+
+    def send(self, source: Allocation, mrope_delta: int) -> None:
+        """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0).
+        Non-blocking; the sender owns ``source`` from now on and frees it on every path."""
+        self._manager._send(self, source, mrope_delta)
+
+    def poll(self) -> Poll:
+        return self.state
+
+    def abort(self, reason: str = "aborted by the encode server") -> None:
+        self._manager._abort(self, reason)
+
+
+@dataclass
+class _EarlyWindows:
+    """Windows for a room this encode server has not been asked for yet."""
+
+    peer: Peer
+    since: float
+    windows: list[Window] = field(default_factory=list)
+
+
+class _PeerWriter:
+    """One thread per receiver, writing that receiver's chunks in order."""
+
+    def __init__(self, manager: SenderManager, peer_id: str, link: Link,
+                 layout: PoolLayout) -> None:
+        self.link = link
+        self.layout = layout
+        self._manager = manager
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"writer-{peer_id}", daemon=True)
+        self._thread.start()
+
+    def submit(self, sender: EmbeddingSender, window: Window, notice: ChunkDone) -> None:
+        self._jobs.put((sender, window, notice))
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            sender, window, notice = job
+            started = time.perf_counter()
+            error = None
+            try:
+                self.link.write(sender.source.blocks, window.start_token, window.blocks, notice)
+            except PlaneError as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug must fail the room, never kill the writer
+                log.exception("writer crashed on room %d", sender.room)
+                error = f"internal error while writing: {exc!r}"
+            self._manager._written(sender, window, notice, error,
+                                   time.perf_counter() - started)
+        self.link.close()
+
+
+class SenderManager(TransferManager):
+    role = "sender"
+
+    def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
+                 network: NetworkSettings) -> None:
+        super().__init__(pool, transfer, network)
+        self._senders: dict[int, EmbeddingSender] = {}
+        self._early: dict[int, _EarlyWindows] = {}
+        self._writers: dict[str, _PeerWriter] = {}
+        self._claimed: dict[str, dict[int, int]] = {}  # receiver -> its block -> room
+        self.bootstrap = BootstrapServer(network.host, transfer.bootstrap_port,
+                                         self.codec.authentic, self._register)
+        self.bootstrap_address = f"{network.reachable_host}:{self.bootstrap.port}"
+        self.start()
+
+    def create_sender(self, room: int) -> EmbeddingSender:
+        with self._lock:
+            if room in self._senders or room in self._recent_set:
+                raise ValueError(f"duplicate room {room}")
+            sender = EmbeddingSender(self, room)
+            self._senders[room] = sender
+            self.stats.rooms_started += 1
+            early = self._early.pop(room, None)
+            if early is not None:
+                for window in early.windows:
+                    self._bind_window(sender, early.peer, window)
+            return sender
+
+    def close(self) -> None:
+        self.bootstrap.close()
+        with self._lock:
+            for sender in list(self._senders.values()):
+                self._fail(sender, "encode server shutting down", notify=True)
+            writers = list(self._writers.values())
+            self._writers.clear()
+        super().close()
+        for writer in writers:
+            writer.stop()
+
+    # -- bootstrap (HTTP thread) ----------------------------------------------------------
+
+    def _register(self, registration: Registration) -> PeerInfo:
+        if registration.backend != self.plane.name:
+            raise BootstrapRefused(
+                f"data plane mismatch: receiver uses {registration.backend}, this encode "
+                f"server {self.plane.name}")
+        try:
+            layout = PoolLayout.from_dict(registration.layout)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BootstrapRefused(f"bad pool layout {registration.layout!r}: {exc}",
+                                   400) from None
+        mismatch = self.pool.layout.mismatch(layout)
+        if mismatch:
+            raise BootstrapRefused(mismatch)
+        try:
+            link = self.plane.connect(registration.plane, registration.layout)
+        except PlaneError as exc:
+            raise BootstrapRefused(str(exc)) from None
+        with self._lock:
+            old = self._writers.pop(registration.receiver, None)
+            if old is not None:
+                old.stop()
+            self._peers[registration.receiver] = Peer(
+                registration.receiver, registration.control_endpoint, time.monotonic())
+            self._writers[registration.receiver] = _PeerWriter(self, registration.receiver, link,
+                                                               layout)
+            self._claimed.setdefault(registration.receiver, {})
+        log.info("registered receiver %s at %s over %s", registration.receiver,
+                 registration.control_endpoint, self.plane.name)
+        return PeerInfo(self.id, self.control.endpoint, self.plane.name,
+                        self.pool.layout.to_dict())
+
+    # -- messages (loop thread, under the lock) -------------------------------------------
+
+    def _handle(self, source: str, peer: Peer | None, message: Message) -> None:
+        if peer is None:
+            return self._refuse(f"{type(message).__name__} from unregistered peer {source}")
+        room = message.room
+        sender = self._senders.get(room)
+        if isinstance(message, Window):
+            if sender is not None:
+                self._bind_window(sender, peer, message)
+            elif room in self._recent_set:
+                log.debug("window for finished room %d ignored", room)
+            else:
+                early = self._early.setdefault(room, _EarlyWindows(peer, time.monotonic()))
+                if early.peer is not peer:
+                    return self._refuse(f"room {room} already has windows from {early.peer.id}")
+                early.windows.append(message)
+        elif isinstance(message, Received):
+            if sender is None or sender.peer is not peer:
+                return self._refuse(f"Received for room {room} not sent to {source}")
+            sender.acked = True
+            self._maybe_finish(sender)
+        elif isinstance(message, Abort):
+            self._early.pop(room, None)
+            if sender is not None and sender.peer in (peer, None):
+                self._fail(sender, f"aborted by the language server: {message.reason}",
+                           notify=True)
+            else:  # nothing writes for that room: release the receiver's blocks at once
+                self.control.send(peer.endpoint, Abort(room, "released"))
+        else:
+            self._refuse(f"{type(message).__name__} is not for a sender (room {room})")
+
+    def _bind_window(self, sender: EmbeddingSender, peer: Peer, window: Window) -> None:
+        problem = self._window_problem(sender, peer, window)
+        if problem:
+            return self._refuse(f"window for room {sender.room} from {peer.id}: {problem}")
+        if sender.peer is None:
+            sender.peer = peer
+            peer.rooms.add(sender.room)
+            sender.state = Poll.WaitingForInput if sender.source is None else Poll.Transferring
+            if sender.total_tokens is not None:
+                self._send_announce(sender)
+        sender.windows[window.start_token] = window
+        self._claim(sender, window)
+        sender.last_progress = time.monotonic()
+        self._pump(sender)
+
+    def _window_problem(self, sender: EmbeddingSender, peer: Peer, window: Window) -> str | None:
+        if sender.state in (Poll.Success, Poll.Failed):
+            return "room is over"
+        if sender.peer is not None and sender.peer is not peer:
+            return f"room is served by {sender.peer.id}"
+        block_size = self.pool.layout.block_size
+        if not window.blocks or window.allocated_tokens != len(window.blocks) * block_size:
+            return (f"allocated_tokens {window.allocated_tokens} is not {len(window.blocks)} "
+                    f"blocks x {block_size}")
+        if window.start_token % block_size or window.start_token < sender.sent_tokens:
+            return f"start_token {window.start_token} is not the next block-aligned token"
+        if window.start_token in sender.windows:
+            return f"a window at token {window.start_token} is already offered"
+        if sender.total_tokens is not None and window.start_token >= sender.total_tokens:
+            return f"start_token {window.start_token} is past the prompt's end"
+        writer = self._writers.get(peer.id)
+        num_blocks = writer.layout.num_blocks if writer else 0
+        if any(not 0 <= b < num_blocks for b in window.blocks) or len(set(window.blocks)) != len(
+                window.blocks):
+            return f"blocks {window.blocks} are not distinct blocks of a {num_blocks}-block pool"
+        claimed = self._claimed.get(peer.id, {})
+        taken = {b: claimed[b] for b in self._used_blocks(sender, window) if claimed.get(
+            b, sender.room) != sender.room}
+        if taken:
+            return f"blocks {sorted(taken)} belong to live rooms {sorted(set(taken.values()))}"
+        return None
+
+    def _used_blocks(self, sender: EmbeddingSender, window: Window) -> list[int]:
+        """The blocks of a window this sender will actually write (all, until it knows the
+        length; the receiver frees the rest once told the length)."""
+        if sender.total_tokens is None:
+            return window.blocks
+        tokens = min(sender.total_tokens - window.start_token, window.allocated_tokens)
+        return window.blocks[: -(-tokens // self.pool.layout.block_size)]
+
+    def _claim(self, sender: EmbeddingSender, window: Window) -> None:
+        claimed = self._claimed.setdefault(sender.peer.id, {})
+        for block in self._used_blocks(sender, window):
+            claimed[block] = sender.room
+
+    def _unclaim(self, sender: EmbeddingSender) -> None:
+        if sender.peer is None:
+            return
+        claimed = self._claimed.get(sender.peer.id, {})
+        for window in sender.windows.values():
+            for block in window.blocks:
+                if claimed.get(block) == sender.room:
+                    del claimed[block]
+
+    # -- requests (scheduler thread) ------------------------------------------------------
+
+    def _announce(self, sender: EmbeddingSender, total_tokens: int) -> None:
+        if total_tokens <= 0:
+            raise ValueError(f"total_tokens must be > 0, got {total_tokens}")
+        with self._lock:
+            if sender.total_tokens not in (None, total_tokens):
+                raise ValueError(f"room {sender.room} already announced "
+                                 f"{sender.total_tokens} tokens")
+            sender.total_tokens = total_tokens
+            if sender.peer is not None:
+                self._unclaim(sender)
+                for window in sender.windows.values():
+                    self._claim(sender, window)
+                self._send_announce(sender)
+
+    def _send_announce(self, sender: EmbeddingSender) -> None:
+        if not sender.announced and sender.state not in (Poll.Success, Poll.Failed):
+            sender.announced = True
+            self.control.send(sender.peer.endpoint, Announce(sender.room, sender.total_tokens))
+
+    def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int) -> None:
+        with self._lock:
+            if sender.source is not None:
+                raise ValueError(f"room {sender.room} was already sent")
+            if sender.state in (Poll.Success, Poll.Failed):
+                self.pool.allocator.free(source)
+                return
+            if sender.total_tokens is None:
+                raise ValueError(f"announce room {sender.room}'s length before sending it")
+            if source.allocated_tokens < sender.total_tokens:
+                raise ValueError(f"source holds {source.allocated_tokens} tokens, room "
+                                 f"{sender.room} has {sender.total_tokens}")
+            sender.source = source
+            sender.mrope_delta = mrope_delta
+            sender.last_progress = time.monotonic()
+            if sender.peer is not None:
+                sender.state = Poll.Transferring
+            self._pump(sender)
+
+    def _abort(self, sender: EmbeddingSender, reason: str) -> None:
+        with self._lock:
+            if sender.state not in (Poll.Success, Poll.Failed):
+                self._fail(sender, reason, notify=True)
+
+    # -- progress -------------------------------------------------------------------------
+
+    def _pump(self, sender: EmbeddingSender) -> None:
+        """Start writing the next window if the data and that window are both there."""
+        if (sender.state in (Poll.Success, Poll.Failed) or sender.writing
+                or sender.source is None or sender.peer is None):
+            return
+        window = sender.windows.get(sender.sent_tokens)
+        if window is None or sender.sent_tokens >= sender.total_tokens:
+            return
+        writer = self._writers.get(sender.peer.id)
+        if writer is None:
+            return self._fail(sender, f"no data link to receiver {sender.peer.id}", notify=False)
+        num_tokens = min(sender.total_tokens - window.start_token, window.allocated_tokens)
+        sender.writing = True
+        writer.submit(sender, window, ChunkDone(sender.room, window.start_token, num_tokens,
+                                                sender.total_tokens, sender.mrope_delta))
+
+    def _written(self, sender: EmbeddingSender, window: Window, notice: ChunkDone,
+                 error: str | None, seconds: float) -> None:
+        """Writer thread: a chunk's write returned."""
+        with self._lock:
+            sender.writing = False
+            if error is None:
+                sender.sent_tokens += notice.num_tokens
+                sender.last_progress = time.monotonic()
+                self.stats.chunks += 1
+                self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
+                self.stats.seconds += seconds
+                if not self.plane.notifies_in_band and sender.state != Poll.Failed:
+                    self.control.send(sender.peer.endpoint, notice)
+            if sender.state == Poll.Failed:
+                return self._release(sender)
+            if error is not None:
+                return self._fail(sender, error, notify=True)
+            self._maybe_finish(sender)
+            self._pump(sender)
+
+    def _maybe_finish(self, sender: EmbeddingSender) -> None:
+        if not sender.acked or sender.writing:
+            return
+        if sender.total_tokens is None or sender.sent_tokens != sender.total_tokens:
+            return self._fail(sender, f"receiver confirmed room {sender.room} after only "
+                                      f"{sender.sent_tokens} tokens", notify=True)
+        sender.state = Poll.Success
+        self.stats.rooms_succeeded += 1
+        self._release(sender)
+
+    def _fail(self, sender: EmbeddingSender, reason: str, notify: bool) -> None:
+        if sender.state in (Poll.Success, Poll.Failed):
+            return
+        sender.state = Poll.Failed
+        sender.failure = reason
+        sender.notify_peer = notify and sender.peer is not None
+        self.stats.rooms_failed += 1
+        log.info("room %d failed: %s", sender.room, reason)
+        if not sender.writing:
+            self._release(sender)
+
+    def _release(self, sender: EmbeddingSender) -> None:
+        """Free everything a finished room holds. Runs once no write is in flight, so the
+        Abort it sends tells the receiver its blocks are safe to reuse."""
+        if sender.released:
+            return
+        sender.released = True
+        if sender.notify_peer:
+            self.control.send(sender.peer.endpoint, Abort(sender.room, sender.failure))
+        if sender.source is not None:
+            self.pool.allocator.free(sender.source)
+        self._unclaim(sender)
+        if sender.peer is not None:
+            sender.peer.rooms.discard(sender.room)
+        self._senders.pop(sender.room, None)
+        self._finished(sender.room)
+
+    # -- time -----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        timeout = self.settings
+        for sender in list(self._senders.values()):
+            if sender.peer is None and now - sender.created > timeout.bootstrap_timeout:
+                self._fail(sender, f"no language server offered a window for room "
+                                   f"{sender.room} within {timeout.bootstrap_timeout:g}s",
+                           notify=False)
+            elif (sender.source is not None and sender.peer is not None
+                  and now - sender.last_progress > timeout.transfer_timeout):
+                self._fail(sender, f"transfer of room {sender.room} made no progress for "
+                                   f"{timeout.transfer_timeout:g}s", notify=True)
+        for room, early in list(self._early.items()):
+            if now - early.since > timeout.bootstrap_timeout:
+                del self._early[room]
+                self._refuse(f"no encode request for room {room} arrived within "
+                             f"{timeout.bootstrap_timeout:g}s of its window")
+                self.control.send(early.peer.endpoint, Abort(
+                    room, f"encode server never received room {room}"))
+
+    def _peer_lost(self, peer: Peer, reason: str) -> None:
+        writer = self._writers.pop(peer.id, None)
+        if writer is not None:
+            writer.stop()
+        for sender in list(self._senders.values()):
+            if sender.peer is peer:
+                self._fail(sender, reason, notify=False)
+        for room, early in list(self._early.items()):
+            if early.peer is peer:
+                del self._early[room]
+        self._claimed.pop(peer.id, None)
