@@ -15,6 +15,8 @@ from mmdisagg.config import SettingsError
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("make-tiny-model",): ("mmdisagg.models.tiny", "write a random-weight checkpoint to a folder"),
     ("bench", "pool"): ("mmdisagg.bench.pool", "scatter/gather speed of the embedding pool"),
+    ("bench", "transfer"): ("mmdisagg.bench.transfer",
+                            "data planes vs memcpy, sockets, zmq and safetensors"),
 }
 
 

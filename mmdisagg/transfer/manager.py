@@ -19,7 +19,7 @@ from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.control import ControlChannel
 from mmdisagg.transfer.planes import plane_class
-from mmdisagg.transfer.protocol import ControlCodec, Heartbeat, Message
+from mmdisagg.transfer.protocol import ControlCodec, Heartbeat, Message, Poll
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,30 @@ class Peer:
     endpoint: str
     last_heard: float
     rooms: set[int] = field(default_factory=set)
+
+
+class RoomTransfer:
+    """What a room's sender and receiver share: its ``Poll`` state and why it failed."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.state = Poll.Bootstrapping
+        self.failure: str | None = None
+        self._over = threading.Event()
+
+    def poll(self) -> Poll:
+        return self.state
+
+    def wait(self, timeout: float | None = None) -> Poll:
+        """Block until Success or Failed (or the timeout); for tools and tests, since a
+        scheduler polls instead."""
+        self._over.wait(timeout)
+        return self.state
+
+    def _end(self, state: Poll, failure: str | None = None) -> None:
+        self.state = state
+        self.failure = failure
+        self._over.set()
 
 
 @dataclass

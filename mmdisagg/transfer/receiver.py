@@ -27,7 +27,7 @@ from mmdisagg.core import EncodedPrompt
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
 from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
-from mmdisagg.transfer.manager import Peer, TransferManager
+from mmdisagg.transfer.manager import Peer, RoomTransfer, TransferManager
 from mmdisagg.transfer.planes.base import ChunkRefused
 from mmdisagg.transfer.protocol import (
     Abort,
@@ -58,15 +58,13 @@ class OfferedWindow:
         return self.start + (self.allocation.allocated_tokens if self.allocation else self.filled)
 
 
-class EmbeddingReceiver:
+class EmbeddingReceiver(RoomTransfer):
     """One request's receiving half. All state changes happen in its manager, under its lock."""
 
     def __init__(self, manager: ReceiverManager, room: int, encoder: str) -> None:
-        self.room = room
+        super().__init__(room)
         self.encoder = encoder
         self._manager = manager
-        self.state = Poll.Bootstrapping
-        self.failure: str | None = None
         self.peer: Peer | None = None
         self.total_tokens: int | None = None
         self.mrope_delta = 0
@@ -84,9 +82,6 @@ class EmbeddingReceiver:
         """Offer the next window, starting at token ``sent_tokens``. The manager does this by
         itself on announce; call it only to offer blocks of your own choosing."""
         self._manager._resume(self, allocation, sent_tokens)
-
-    def poll(self) -> Poll:
-        return self.state
 
     def abort(self, reason: str = "aborted by the language server") -> None:
         self._manager._abort(self, reason)
@@ -395,7 +390,7 @@ class ReceiverManager(TransferManager):
         self.stats.chunks += 1
         self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
         if receiver.sent_tokens == receiver.total_tokens:
-            receiver.state = Poll.Success
+            receiver._end(Poll.Success)
             self.stats.rooms_succeeded += 1
             self.stats.seconds += receiver.last_progress - receiver.waiting_since
             self.control.send(receiver.peer.endpoint, Received(receiver.room))
@@ -435,8 +430,7 @@ class ReceiverManager(TransferManager):
         """``notify``: tell the sender, and keep unfilled blocks until it confirms."""
         if receiver.state in TERMINAL:
             return
-        receiver.state = Poll.Failed
-        receiver.failure = reason
+        receiver._end(Poll.Failed, reason)
         self.stats.rooms_failed += 1
         log.info("room %d failed: %s", receiver.room, reason)
         self._receivers.pop(receiver.room, None)

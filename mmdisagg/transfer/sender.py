@@ -21,7 +21,7 @@ from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.bootstrap import BootstrapRefused, BootstrapServer
-from mmdisagg.transfer.manager import Peer, TransferManager
+from mmdisagg.transfer.manager import Peer, RoomTransfer, TransferManager
 from mmdisagg.transfer.planes.base import Link, PlaneError
 from mmdisagg.transfer.protocol import (
     Abort,
@@ -38,14 +38,12 @@ from mmdisagg.transfer.protocol import (
 log = logging.getLogger(__name__)
 
 
-class EmbeddingSender:
+class EmbeddingSender(RoomTransfer):
     """One request's sending half. All state changes happen in its manager, under its lock."""
 
     def __init__(self, manager: SenderManager, room: int) -> None:
-        self.room = room
+        super().__init__(room)
         self._manager = manager
-        self.state = Poll.Bootstrapping
-        self.failure: str | None = None
         self.total_tokens: int | None = None
         self.sent_tokens = 0
         self.mrope_delta = 0
@@ -69,9 +67,6 @@ class EmbeddingSender:
         Non-blocking; the sender owns ``source`` from now on and frees it on every path."""
         self._manager._send(self, source, mrope_delta)
 
-    def poll(self) -> Poll:
-        return self.state
-
     def abort(self, reason: str = "aborted by the encode server") -> None:
         self._manager._abort(self, reason)
 
@@ -88,20 +83,25 @@ class _EarlyWindows:
 class _PeerWriter:
     """One thread per receiver, writing that receiver's chunks in order."""
 
-    def __init__(self, manager: SenderManager, peer_id: str, link: Link,
+    def __init__(self, manager: SenderManager, peer: Peer, link: Link,
                  layout: PoolLayout) -> None:
         self.link = link
         self.layout = layout
         self._manager = manager
+        self._notices = None if manager.plane.notifies_in_band else manager.control.direct(
+            peer.endpoint)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"writer-{peer_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"writer-{peer.id}", daemon=True)
         self._thread.start()
 
     def submit(self, sender: EmbeddingSender, window: Window, notice: ChunkDone) -> None:
         self._jobs.put((sender, window, notice))
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = False) -> None:
+        """Finish queued writes, then close the link (``wait``: and join the thread)."""
         self._jobs.put(None)
+        if wait:
+            self._thread.join(timeout=self._manager.settings.transfer_timeout)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -115,9 +115,13 @@ class _PeerWriter:
             except Exception as exc:  # a bug must fail the room, never kill the writer
                 log.exception("writer crashed on room %d", sender.room)
                 error = f"internal error while writing: {exc!r}"
+            if error is None and self._notices is not None and sender.state != Poll.Failed:
+                self._notices.send(notice)  # after the bytes are in place, from this thread
             self._manager._written(sender, window, notice, error,
                                    time.perf_counter() - started)
         self.link.close()
+        if self._notices is not None:
+            self._notices.close()
 
 
 class SenderManager(TransferManager):
@@ -155,9 +159,9 @@ class SenderManager(TransferManager):
                 self._fail(sender, "encode server shutting down", notify=True)
             writers = list(self._writers.values())
             self._writers.clear()
-        super().close()
         for writer in writers:
-            writer.stop()
+            writer.stop(wait=True)
+        super().close()
 
     # -- bootstrap (HTTP thread) ----------------------------------------------------------
 
@@ -182,10 +186,9 @@ class SenderManager(TransferManager):
             old = self._writers.pop(registration.receiver, None)
             if old is not None:
                 old.stop()
-            self._peers[registration.receiver] = Peer(
+            peer = self._peers[registration.receiver] = Peer(
                 registration.receiver, registration.control_endpoint, time.monotonic())
-            self._writers[registration.receiver] = _PeerWriter(self, registration.receiver, link,
-                                                               layout)
+            self._writers[registration.receiver] = _PeerWriter(self, peer, link, layout)
             self._claimed.setdefault(registration.receiver, {})
         log.info("registered receiver %s at %s over %s", registration.receiver,
                  registration.control_endpoint, self.plane.name)
@@ -279,11 +282,9 @@ class SenderManager(TransferManager):
         for block in self._used_blocks(sender, window):
             claimed[block] = sender.room
 
-    def _unclaim(self, sender: EmbeddingSender) -> None:
-        if sender.peer is None:
-            return
-        claimed = self._claimed.get(sender.peer.id, {})
-        for window in sender.windows.values():
+    def _unclaim(self, sender: EmbeddingSender, windows: list[Window]) -> None:
+        claimed = self._claimed.get(sender.peer.id, {}) if sender.peer else {}
+        for window in windows:
             for block in window.blocks:
                 if claimed.get(block) == sender.room:
                     del claimed[block]
@@ -299,7 +300,7 @@ class SenderManager(TransferManager):
                                  f"{sender.total_tokens} tokens")
             sender.total_tokens = total_tokens
             if sender.peer is not None:
-                self._unclaim(sender)
+                self._unclaim(sender, list(sender.windows.values()))
                 for window in sender.windows.values():
                     self._claim(sender, window)
                 self._send_announce(sender)
@@ -347,6 +348,10 @@ class SenderManager(TransferManager):
         if writer is None:
             return self._fail(sender, f"no data link to receiver {sender.peer.id}", notify=False)
         num_tokens = min(sender.total_tokens - window.start_token, window.allocated_tokens)
+        # NOTE: an in-band plane's notice can reach the receiver, which may then reuse these
+        # blocks, before this thread hears the write returned. Claims guard windows not yet
+        # written; writes to one receiver are serialized, so releasing here is as safe.
+        self._unclaim(sender, [window])
         sender.writing = True
         writer.submit(sender, window, ChunkDone(sender.room, window.start_token, num_tokens,
                                                 sender.total_tokens, sender.mrope_delta))
@@ -357,13 +362,12 @@ class SenderManager(TransferManager):
         with self._lock:
             sender.writing = False
             if error is None:
+                del sender.windows[window.start_token]
                 sender.sent_tokens += notice.num_tokens
                 sender.last_progress = time.monotonic()
                 self.stats.chunks += 1
                 self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
                 self.stats.seconds += seconds
-                if not self.plane.notifies_in_band and sender.state != Poll.Failed:
-                    self.control.send(sender.peer.endpoint, notice)
             if sender.state == Poll.Failed:
                 return self._release(sender)
             if error is not None:
@@ -377,15 +381,14 @@ class SenderManager(TransferManager):
         if sender.total_tokens is None or sender.sent_tokens != sender.total_tokens:
             return self._fail(sender, f"receiver confirmed room {sender.room} after only "
                                       f"{sender.sent_tokens} tokens", notify=True)
-        sender.state = Poll.Success
+        sender._end(Poll.Success)
         self.stats.rooms_succeeded += 1
         self._release(sender)
 
     def _fail(self, sender: EmbeddingSender, reason: str, notify: bool) -> None:
         if sender.state in (Poll.Success, Poll.Failed):
             return
-        sender.state = Poll.Failed
-        sender.failure = reason
+        sender._end(Poll.Failed, reason)
         sender.notify_peer = notify and sender.peer is not None
         self.stats.rooms_failed += 1
         log.info("room %d failed: %s", sender.room, reason)
@@ -402,7 +405,7 @@ class SenderManager(TransferManager):
             self.control.send(sender.peer.endpoint, Abort(sender.room, sender.failure))
         if sender.source is not None:
             self.pool.allocator.free(sender.source)
-        self._unclaim(sender)
+        self._unclaim(sender, list(sender.windows.values()))
         if sender.peer is not None:
             sender.peer.rooms.discard(sender.room)
         self._senders.pop(sender.room, None)

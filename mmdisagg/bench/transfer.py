@@ -1,0 +1,307 @@
+"""``mmdisagg bench transfer``: moving a prompt's embeddings between two processes.
+
+This process receives; a spawned child process sends. Every method is timed the same way:
+from the moment this process tells the child "go" (the data already sits in the child's
+memory, as it does after the vision forward) to the moment the bytes are usable here. Beside
+the data planes it times what peers use to move embeddings: a plain socket
+``sendall``/``recv_into``, pyzmq ``copy=False`` frames and a safetensors file through
+``/dev/shm``, plus an in-process copy of the same bytes (the physical limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection
+
+import torch
+
+from mmdisagg.bench.timing import MB, gbps, print_table, save_json
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.planes import plane_class
+from mmdisagg.transfer.planes.tcp import SOCKET_BUFFER
+from mmdisagg.transfer.protocol import Poll
+from mmdisagg.transfer.receiver import ReceiverManager
+from mmdisagg.transfer.sender import SenderManager
+
+DEFAULT_TOKENS = (140, 2000, 14000)
+BASELINES = ("memcpy", "socket", "zmq", "safetensors")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+                        help="payload sizes, in tokens (default: about 1, 14 and 100 MB)")
+    parser.add_argument("--hidden-size", type=int, default=3584)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--backends", nargs="+", default=["shm", "tcp"])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--resume-tokens", type=int, default=2000,
+                        help="prompt of the resume comparison (first window: 8 blocks)")
+    parser.add_argument("--json", help="also write the results here")
+
+
+def _prompt(tokens: int, layout: PoolLayout) -> dict[str, torch.Tensor]:
+    return {"embeddings": torch.randn(tokens, layout.hidden_size).to(layout.torch_dtype),
+            "token_ids": torch.randint(0, 150_000, (tokens,), dtype=torch.int32),
+            "positions": torch.randint(0, 4096, (tokens, 3), dtype=torch.int32)}
+
+
+def _flat(prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in prompt.values()])
+
+
+# -- the sending child ------------------------------------------------------------------------
+
+def _child(conn: Connection, layout: PoolLayout) -> None:
+    """Runs commands from the parent until told to stop; see the parent's methods."""
+    torch.set_num_threads(1)
+    sock = zsock = manager = pool = prompt = None
+    senders: dict[int, tuple] = {}
+    while True:
+        if senders:
+            for room, (sender, *_) in list(senders.items()):
+                if sender.poll() in (Poll.Success, Poll.Failed):
+                    del senders[room]
+            if not conn.poll(0.0005):
+                continue
+        op, *args = conn.recv()
+        if op == "stop":
+            break
+        if op == "socket":
+            sock = socket.create_connection(("127.0.0.1", args[0]))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            payload = _flat(_prompt(args[1], layout)).numpy()
+            conn.send("ready")
+        elif op == "socket-go":
+            sock.sendall(payload)
+        elif op == "zmq":
+            import zmq
+            zsock = zmq.Context.instance().socket(zmq.PUSH)
+            zsock.connect(args[0])
+            payload = _flat(_prompt(args[1], layout)).numpy()
+            conn.send("ready")
+        elif op == "zmq-go":
+            zsock.send(payload, copy=False)
+        elif op == "safetensors":
+            prompt = _prompt(args[1], layout)
+            path = args[0]
+            conn.send("ready")
+        elif op == "safetensors-go":
+            from safetensors.torch import save_file
+            save_file(prompt, path)
+            conn.send("written")
+        elif op == "plane-close":
+            manager.close()
+            pool.close()
+            manager = pool = None
+        elif op == "plane":
+            transfer = TransferSettings(transfer_backend=args[0], bootstrap_port=0)
+            pool = EmbeddingPool(replace(layout, num_blocks=2 * args[1]))  # room n + 1 may start
+            # before room n's blocks are back
+            manager = SenderManager(pool, transfer, NetworkSettings())
+            conn.send(manager.bootstrap_address)
+        elif op == "room":
+            room, tokens, announce_early = args
+            sender = manager.create_sender(room)
+            source = pool.allocator.alloc(tokens)
+            if prompt is None or len(prompt["token_ids"]) != tokens:
+                prompt = _prompt(tokens, pool.layout)
+            pool.write(source, 0, prompt["embeddings"], prompt["token_ids"], prompt["positions"])
+            if announce_early:
+                sender.announce(tokens)
+            while sender.poll() == Poll.Bootstrapping:
+                time.sleep(0.0002)
+            if announce_early:  # let the receiver offer its later windows before "go"
+                time.sleep(0.01)
+            senders[room] = (sender, source, tokens)
+            conn.send("ready")
+        elif op == "go":
+            sender, source, tokens = senders[args[0]]
+            if sender.total_tokens is None:
+                sender.announce(tokens)
+            sender.send(source, 0)
+    if manager is not None:
+        manager.close()
+        pool.close()
+
+
+# -- the receiving parent ---------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.layout = PoolLayout(1, 128, args.hidden_size, args.dtype)
+        context = mp.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.child = context.Process(target=_child, args=(child_conn, self.layout), daemon=True)
+        self.child.start()
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.child.join(timeout=30)
+
+    def repeat_for(self, num_bytes: int) -> int:
+        return max(3, self.args.repeat if num_bytes < 50 * MB else self.args.repeat // 4)
+
+    def timed(self, start: Callable[[], None], finish: Callable[[], None], repeat: int,
+              prepare: Callable[[], None] = lambda: None) -> float:
+        """Median of ``go`` -> usable-here, after one untimed warm-up."""
+        times = []
+        for i in range(repeat + 1):
+            prepare()
+            began = time.perf_counter()
+            start()
+            finish()
+            if i:
+                times.append(time.perf_counter() - began)
+        return sorted(times)[len(times) // 2]
+
+    def memcpy(self, tokens: int) -> float:
+        src = _flat(_prompt(tokens, self.layout))
+        dst = torch.empty_like(src)
+        return self.timed(lambda: dst.copy_(src), lambda: None, self.repeat_for(src.numel()))
+
+    def socket(self, tokens: int) -> float:
+        server = socket.create_server(("127.0.0.1", 0))
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        num_bytes = tokens * self.layout.token_bytes
+        self.conn.send(("socket", server.getsockname()[1], tokens))
+        conn, _ = server.accept()
+        assert self.conn.recv() == "ready"
+        buffer = memoryview(bytearray(num_bytes))
+
+        def receive() -> None:
+            got = 0
+            while got < num_bytes:
+                got += conn.recv_into(buffer[got:])
+
+        seconds = self.timed(lambda: self.conn.send(("socket-go",)), receive,
+                             self.repeat_for(num_bytes))
+        conn.close()
+        server.close()
+        return seconds
+
+    def zmq(self, tokens: int) -> float:
+        import zmq
+        pull = zmq.Context.instance().socket(zmq.PULL)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        self.conn.send(("zmq", f"tcp://127.0.0.1:{port}", tokens))
+        assert self.conn.recv() == "ready"
+        frames = []
+        seconds = self.timed(lambda: self.conn.send(("zmq-go",)),
+                             lambda: frames.append(pull.recv(copy=False).buffer),
+                             self.repeat_for(tokens * self.layout.token_bytes))
+        assert len(frames[-1]) == tokens * self.layout.token_bytes
+        pull.close()
+        return seconds
+
+    def safetensors(self, tokens: int) -> float:
+        from safetensors.torch import load_file
+        fd, path = tempfile.mkstemp(suffix=".safetensors", dir="/dev/shm")
+        os.close(fd)
+        self.conn.send(("safetensors", path, tokens))
+        assert self.conn.recv() == "ready"
+
+        def load() -> None:
+            assert self.conn.recv() == "written"
+            load_file(path)
+
+        try:
+            return self.timed(lambda: self.conn.send(("safetensors-go",)), load,
+                              self.repeat_for(tokens * self.layout.token_bytes))
+        finally:
+            os.unlink(path)
+
+    def plane(self, backend: str, tokens: int, first_window_blocks: int | None = None,
+              announce_early: bool = True) -> float:
+        """One room per run; the first window is the whole prompt unless given in blocks."""
+        blocks = -(-tokens // self.layout.block_size)
+        layout = replace(self.layout, num_blocks=blocks)
+        pool = EmbeddingPool(layout, backing=plane_class(backend).receiver_backing)
+        self.conn.send(("plane", backend, blocks))
+        manager = ReceiverManager(pool, TransferSettings(transfer_backend=backend),
+                                  NetworkSettings())
+        encoder = self.conn.recv()
+        rooms = itertools.count(1)
+        current = []
+
+        def prepare() -> None:
+            if current:
+                current.pop().take()
+            room = next(rooms)
+            receiver = manager.create_receiver(room, encoder)
+            receiver.init(pool.allocator.alloc_blocks(first_window_blocks or blocks))
+            self.conn.send(("room", room, tokens, announce_early))
+            assert self.conn.recv() == "ready"
+            current.append(receiver)
+
+        def finish() -> None:
+            if current[0].wait(60) != Poll.Success:
+                raise RuntimeError(f"{backend} transfer failed: {current[0].failure}")
+
+        try:
+            return self.timed(lambda: self.conn.send(("go", current[0].room)), finish,
+                              self.repeat_for(tokens * layout.token_bytes), prepare)
+        finally:
+            if current and current[0].poll() == Poll.Success:
+                current.pop().take()
+            self.conn.send(("plane-close",))
+            manager.close()
+            pool.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    bench = Bench(args)
+    print(f"bench transfer: hidden {args.hidden_size} {args.dtype}, block 128, receiver here, "
+          f"sender in a child process, median of {args.repeat} (a quarter above 50 MB)")
+    rows = []
+    try:
+        for tokens in args.tokens:
+            num_bytes = tokens * bench.layout.token_bytes
+            row = {"payload_MB": round(num_bytes / MB, 1), "tokens": tokens}
+            for method in (*BASELINES, *args.backends):
+                seconds = (getattr(bench, method)(tokens) if method in BASELINES
+                           else bench.plane(method, tokens))
+                row[f"{method}_ms"] = seconds * 1e3
+                row[f"{method}_GBps"] = gbps(num_bytes, seconds)
+                print(f"  {tokens} tokens, {method}: {seconds * 1e3:.3f} ms", flush=True)
+            for backend in args.backends:
+                row[f"{backend}_vs_memcpy"] = row["memcpy_ms"] / row[f"{backend}_ms"]
+                row[f"{backend}_vs_socket"] = row["socket_ms"] / row[f"{backend}_ms"]
+            rows.append(row)
+        resume_rows = []
+        for backend in args.backends:
+            tokens = args.resume_tokens
+            single = bench.plane(backend, tokens)
+            early = bench.plane(backend, tokens, first_window_blocks=8)
+            late = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
+            resume_rows.append({
+                "backend": backend, "tokens": tokens, "single_window_ms": single * 1e3,
+                "resume_announced_ms": early * 1e3, "resume_announced_at_send_ms": late * 1e3,
+                "announced_vs_single": early / single, "at_send_vs_single": late / single})
+            print(f"  resume {backend} done", flush=True)
+    finally:
+        bench.close()
+    columns = ["payload_MB", "tokens"]
+    for method in (*BASELINES, *args.backends):
+        columns += [f"{method}_ms", f"{method}_GBps"]
+    print_table(rows, columns)
+    print()
+    print_table(rows, ["payload_MB"] + [f"{b}_vs_{m}" for b in args.backends
+                                       for m in ("memcpy", "socket")])
+    print()
+    print_table(resume_rows, list(resume_rows[0]))
+    save_json(args.json, {"bench": "transfer", "args": vars(args), "rows": rows,
+                          "resume": resume_rows})
+    return 0

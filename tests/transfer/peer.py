@@ -1,0 +1,173 @@
+"""A transfer peer in its own process, driven by JSON lines on stdin; events go to stdout.
+
+Started by tests/transfer/peers.py. Both sides derive a room's prompt from the room id, so the
+receiver can check every byte without the data crossing any other way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.planes import plane_class
+from mmdisagg.transfer.protocol import Poll
+from mmdisagg.transfer.receiver import ReceiverManager
+from mmdisagg.transfer.sender import SenderManager
+
+torch.set_num_threads(1)
+
+
+def make_prompt(room: int, total: int, hidden: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(room)
+    return (torch.randn(total, hidden, generator=gen).to(dtype),
+            torch.randint(0, 150_000, (total,), generator=gen),
+            torch.randint(0, 100_000, (total, 3), generator=gen),
+            int(torch.randint(-1000, 1000, (1,), generator=gen)))
+
+
+def emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+class SendTask:
+    def __init__(self, manager: SenderManager, cmd: dict) -> None:
+        self.manager, self.cmd = manager, cmd
+        self.room = cmd["room"]
+        self.sender = manager.create_sender(self.room)
+        self.total = cmd["total"]
+        self.sender.announce(self.total)
+        self.send_at = time.monotonic() + cmd.get("delay", 0.0)
+        self.sent = False
+
+    def step(self) -> bool:
+        pool = self.manager.pool
+        if not self.sent and time.monotonic() >= self.send_at:
+            source = pool.allocator.alloc(self.total)
+            if source is not None:
+                emb, ids, pos, delta = make_prompt(self.room, self.total, pool.layout.hidden_size,
+                                                   pool.layout.torch_dtype)
+                pool.write(source, 0, emb, ids, pos)
+                self.sender.send(source, delta)
+                self.sent = True
+        kill_after = self.cmd.get("kill_after_tokens")
+        if kill_after is not None and self.sender.sent_tokens >= kill_after:
+            emit({"event": "killing", "room": self.room, "sent": self.sender.sent_tokens})
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.sender.poll() in (Poll.Success, Poll.Failed):
+            emit({"event": "done", "room": self.room, "state": self.sender.poll().name,
+                  "failure": self.sender.failure})
+            return True
+        return False
+
+
+class RecvTask:
+    def __init__(self, manager: ReceiverManager, cmd: dict) -> None:
+        self.manager, self.cmd = manager, cmd
+        self.room = cmd["room"]
+        self.receiver = manager.create_receiver(self.room, cmd["encoder"])
+        self.inited = False
+        self.reported_transferring = False
+
+    def step(self) -> bool:
+        if not self.inited:
+            allocation = self.manager.pool.allocator.alloc_default()
+            if allocation is not None:
+                self.receiver.init(allocation)
+                self.inited = True
+        state = self.receiver.poll()
+        if state == Poll.Transferring and not self.reported_transferring:
+            self.reported_transferring = True
+            emit({"event": "transferring", "room": self.room})
+        abort_after = self.cmd.get("abort_after_tokens")
+        if abort_after is not None and self.receiver.sent_tokens >= abort_after and (
+                state == Poll.Transferring):
+            self.receiver.abort("test abort")
+            state = self.receiver.poll()
+        if state == Poll.Success and not self.cmd.get("hold"):
+            self.finish()
+            return True
+        if state == Poll.Failed:
+            emit({"event": "done", "room": self.room, "state": "Failed",
+                  "failure": self.receiver.failure})
+            return True
+        return False
+
+    def finish(self) -> None:
+        layout = self.manager.pool.layout
+        got = self.receiver.take()
+        emb, ids, pos, delta = make_prompt(self.room, got.total_tokens, layout.hidden_size,
+                                           layout.torch_dtype)
+        exact = (torch.equal(got.embeddings, emb) and torch.equal(got.token_ids, ids)
+                 and torch.equal(got.positions, pos) and got.mrope_delta == delta)
+        emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
+              "total": got.total_tokens, "expected_total": self.cmd.get("total")})
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    role = config["role"]
+    transfer = TransferSettings(**config.get("transfer", {}))
+    network = NetworkSettings(**config.get("network", {}))
+    layout = PoolLayout(**config["layout"])
+    backing = plane_class(transfer.transfer_backend).receiver_backing if role == "receiver" \
+        else "process"
+    pool = EmbeddingPool(layout, backing, default_blocks=config.get("default_blocks", 8))
+    manager_class = SenderManager if role == "sender" else ReceiverManager
+    manager = manager_class(pool, transfer, network)
+    emit({"event": "ready", "id": manager.id, "control": manager.control.endpoint,
+          "bootstrap": getattr(manager, "bootstrap_address", None)})
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            commands.put(json.loads(line))
+        commands.put({"op": "exit"})
+
+    threading.Thread(target=read, daemon=True).start()
+    tasks: dict[int, SendTask | RecvTask] = {}
+    held: dict[int, RecvTask] = {}
+    while True:
+        while not commands.empty():
+            cmd = commands.get()
+            op = cmd["op"]
+            if op == "exit":
+                manager.close()
+                pool.close()
+                emit({"event": "exited"})
+                return
+            if op == "send":
+                tasks[cmd["room"]] = SendTask(manager, cmd)
+            elif op == "recv":
+                tasks[cmd["room"]] = RecvTask(manager, cmd)
+            elif op == "release":
+                held.pop(cmd["room"]).finish()
+            elif op == "stats":
+                stats = pool.allocator.stats()
+                emit({"event": "stats", "free_blocks": stats.free_blocks,
+                      "total_blocks": stats.total_blocks, "live": stats.live_allocations,
+                      "refused": manager.stats.refused, "spills": manager.stats.spills,
+                      "resumes": manager.stats.resumes, "windows": manager.stats.windows,
+                      "rejected": manager.control.rejected})
+        for room, task in list(tasks.items()):
+            if isinstance(task, RecvTask) and task.cmd.get("hold") and (
+                    task.receiver.poll() == Poll.Success):
+                held[room] = tasks.pop(room)
+                emit({"event": "held", "room": room})
+            elif task.step():
+                del tasks[room]
+        time.sleep(0.0005)
+
+
+if __name__ == "__main__":
+    main()

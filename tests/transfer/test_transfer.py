@@ -1,0 +1,234 @@
+"""The transfer layer between real processes on 127.0.0.1, over both data planes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import zmq
+from peers import Peer
+
+from mmdisagg.transfer.protocol import ControlCodec, Window
+
+BACKENDS = ["shm", "tcp"]
+SIZES = [1, 127, 128, 129, 1024, 2000, 8000, 20000]
+
+
+def layout(blocks: int, hidden: int = 256, dtype: str = "bfloat16") -> dict:
+    return {"num_blocks": blocks, "block_size": 128, "hidden_size": hidden, "dtype": dtype}
+
+
+@pytest.fixture
+def start():
+    started: list[Peer] = []
+
+    def start_peer(role: str, backend: str, blocks: int, **kwargs) -> Peer:
+        peer = Peer(role, backend, layout(blocks, kwargs.pop("hidden", 256),
+                                          kwargs.pop("dtype", "bfloat16")), **kwargs)
+        started.append(peer)
+        return peer
+
+    yield start_peer
+    for peer in started:
+        peer.close()
+
+
+def transfer(sender: Peer, receiver: Peer, rooms: dict[int, int], timeout: float = 120):
+    for room, total in rooms.items():
+        receiver.command(op="recv", room=room, encoder=sender.bootstrap, total=total)
+        sender.command(op="send", room=room, total=total)
+    return receiver.done(rooms, timeout), sender.done(rooms, timeout)
+
+
+def assert_exact(results: dict, rooms: dict[int, int]) -> None:
+    for room, total in rooms.items():
+        event = results[room]
+        assert event["state"] == "Success", event
+        assert event["exact"] and event["total"] == total, event
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_exact_round_trip_all_sizes(start, backend, dtype):
+    sender = start("sender", backend, 400, dtype=dtype)
+    receiver = start("receiver", backend, 64, dtype=dtype)
+    rooms = {1000 + size: size for size in SIZES}
+    received, sent = transfer(sender, receiver, rooms)
+    assert_exact(received, rooms)
+    assert all(event["state"] == "Success" for event in sent.values())
+    assert receiver.wait_pool_full()["live"] == 0
+    assert sender.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_resume_after_announce(start, backend):
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64, default_blocks=8)
+    received, _ = transfer(sender, receiver, {7: 2000})
+    assert_exact(received, {7: 2000})
+    stats = receiver.stats()
+    assert (stats["windows"], stats["resumes"], stats["spills"]) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_resumes_with_tiny_windows(start, backend):
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64, default_blocks=1,
+                     transfer={"window_blocks": 2})
+    received, _ = transfer(sender, receiver, {8: 2000})
+    assert_exact(received, {8: 2000})
+    assert receiver.stats()["resumes"] == 8  # 128 tokens, then 8 windows of up to 256
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pool_smaller_than_prompt_reuses_the_same_block_ids(start, backend):
+    """Seed note 03: 2 blocks carry 1000 tokens, so every window reuses ids just freed."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 2, default_blocks=1, transfer={"window_blocks": 1})
+    received, _ = transfer(sender, receiver, {9: 1000})
+    assert_exact(received, {9: 1000})
+    stats = receiver.stats()
+    assert stats["windows"] == 8 and stats["spills"] >= 6 and stats["free_blocks"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_with_stale_data_from_an_earlier_request(start, backend):
+    """Seed note 05: blocks still hold an older, longer prompt; only messages say the length."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 8, default_blocks=8)
+    first, _ = transfer(sender, receiver, {21: 1000})
+    assert_exact(first, {21: 1000})
+    second, _ = transfer(sender, receiver, {22: 100})
+    assert_exact(second, {22: 100})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_either_side_may_come_first(start, backend):
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64)
+    receiver.command(op="recv", room=31, encoder=sender.bootstrap)
+    time.sleep(0.5)  # the window waits at the encode side for its request
+    sender.command(op="send", room=31, total=900)
+    sender.command(op="send", room=32, total=1500)
+    time.sleep(0.5)  # the announce waits for the receiver's first window
+    receiver.command(op="recv", room=32, encoder=sender.bootstrap)
+    assert_exact(receiver.done([31, 32]), {31: 900, 32: 1500})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_64_concurrent_rooms_two_senders_two_receivers(start, backend):
+    senders = [start("sender", backend, 512) for _ in range(2)]
+    receivers = [start("receiver", backend, 64) for _ in range(2)]
+    rng = random.Random(5)
+    plan = {}
+    for i in range(64):
+        room = rng.getrandbits(63)
+        plan[room] = (i % 2, (i // 2) % 2, rng.randint(1, 3000))
+    for room, (s, r, total) in plan.items():
+        receivers[r].command(op="recv", room=room, encoder=senders[s].bootstrap, total=total)
+        senders[s].command(op="send", room=room, total=total)
+    for r, receiver in enumerate(receivers):
+        mine = {room: total for room, (_, rr, total) in plan.items() if rr == r}
+        assert_exact(receiver.done(mine, 180), mine)
+    for peer in senders + receivers:
+        assert peer.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_killed_mid_transfer(start, backend):
+    sender = start("sender", backend, 256, hidden=1024)
+    receiver = start("receiver", backend, 4, hidden=1024, default_blocks=1,
+                     transfer={"window_blocks": 1})
+    receiver.command(op="recv", room=41, encoder=sender.bootstrap)
+    sender.command(op="send", room=41, total=20000, kill_after_tokens=2000)
+    sender.wait(lambda e: e["event"] == "killing", 60)
+    assert sender.proc.wait(timeout=30) != 0
+    started = time.monotonic()
+    result = receiver.done([41], 30)[41]
+    assert result["state"] == "Failed" and "stopped answering" in result["failure"]
+    assert time.monotonic() - started < 10
+    assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_killed_while_encoding(start, backend):
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64, default_blocks=2)
+    receiver.command(op="recv", room=42, encoder=sender.bootstrap)
+    sender.command(op="send", room=42, total=3000, delay=60)  # announce, then "vision work"
+    time.sleep(1.0)
+    sender.proc.kill()
+    result = receiver.done([42], 30)[42]
+    assert result["state"] == "Failed" and "stopped answering" in result["failure"]
+    assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_abort_frees_sender_pool(start, backend):
+    sender = start("sender", backend, 256, hidden=1024)
+    receiver = start("receiver", backend, 4, hidden=1024, default_blocks=1,
+                     transfer={"window_blocks": 1})
+    receiver.command(op="recv", room=43, encoder=sender.bootstrap, abort_after_tokens=1000)
+    sender.command(op="send", room=43, total=20000)
+    assert receiver.done([43])[43]["failure"] == "test abort"
+    result = sender.done([43])[43]
+    assert result["state"] == "Failed" and "aborted by the language server" in result["failure"]
+    assert sender.wait_pool_full()["live"] == 0
+    assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_auth_token_is_refused(start, backend):
+    sender = start("sender", backend, 64)
+    intruder = start("receiver", backend, 64, network={"auth_token": "guess"})
+    intruder.command(op="recv", room=51, encoder=sender.bootstrap)
+    result = intruder.done([51])[51]
+    assert result["state"] == "Failed" and "auth token" in result["failure"]
+    forged = ControlCodec("guess", intruder.id).encode(Window(51, 0, [0], 128))
+    push(sender.control, forged)
+    deadline = time.monotonic() + 10
+    while sender.stats()["rejected"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sender.stats()["rejected"] >= 1
+    assert intruder.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_mismatch_is_refused(start, backend):
+    sender = start("sender", backend, 64, hidden=256)
+    receiver = start("receiver", backend, 64, hidden=128)
+    receiver.command(op="recv", room=52, encoder=sender.bootstrap)
+    result = receiver.done([52])[52]
+    assert result["state"] == "Failed"
+    assert "layout mismatch: hidden_size 256 here vs 128" in result["failure"]
+    assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forged_window_aimed_at_another_rooms_blocks_is_refused(start, backend):
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 32, default_blocks=8)
+    receiver.command(op="recv", room=61, encoder=sender.bootstrap)
+    sender.command(op="send", room=61, total=500, delay=3.0)
+    time.sleep(1.0)  # room 61 is bound at the sender, its data not yet sent
+    sender.command(op="send", room=62, total=300)
+    # A fresh pool hands room 61 blocks 0..7, trimmed to 0..3 once 500 tokens are announced.
+    forged = ControlCodec("secret", receiver.id).encode(Window(62, 0, [0, 1, 2, 3], 512))
+    push(sender.control, forged)
+    deadline = time.monotonic() + 10
+    while sender.stats()["refused"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sender.stats()["refused"] >= 1
+    receiver.command(op="recv", room=62, encoder=sender.bootstrap)
+    assert_exact(receiver.done([61, 62]), {61: 500, 62: 300})
+
+
+def push(endpoint: str, frames: list[bytes]) -> None:
+    context = zmq.Context()
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 2000)
+    socket.connect(endpoint)
+    socket.send_multipart(frames)
+    socket.close()
+    context.term()
