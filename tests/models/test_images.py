@@ -42,6 +42,12 @@ def encoded(image: Image.Image, image_format: str) -> bytes:
 
 class ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        try:
+            self._serve()
+        except OSError:
+            pass  # the client gave up on a slow reply, as it should
+
+    def _serve(self) -> None:
         if self.path == "/image.png":
             self._reply(PNG)
         elif self.path == "/slow.png":
