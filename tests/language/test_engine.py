@@ -4,6 +4,7 @@ stop conditions."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 
 import pytest
@@ -107,6 +108,22 @@ def test_prompt_prefilled_while_it_arrives(qwen2_vl: TinyModel) -> None:
     assert len(outputs["other"]) == 12
     assert_same_tokens(tokens(outputs["arriving"]),
                        generate_greedy(qwen2_vl, PROMPTS["one image"], 12))
+
+
+def test_prefill_budget_is_shared_by_the_step(qwen2_vl: TinyModel) -> None:
+    engine = Engine(qwen2_vl.language, EngineSettings(max_prefill_tokens=16))
+    prompts = {name: encode(qwen2_vl, PROMPTS[name]) for name in ("long text", "one image")}
+    for name, prompt in prompts.items():
+        engine.add(name, prompt, GREEDY)
+    first_token_step: dict[str, int] = {}
+    for step in itertools.count(1):
+        if not engine.has_work():
+            break
+        for output in engine.step():
+            first_token_step.setdefault(output.request_id, step)
+    lengths = [prompt.total_tokens for prompt in prompts.values()]
+    assert first_token_step == {"long text": math.ceil(lengths[0] / 16),
+                                "one image": math.ceil(sum(lengths) / 16)}
 
 
 def test_begun_request_without_data_is_not_work(qwen2_vl: TinyModel) -> None:
