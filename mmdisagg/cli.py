@@ -15,6 +15,8 @@ from mmdisagg.config import SettingsError
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("make-tiny-model",): ("mmdisagg.models.tiny", "write a random-weight checkpoint to a folder"),
     ("bench", "pool"): ("mmdisagg.bench.pool", "scatter/gather speed of the embedding pool"),
+    ("bench", "model-memory"): ("mmdisagg.bench.model_memory",
+                                "resident memory of each model half vs the whole model"),
 }
 
 
