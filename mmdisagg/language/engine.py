@@ -97,9 +97,10 @@ class Engine:
         if total_tokens >= self.half.max_model_len:
             raise InputError(f"the prompt is {total_tokens} tokens; this model takes fewer than "
                              f"{self.half.max_model_len} (prompt and output together)")
+        cache = self.half.new_cache()
+        cache.reserve(total_tokens)
         self._requests[request_id] = _Request(
-            request_id, params, total_tokens, self.half.new_cache(),
-            new_generator(params.seed, self.half.device),
+            request_id, params, total_tokens, cache, new_generator(params.seed, self.half.device),
             Detokenizer(self.half.tokenizer, params.stop))
 
     def extend(self, request_id: str, piece: EncodedPrompt) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mmdisagg.config import ImageSettings
 from mmdisagg.core import EncodedPrompt
 from mmdisagg.models.kv_cache import KVCache
 
@@ -95,7 +96,8 @@ class EncoderHalf(ABC):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu", image_settings: Any = None,
+                        device: str | torch.device = "cpu",
+                        image_settings: ImageSettings | None = None,
                         max_model_len: int | None = None) -> EncoderHalf:
         """Load the encoder half of the checkpoint at ``path``. ``dtype`` None or "auto" keeps
         the checkpoint's; ``image_settings`` (an ``ImageSettings``) bounds what ``prepare``

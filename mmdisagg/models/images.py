@@ -121,12 +121,16 @@ def _download(url: str, settings: ImageSettings) -> bytes:
                 if len(data) > settings.max_image_bytes:
                     raise InputError(_too_many_bytes(settings), TOO_LARGE)
                 if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("deadline passed")
+                    raise InputError(_too_slow(timeout))
             return bytes(data)
     except httpx.TimeoutException:
-        raise InputError(f"fetching the image took longer than {timeout:g} s") from None
+        raise InputError(_too_slow(timeout)) from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise InputError(f"could not fetch the image ({type(exc).__name__})") from None
+
+
+def _too_slow(timeout: float) -> str:
+    return f"fetching the image took longer than {timeout:g} s"
 
 
 def _too_many_bytes(settings: ImageSettings) -> str:

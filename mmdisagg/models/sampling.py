@@ -24,6 +24,8 @@ def check_params(params: SamplingParams) -> None:
         raise InputError("top_p must be in (0, 1]")
     if params.top_k < 0:
         raise InputError("top_k must be >= 0 (0 = no limit)")
+    if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+        raise InputError("seed must fit in 64 bits")
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -226,6 +226,7 @@ def test_max_model_len_bounds_prompt_and_output(qwen2_vl: TinyModel) -> None:
     (SamplingParams(temperature=-1.0), "temperature"),
     (SamplingParams(top_p=0.0), "top_p"),
     (SamplingParams(top_k=-2), "top_k"),
+    (SamplingParams(seed=2**64), "seed"),
 ])
 def test_bad_sampling_params_are_input_errors(qwen2_vl: TinyModel, params: SamplingParams,
                                               message: str) -> None:
