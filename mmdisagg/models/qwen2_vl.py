@@ -98,11 +98,10 @@ class Checkpoint:
         return module.eval(), loaded
 
     def tokenizer(self) -> Any:
+        """The tokenizer, given the processor's chat template when only that file has one."""
         tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        if tokenizer.chat_template is None:
-            template_file = self.path / "chat_template.json"
-            if not template_file.is_file():
-                raise ValueError(f"{self.path}: no chat template (tokenizer or chat_template.json)")
+        template_file = self.path / "chat_template.json"
+        if tokenizer.chat_template is None and template_file.is_file():
             tokenizer.chat_template = json.loads(template_file.read_text())["chat_template"]
         return tokenizer
 
@@ -113,11 +112,10 @@ class Checkpoint:
 def _resolve_dtype(dtype: torch.dtype | str | None, config: PretrainedConfig) -> torch.dtype:
     if dtype is None or dtype == "auto":
         dtype = config.dtype or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"not a floating-point torch dtype: {dtype!r}")
-    return dtype
+    return resolved
 
 
 def _compute_buffers(model: PreTrainedModel, device: torch.device) -> None:
@@ -138,6 +136,9 @@ class QwenVLEncoderHalf(EncoderHalf):
         self.dtype = checkpoint.dtype
         self.device = checkpoint.device
         self.tokenizer = checkpoint.tokenizer()
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{checkpoint.path}: no chat template (in the tokenizer files, "
+                             "chat_template.jinja or chat_template.json)")
         self.image_processor = AutoImageProcessor.from_pretrained(
             checkpoint.path, local_files_only=True, backend="pil")
         self.vision_tower = vision_tower

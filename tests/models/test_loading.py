@@ -124,3 +124,22 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="'llava' is not supported"):
         EncoderHalf.from_pretrained(tmp_path)
+
+
+def test_chat_template_from_the_processor_file(tiny: TinyModel, tmp_path: Path) -> None:
+    path = tmp_path / "processor_template"
+    shutil.copytree(tiny.path, path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        EncoderHalf.from_pretrained(path)
+    LanguageHalf.from_pretrained(path)  # generating needs no template
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    prepared = EncoderHalf.from_pretrained(path).prepare(TEXT_ONLY)
+    assert prepared.token_ids.tolist() == tiny.encoder.prepare(TEXT_ONLY).token_ids.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float33", torch.int32])
+def test_bad_dtype(tiny: TinyModel, dtype: object) -> None:
+    with pytest.raises(ValueError, match="not a floating-point torch dtype"):
+        LanguageHalf.from_pretrained(tiny.path, dtype=dtype)
