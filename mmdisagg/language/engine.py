@@ -71,6 +71,9 @@ class _Request:
 
 
 class Engine:
+    """Runs requests through a LanguageHalf: each ``step`` schedules, runs one forward pass,
+    samples and reports. Not thread-safe: one scheduler loop owns it."""
+
     def __init__(self, half: LanguageHalf, settings: EngineSettings | None = None) -> None:
         self.half = half
         self.settings = settings or EngineSettings()
