@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from tests.models.fixtures import (
     TinyModel,
     assert_same_tokens,
@@ -109,8 +110,6 @@ def test_decode_batch_of_different_lengths_matches_generate(tiny: TinyModel) -> 
 
 
 def test_lower_precision_runs(tiny: TinyModel) -> None:
-    from mmdisagg.models.base import EncoderHalf, LanguageHalf
-
     encoder = EncoderHalf.from_pretrained(tiny.path, dtype="bfloat16")
     language = LanguageHalf.from_pretrained(tiny.path, dtype=torch.float16)
     prompt = encoder.encode([encoder.prepare(PROMPTS["one image"])])[0]

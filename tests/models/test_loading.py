@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText
 
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from mmdisagg.models.weights import MissingWeightError
@@ -108,8 +109,6 @@ def test_tied_word_embeddings(tiny: TinyModel, tmp_path: Path) -> None:
     path = copy_with(tiny.path, tmp_path / "tied", tensors)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    from transformers import AutoModelForImageTextToText
-
     tied = TinyModel(tiny.family, path, EncoderHalf.from_pretrained(path),
                      LanguageHalf.from_pretrained(path),
                      AutoModelForImageTextToText.from_pretrained(path))
