@@ -39,7 +39,8 @@ def load_image(url: str, settings: ImageSettings) -> LoadedImage:
 def fetch_image_bytes(url: str, settings: ImageSettings) -> bytes:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in settings.allowed_url_schemes:
-        raise InputError(f"image URL scheme {scheme or url[:16]!r} is not accepted "
+        what = f"scheme {scheme!r}" if scheme else f"{url[:32]!r} (no scheme)"
+        raise InputError(f"image URL {what} is not accepted "
                          f"(this server takes: {', '.join(settings.allowed_url_schemes)})")
     if scheme == "data":
         return _read_data_url(url, settings)

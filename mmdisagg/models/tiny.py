@@ -82,13 +82,15 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
                     seed: int = 0) -> Path:
     """Write a random-weight checkpoint of ``family`` (qwen2_vl, qwen2_5_vl) and ``size`` (tiny,
     small, medium) to ``path``; return the path. Same arguments, same files."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} (choose from {', '.join(SIZES)})")
     path = Path(path)
     tokenizer = build_tokenizer()
     config = build_config(family, SIZES[size], tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    special = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    special = special_token_ids(tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=special["<|endoftext|>"], pad_token_id=special["<|endoftext|>"],
         eos_token_id=[special["<|im_end|>"], special["<|endoftext|>"]])
@@ -118,8 +120,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+
+
 def build_config(family: str, size: Size, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
-    special = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    special = special_token_ids(tokenizer)
     head_dim = size.text_hidden // size.text_heads
     rotary_pairs = head_dim // 2  # split over t/h/w as Qwen does: 1/4, 3/8, 3/8
     mrope_section = [rotary_pairs // 4, rotary_pairs * 3 // 8, rotary_pairs * 3 // 8]

@@ -116,7 +116,7 @@ def refused(url: str, settings: ImageSettings = FAST) -> InputError:
     ("data:image/png," + "x" * 10, 400, "must be base64"),
     ("data:image/png;base64," + "A" * 200_000, 413, "larger than 100000 bytes"),
     ("ftp://example.com/cat.png", 400, "scheme 'ftp' is not accepted"),
-    ("just a string", 400, "is not accepted"),
+    ("just a string", 400, "'just a string' (no scheme) is not accepted"),
 ])
 def test_bad_image_data(url: str, status: int, message: str) -> None:
     error = refused(url)
