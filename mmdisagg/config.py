@@ -237,3 +237,56 @@ class TransferSettings:
             raise SettingsError(
                 f"{env_name('heartbeat_timeout')}={self.heartbeat_timeout} must exceed "
                 f"{env_name('heartbeat_interval')}={self.heartbeat_interval}")
+
+
+def absolute_paths(value: tuple[str, ...]) -> str | None:
+    relative = [path for path in value if not os.path.isabs(path)]
+    return f"must be absolute paths (got {', '.join(relative)})" if relative else None
+
+
+IMAGE_URL_SCHEMES = ("data", "file", "http", "https")
+
+
+def image_url_schemes(value: tuple[str, ...]) -> str | None:
+    unknown = sorted(set(value) - set(IMAGE_URL_SCHEMES))
+    if unknown:
+        return f"unknown scheme {', '.join(unknown)} (known: {', '.join(IMAGE_URL_SCHEMES)})"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_path: str = knob(
+        "", "checkpoint folder in Hugging Face layout (config.json, safetensors, tokenizer, "
+        "preprocessor_config.json)")
+    dtype: str = knob("auto", "dtype of weights and activations; auto = the checkpoint's own",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = knob("cpu", "torch device a model half runs on (cpu, cuda, cuda:1, ...)")
+    max_model_len: int = knob(
+        0, "most tokens (prompt + output) per request; 0 = the model's max_position_embeddings",
+        check=non_negative)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    max_images_per_request: int = knob(8, "images one request may carry")
+    max_image_pixels: int = knob(
+        64 * 1024 * 1024, "largest image accepted, in pixels before resizing; checked before "
+        "decoding, so decompression bombs fail fast")
+    max_image_bytes: int = knob(20 * 1024 * 1024, "largest encoded image accepted, in bytes")
+    image_fetch_timeout: float = knob(10.0, "seconds allowed to download one http(s) image")
+    allowed_url_schemes: tuple[str, ...] = knob(IMAGE_URL_SCHEMES, "image URL schemes accepted",
+                                                check=image_url_schemes)
+    allowed_local_media_dirs: tuple[str, ...] = knob(
+        (), "folders file:// image URLs may read from; none = file:// refused",
+        check=absolute_paths)
+    image_cache_bytes: int = knob(
+        256 * 1024 * 1024, "bytes of vision embeddings the encode server keeps in its LRU image "
+        "cache; 0 = no cache", check=non_negative)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_prefill_tokens: int = knob(
+        2048, "prompt tokens the language engine prefills per step; longer prompts take several "
+        "steps while others keep decoding")

@@ -1,0 +1,371 @@
+"""Qwen2-VL and Qwen2.5-VL, split into an encoder half and a language half.
+
+The two families differ only in their vision tower; chat format, M-RoPE and decoder are the
+same, so one pair of classes serves both. The vision tower and decoder weights live in the
+transformers modules (built on the meta device, then given only the tensors each half needs);
+the decoder's forward pass is ours, so that sequences of different lengths, each with its own
+KV cache, run through the layers in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+from mmdisagg.config import ImageSettings
+from mmdisagg.core import EncodedPrompt
+from mmdisagg.models.base import (
+    Chunk,
+    EncoderHalf,
+    ImageFeatureCache,
+    LanguageHalf,
+    PreparedImage,
+    PreparedPrompt,
+)
+from mmdisagg.models.errors import InputError
+from mmdisagg.models.images import load_image
+from mmdisagg.models.kv_cache import KVCache
+from mmdisagg.models.positions import mrope_positions
+from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.weights import CheckpointWeights
+
+
+@dataclass(frozen=True)
+class Family:
+    vision_tower: type[nn.Module]
+    text_model: type[nn.Module]
+
+
+FAMILIES = {
+    "qwen2_vl": Family(modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel,
+                       modeling_qwen2_vl.Qwen2VLTextModel),
+    "qwen2_5_vl": Family(modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel,
+                         modeling_qwen2_5_vl.Qwen2_5_VLTextModel),
+}
+
+# Tensor name prefixes: the Hub layout (also what save_pretrained writes), then the in-memory one.
+VISION_PREFIXES = ("visual.", "model.visual.")
+TEXT_PREFIXES = ("model.", "model.language_model.")
+EMBEDDING_PREFIXES = tuple(prefix + "embed_tokens." for prefix in TEXT_PREFIXES)
+LM_HEAD_PREFIXES = ("lm_head.",)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder opened for loading one half on one device in one dtype."""
+
+    path: Path
+    config: PretrainedConfig
+    family: Family
+    weights: CheckpointWeights
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def open(cls, path: str | Path, dtype: torch.dtype | str | None,
+             device: str | torch.device) -> Checkpoint:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.text_config.use_sliding_window:
+            raise ValueError(f"{path}: sliding-window attention is not supported")
+        return cls(Path(path), config, FAMILIES[config.model_type], CheckpointWeights(path),
+                   _resolve_dtype(dtype, config), torch.device(device))
+
+    def load_module(self, build: Callable[[], nn.Module], prefixes: Sequence[str],
+                    needed_by: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Build a module without allocating its weights, then read just its tensors."""
+        with torch.device("meta"):
+            module = build()
+        loaded = self.weights.load_into(module, prefixes, needed_by=needed_by, dtype=self.dtype,
+                                        device=self.device)
+        if isinstance(module, PreTrainedModel):
+            _compute_buffers(module, self.device)
+        return module.eval(), loaded
+
+    def tokenizer(self) -> Any:
+        """The tokenizer, given the processor's chat template when only that file has one."""
+        tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        template_file = self.path / "chat_template.json"
+        if tokenizer.chat_template is None and template_file.is_file():
+            tokenizer.chat_template = json.loads(template_file.read_text())["chat_template"]
+        return tokenizer
+
+    def max_model_len(self, requested: int | None) -> int:
+        return requested or self.config.text_config.max_position_embeddings
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: PretrainedConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = config.dtype or torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"not a floating-point torch dtype: {dtype!r}")
+    return resolved
+
+
+def _compute_buffers(model: PreTrainedModel, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: compute them
+    the way transformers does after loading."""
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+
+
+class QwenVLEncoderHalf(EncoderHalf):
+    def __init__(self, *, checkpoint: Checkpoint, vision_tower: nn.Module,
+                 embed_tokens: nn.Embedding, loaded_weights: dict[str, torch.Tensor],
+                 image_settings: ImageSettings, max_model_len: int) -> None:
+        config = checkpoint.config
+        self.hidden_size = config.text_config.hidden_size
+        self.dtype = checkpoint.dtype
+        self.device = checkpoint.device
+        self.tokenizer = checkpoint.tokenizer()
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{checkpoint.path}: no chat template (in the tokenizer files, "
+                             "chat_template.jinja or chat_template.json)")
+        self.image_processor = AutoImageProcessor.from_pretrained(
+            checkpoint.path, local_files_only=True, backend="pil")
+        self.vision_tower = vision_tower
+        self.embed_tokens = embed_tokens
+        self.image_token_id = config.image_token_id
+        self.merge_size = config.vision_config.spatial_merge_size
+        self.image_settings = image_settings
+        self.max_model_len = max_model_len
+        self._loaded_weights = loaded_weights
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
+             device: str | torch.device = "cpu", image_settings: ImageSettings | None = None,
+             max_model_len: int | None = None) -> QwenVLEncoderHalf:
+        checkpoint = Checkpoint.open(path, dtype, device)
+        config = checkpoint.config
+        vision_tower, vision_weights = checkpoint.load_module(
+            lambda: checkpoint.family.vision_tower._from_config(config.vision_config),
+            VISION_PREFIXES, "encoder half (vision tower)")
+        embed_tokens, embedding_weights = checkpoint.load_module(
+            lambda: nn.Embedding(config.text_config.vocab_size, config.text_config.hidden_size),
+            EMBEDDING_PREFIXES, "encoder half (token embeddings)")
+        return cls(checkpoint=checkpoint, vision_tower=vision_tower, embed_tokens=embed_tokens,
+                   loaded_weights=vision_weights | embedding_weights,
+                   image_settings=image_settings or ImageSettings(),
+                   max_model_len=checkpoint.max_model_len(max_model_len))
+
+    @property
+    def loaded_weights(self) -> Mapping[str, torch.Tensor]:
+        return self._loaded_weights
+
+    def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
+        chat = parse_messages(messages)
+        limit = self.image_settings.max_images_per_request
+        if len(chat.image_urls) > limit:
+            raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")
+        images = [self._prepare_image(number, url)
+                  for number, url in enumerate(chat.image_urls, start=1)]
+        text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        template_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if template_ids.count(self.image_token_id) != len(images):
+            raise InputError("message text may not contain the image placeholder token")
+        pending = iter(images)
+        token_ids: list[int] = []
+        for token_id in template_ids:
+            repeat = next(pending).num_tokens if token_id == self.image_token_id else 1
+            token_ids.extend([token_id] * repeat)
+        if len(token_ids) >= self.max_model_len:
+            raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
+                             f"{self.max_model_len} (prompt and output together)")
+        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images)
+
+    def _prepare_image(self, number: int, url: str) -> PreparedImage:
+        try:
+            loaded = load_image(url, self.image_settings)
+            features = self.image_processor(images=[loaded.image], return_tensors="pt")
+        except InputError as exc:
+            raise InputError(f"image {number}: {exc.message}", exc.status) from None
+        except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
+            raise InputError(f"image {number}: {exc}") from None
+        grid = tuple(int(size) for size in features["image_grid_thw"][0])
+        return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
+                             content_hash=loaded.content_hash,
+                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2)
+
+    @torch.no_grad()
+    def encode(self, batch: Sequence[PreparedPrompt],
+               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
+        features = self._image_features(batch, cache)
+        return [self._merge(prompt, features) for prompt in batch]
+
+    def _image_features(self, batch: Sequence[PreparedPrompt],
+                        cache: ImageFeatureCache | None) -> dict[str, torch.Tensor]:
+        """Features of every distinct image in the batch: cached, or from one vision forward."""
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, PreparedImage] = {}
+        for image in (image for prompt in batch for image in prompt.images):
+            key = image.content_hash
+            if key in found or key in missing:
+                continue
+            cached = cache.get(key) if cache is not None else None
+            if cached is None:
+                missing[key] = image
+            else:
+                found[key] = cached
+        if missing:
+            pixel_values = torch.cat([image.pixel_values for image in missing.values()])
+            grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
+            merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
+                                       grid_thw=grids).pooler_output
+            pieces = merged.split([image.num_tokens for image in missing.values()])
+            for key, piece in zip(missing, pieces, strict=True):
+                found[key] = piece.clone()
+                if cache is not None:
+                    cache.put(key, found[key])
+        return found
+
+    def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
+        token_ids = prompt.token_ids.to(self.device)
+        embeddings = self.embed_tokens(token_ids)
+        if prompt.images:
+            image_rows = token_ids == self.image_token_id
+            embeddings[image_rows] = torch.cat([features[image.content_hash]
+                                                for image in prompt.images])
+        positions, mrope_delta = mrope_positions(
+            prompt.token_ids, self.image_token_id, [image.grid_thw for image in prompt.images],
+            self.merge_size)
+        return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+
+
+class QwenVLLanguageHalf(LanguageHalf):
+    def __init__(self, *, checkpoint: Checkpoint, text_model: nn.Module, lm_head: nn.Linear,
+                 loaded_weights: dict[str, torch.Tensor], max_model_len: int) -> None:
+        text_config = checkpoint.config.text_config
+        self.hidden_size = text_config.hidden_size
+        self.dtype = checkpoint.dtype
+        self.device = checkpoint.device
+        self.tokenizer = checkpoint.tokenizer()
+        self.eos_token_ids = _eos_token_ids(checkpoint)
+        self.max_model_len = max_model_len
+        self.text_model = text_model
+        self.lm_head = lm_head
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_dim = text_config.hidden_size // text_config.num_attention_heads
+        self._loaded_weights = loaded_weights
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
+             device: str | torch.device = "cpu",
+             max_model_len: int | None = None) -> QwenVLLanguageHalf:
+        checkpoint = Checkpoint.open(path, dtype, device)
+        text_config = checkpoint.config.text_config
+        text_model, text_weights = checkpoint.load_module(
+            lambda: checkpoint.family.text_model._from_config(text_config), TEXT_PREFIXES,
+            "language half (decoder)")
+        if checkpoint.config.tie_word_embeddings:
+            lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False,
+                                device="meta")
+            lm_head.weight = text_model.embed_tokens.weight
+            head_weights: dict[str, torch.Tensor] = {}
+        else:
+            lm_head, head_weights = checkpoint.load_module(
+                lambda: nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False),
+                LM_HEAD_PREFIXES, "language half (LM head)")
+        return cls(checkpoint=checkpoint, text_model=text_model, lm_head=lm_head,
+                   loaded_weights=text_weights | head_weights,
+                   max_model_len=checkpoint.max_model_len(max_model_len))
+
+    @property
+    def loaded_weights(self) -> Mapping[str, torch.Tensor]:
+        return self._loaded_weights
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.text_model.layers), self.num_kv_heads, self.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embed_tokens(token_ids.to(self.device))
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        lengths = [chunk.embeddings.shape[0] for chunk in chunks]
+        hidden = torch.cat([chunk.embeddings for chunk in chunks]).to(self.device, self.dtype)
+        positions = torch.cat([chunk.positions for chunk in chunks]).to(self.device)
+        position_embeddings = self.text_model.rotary_emb(hidden, positions.T[:, None, :])
+        for chunk, length in zip(chunks, lengths, strict=True):
+            chunk.cache.reserve(length)
+        for index, layer in enumerate(self.text_model.layers):
+            attention = self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
+                                        position_embeddings, chunks, lengths)
+            hidden = hidden + attention
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        for chunk, length in zip(chunks, lengths, strict=True):
+            chunk.cache.advance(length)
+        last_tokens = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        return self.text_model.norm(hidden[last_tokens])
+
+    def _attention(self, layer: int, attention: nn.Module, hidden: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   chunks: Sequence[Chunk], lengths: list[int]) -> torch.Tensor:
+        """Projections and rotary embedding over all tokens at once; attention per sequence,
+        each against its own cache."""
+        shape = (1, hidden.shape[0], -1, self.head_dim)
+        queries = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        values = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        queries, keys = modeling_qwen2_vl.apply_rotary_pos_emb(queries, keys, *position_embeddings)
+        outputs = []
+        for chunk, query, key, value in zip(chunks, queries.split(lengths, dim=2),
+                                            keys.split(lengths, dim=2),
+                                            values.split(lengths, dim=2), strict=True):
+            all_keys, all_values = chunk.cache.write(layer, key[0], value[0])
+            outputs.append(_causal_attention(query, all_keys[None], all_values[None],
+                                             attention.scaling))
+        output = torch.cat(outputs, dim=2).transpose(1, 2).reshape(hidden.shape[0], -1)
+        return attention.o_proj(output)
+
+
+def _causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """``query [1, heads, n, d]`` holds the last n of the ``keys``' positions."""
+    new, total = query.shape[2], keys.shape[2]
+    mask = None
+    if new > 1:
+        mask = torch.ones(new, total, dtype=torch.bool, device=query.device).tril(total - new)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
+
+
+def _eos_token_ids(checkpoint: Checkpoint) -> frozenset[int]:
+    """The ids ``generate()`` stops at: generation_config.json's, else the config's."""
+    generation_file = checkpoint.path / "generation_config.json"
+    eos: int | list[int] | None = None
+    if generation_file.is_file():
+        eos = json.loads(generation_file.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = checkpoint.config.text_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+ENCODER_HALF = QwenVLEncoderHalf
+LANGUAGE_HALF = QwenVLLanguageHalf

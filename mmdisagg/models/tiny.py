@@ -1,0 +1,172 @@
+"""``mmdisagg make-tiny-model``: a random-weight Qwen2-VL or Qwen2.5-VL checkpoint, built offline.
+
+Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
+trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
+the family's PIL image processor with small pixel limits, a config, and random weights. The
+same seed writes the same files. ``initializer_range`` is large (0.2) so that greedy output
+stays varied and position bugs change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.utils import logging as transformers_logging
+
+FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message.role != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message.role }}\n"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'text' %}{{ part.text }}"
+    "{% elif part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = """\
+A photograph shows a small red boat tied to a wooden pier on a calm grey lake. Behind it,
+pine trees climb a hill under a pale sky, and two gulls stand on the railing.
+Describe the image in detail. What colour is the car? How many people are in the picture?
+The chart compares sales in 2021, 2022 and 2023: revenue grew by 15% each year, while costs
+stayed near $4.2 million. Read the numbers carefully: 0 1 2 3 4 5 6 7 8 9 10 100 1000.
+The cat sits on the windowsill, watching rain run down the glass; a dog sleeps by the door.
+Please answer briefly. Yes, no, maybe! Is this a diagram, a map, a menu or a street sign?
+Text in the image reads: "OPEN 9:00-17:00, Monday to Friday". Translate it into French.
+Les enfants jouent au parc. Der Hund läuft schnell. 猫がいます。 Café, naïve, jalapeño.
+"""
+# Ids up to here are the tokenizer's byte alphabet and merges; the special tokens follow.
+BPE_VOCAB_SIZE = 1024
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 64
+
+
+@dataclass(frozen=True)
+class Size:
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+
+
+SIZES = {
+    "tiny": Size(128, 2, 4, 2, 256, 64, 2, 4),
+    "small": Size(512, 4, 8, 4, 1024, 256, 4, 8),
+    "medium": Size(1024, 8, 16, 4, 2816, 768, 8, 12),  # for memory measurements
+}
+
+
+def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tiny",
+                    seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of ``family`` (qwen2_vl, qwen2_5_vl) and ``size`` (tiny,
+    small, medium) to ``path``; return the path. Same arguments, same files."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} (choose from {', '.join(SIZES)})")
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    config = build_config(family, SIZES[size], tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    special = special_token_ids(tokenizer)
+    model.generation_config = GenerationConfig(
+        bos_token_id=special["<|endoftext|>"], pad_token_id=special["<|endoftext|>"],
+        eos_token_id=[special["<|im_end|>"], special["<|endoftext|>"]])
+    progress_bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+    finally:
+        if progress_bars:
+            transformers_logging.enable_progress_bar()
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    return path
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes, any token sequence decodes) with Qwen's specials."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                            for token in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+
+
+def build_config(family: str, size: Size, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
+    special = special_token_ids(tokenizer)
+    head_dim = size.text_hidden // size.text_heads
+    rotary_pairs = head_dim // 2  # split over t/h/w as Qwen does: 1/4, 3/8, 3/8
+    mrope_section = [rotary_pairs // 4, rotary_pairs * 3 // 8, rotary_pairs * 3 // 8]
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": size.text_hidden,
+        "intermediate_size": size.text_intermediate, "num_hidden_layers": size.text_layers,
+        "num_attention_heads": size.text_heads, "num_key_value_heads": size.text_kv_heads,
+        "max_position_embeddings": 4096, "initializer_range": 0.2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": mrope_section},
+        "bos_token_id": special["<|endoftext|>"], "eos_token_id": special["<|im_end|>"],
+        "pad_token_id": special["<|endoftext|>"],
+    }
+    if family == "qwen2_vl":
+        vision = {"depth": size.vision_depth, "embed_dim": size.vision_hidden,
+                  "num_heads": size.vision_heads, "mlp_ratio": 2,
+                  "hidden_size": size.text_hidden, "initializer_range": 0.2}
+    elif family == "qwen2_5_vl":
+        # window_size 56 px = 2x2 merged tokens, so images of 112 px and up use several windows
+        vision = {"depth": size.vision_depth, "hidden_size": size.vision_hidden,
+                  "intermediate_size": 2 * size.vision_hidden, "num_heads": size.vision_heads,
+                  "out_hidden_size": size.text_hidden, "window_size": 56,
+                  "fullatt_block_indexes": [size.vision_depth - 1], "initializer_range": 0.2}
+    else:
+        raise ValueError(f"unknown family {family!r} (choose from {', '.join(FAMILY_CONFIGS)})")
+    config = FAMILY_CONFIGS[family](
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"])
+    config.initializer_range = 0.2
+    return config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="folder to write the checkpoint to")
+    parser.add_argument("--family", choices=tuple(FAMILY_CONFIGS), default="qwen2_vl")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(make_tiny_model(args.dir, args.family, args.size, args.seed))
+    return 0

@@ -1,0 +1,91 @@
+"""EncoderHalf: prompt preparation, one vision forward per batch, the image-feature cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.models.base import EncoderHalf
+from mmdisagg.models.errors import InputError
+from tests.models.fixtures import TinyModel, image_part, text_part, user
+
+CAT = image_part(84, 84, seed=21)
+DOG = image_part(112, 56, seed=22)
+BOAT = image_part(56, 112, seed=23)
+
+
+@pytest.fixture
+def vision_calls(tiny: TinyModel) -> Iterator[list[int]]:
+    """Patches seen by each vision-tower forward."""
+    calls: list[int] = []
+    hook = tiny.encoder.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    yield calls
+    hook.remove()
+
+
+def test_total_tokens_are_known_before_the_vision_forward(tiny: TinyModel,
+                                                         vision_calls: list[int]) -> None:
+    prepared = tiny.encoder.prepare(user(CAT, text_part("and"), DOG))
+    assert vision_calls == []
+    image_tokens = sum(image.num_tokens for image in prepared.images)
+    assert image_tokens == (6 * 6 + 8 * 4) // 4
+    assert prepared.total_tokens == tiny.encoder.encode([prepared])[0].embeddings.shape[0]
+
+
+def test_one_vision_forward_for_all_images_of_a_batch(tiny: TinyModel,
+                                                      vision_calls: list[int]) -> None:
+    requests = [user(CAT, text_part("a")), user(DOG, BOAT), user(text_part("b"), CAT)]
+    prepared = [tiny.encoder.prepare(messages) for messages in requests]
+    batched = tiny.encoder.encode(prepared)
+    distinct_patches = sum(image.pixel_values.shape[0] for image in prepared[0].images
+                           + prepared[1].images)
+    assert vision_calls == [distinct_patches]
+    for prompt, alone in zip(batched, (tiny.encoder.encode([p])[0] for p in prepared),
+                             strict=True):
+        torch.testing.assert_close(prompt.embeddings, alone.embeddings, rtol=1e-5, atol=1e-5)
+        assert torch.equal(prompt.positions, alone.positions)
+
+
+def test_cache_hit_skips_the_vision_tower(tiny: TinyModel, vision_calls: list[int]) -> None:
+    cache = ImageCache(max_bytes=10**8)
+    first = tiny.encoder.encode([tiny.encoder.prepare(user(CAT, text_part("one")))], cache)[0]
+    assert len(vision_calls) == 1 and len(cache) == 1
+    again = tiny.encoder.encode([tiny.encoder.prepare(user(text_part("two"), CAT))], cache)[0]
+    assert len(vision_calls) == 1 and cache.hits == 1
+    image_rows = first.token_ids == tiny.encoder.image_token_id
+    assert torch.equal(again.embeddings[again.token_ids == tiny.encoder.image_token_id],
+                       first.embeddings[image_rows])
+    tiny.encoder.encode([tiny.encoder.prepare(user(CAT, DOG))], cache)
+    assert vision_calls[-1] == tiny.encoder.prepare(user(DOG)).images[0].pixel_values.shape[0]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "non-empty list"),
+    ("hello", "non-empty list"),
+    ([{"role": "robot", "content": "hi"}], "message 1: 'role' must be one of"),
+    ([{"role": "user", "content": 42}], "message 1: 'content' must be a string or a list"),
+    (user({"type": "audio"}), "message 1, part 1: unsupported content part type 'audio'"),
+    (user({"type": "text", "text": None}), "needs a string 'text'"),
+    (user({"type": "image_url", "image_url": {}}), "needs 'image_url'"),
+    (user(text_part("sneaky <|image_pad|>")), "may not contain the image placeholder"),
+])
+def test_malformed_messages(tiny: TinyModel, messages: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        tiny.encoder.prepare(messages)
+
+
+def test_prompt_longer_than_the_model_takes(tiny: TinyModel) -> None:
+    encoder = EncoderHalf.from_pretrained(tiny.path, max_model_len=20)
+    with pytest.raises(InputError, match="this model takes fewer than 20"):
+        encoder.prepare(user(CAT))
+
+
+def test_image_url_as_plain_string_and_null_content(tiny: TinyModel) -> None:
+    url = CAT["image_url"]["url"]
+    messages = [{"role": "system", "content": None},
+                {"role": "user", "content": [{"type": "image_url", "image_url": url}]}]
+    assert len(tiny.encoder.prepare(messages).images) == 1
