@@ -26,7 +26,7 @@ import torch
 from mmdisagg.bench.timing import MB, gbps, print_table, save_json
 from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.layout import PoolLayout
-from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.pool.pool import EmbeddingPool, with_fast_copies
 from mmdisagg.transfer.planes import plane_class
 from mmdisagg.transfer.planes.tcp import SOCKET_BUFFER
 from mmdisagg.transfer.protocol import Poll
@@ -65,6 +65,7 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
     """Runs commands from the parent until told to stop; see the parent's methods."""
     torch.set_num_threads(1)
     sock = zsock = manager = pool = prompt = None
+    write_seconds: list[float] = []  # the sender's cumulative write time, at each new room
     senders: dict[int, tuple] = {}
     while True:
         if senders:
@@ -101,6 +102,8 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
             save_file(prompt, path)
             conn.send("written")
         elif op == "plane-close":
+            writes = [b - a for a, b in itertools.pairwise(write_seconds)]
+            conn.send(sorted(writes)[len(writes) // 2] if writes else 0.0)
             manager.close()
             pool.close()
             manager = pool = None
@@ -109,8 +112,10 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
             pool = EmbeddingPool(replace(layout, num_blocks=2 * args[1]))  # room n + 1 may start
             # before room n's blocks are back
             manager = SenderManager(pool, transfer, NetworkSettings())
+            write_seconds.clear()
             conn.send(manager.bootstrap_address)
         elif op == "room":
+            write_seconds.append(manager.stats.seconds)
             room, tokens, announce_early = args
             sender = manager.create_sender(room)
             source = pool.allocator.alloc(tokens)
@@ -142,6 +147,9 @@ class Bench:
         self.args = args
         self.layout = PoolLayout(1, 128, args.hidden_size, args.dtype)
         context = mp.get_context("spawn")
+        # The child sends, as an encode server started by `mmdisagg serve` does: with
+        # non-temporal memmove (it inherits this environment).
+        os.environ.update(with_fast_copies(dict(os.environ)))
         self.conn, child_conn = context.Pipe()
         self.child = context.Process(target=_child, args=(child_conn, self.layout), daemon=True)
         self.child.start()
@@ -223,8 +231,9 @@ class Bench:
             os.unlink(path)
 
     def plane(self, backend: str, tokens: int, first_window_blocks: int | None = None,
-              announce_early: bool = True) -> float:
-        """One room per run; the first window is the whole prompt unless given in blocks."""
+              announce_early: bool = True) -> tuple[float, float]:
+        """One room per run; the first window is the whole prompt unless given in blocks.
+        Returns (median seconds, median seconds the sender spent inside the plane's writes)."""
         blocks = -(-tokens // self.layout.block_size)
         layout = replace(self.layout, num_blocks=blocks)
         pool = EmbeddingPool(layout, backing=plane_class(backend).receiver_backing)
@@ -250,14 +259,15 @@ class Bench:
                 raise RuntimeError(f"{backend} transfer failed: {current[0].failure}")
 
         try:
-            return self.timed(lambda: self.conn.send(("go", current[0].room)), finish,
-                              self.repeat_for(tokens * layout.token_bytes), prepare)
+            seconds = self.timed(lambda: self.conn.send(("go", current[0].room)), finish,
+                                 self.repeat_for(tokens * layout.token_bytes), prepare)
         finally:
             if current and current[0].poll() == Poll.Success:
                 current.pop().take()
             self.conn.send(("plane-close",))
             manager.close()
             pool.close()
+        return seconds, self.conn.recv()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,8 +281,11 @@ def run(args: argparse.Namespace) -> int:
             num_bytes = tokens * bench.layout.token_bytes
             row = {"payload_MB": round(num_bytes / MB, 1), "tokens": tokens}
             for method in (*BASELINES, *args.backends):
-                seconds = (getattr(bench, method)(tokens) if method in BASELINES
-                           else bench.plane(method, tokens))
+                if method in BASELINES:
+                    seconds = getattr(bench, method)(tokens)
+                else:
+                    seconds, write_s = bench.plane(method, tokens)
+                    row[f"{method}_write_ms"] = write_s * 1e3
                 row[f"{method}_ms"] = seconds * 1e3
                 row[f"{method}_GBps"] = gbps(num_bytes, seconds)
                 print(f"  {tokens} tokens, {method}: {seconds * 1e3:.3f} ms", flush=True)
@@ -283,9 +296,9 @@ def run(args: argparse.Namespace) -> int:
         resume_rows = []
         for backend in args.backends:
             tokens = args.resume_tokens
-            single = bench.plane(backend, tokens)
-            early = bench.plane(backend, tokens, first_window_blocks=8)
-            late = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
+            single, _ = bench.plane(backend, tokens)
+            early, _ = bench.plane(backend, tokens, first_window_blocks=8)
+            late, _ = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
             resume_rows.append({
                 "backend": backend, "tokens": tokens, "single_window_ms": single * 1e3,
                 "resume_announced_ms": early * 1e3, "resume_announced_at_send_ms": late * 1e3,
@@ -298,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
         columns += [f"{method}_ms", f"{method}_GBps"]
     print_table(rows, columns)
     print()
-    print_table(rows, ["payload_MB"] + [f"{b}_vs_{m}" for b in args.backends
-                                       for m in ("memcpy", "socket")])
+    print_table(rows, ["payload_MB"] + [f"{b}_write_ms" for b in args.backends]
+                + [f"{b}_vs_{m}" for b in args.backends for m in ("memcpy", "socket")])
     print()
     print_table(resume_rows, list(resume_rows[0]))
     save_json(args.json, {"bench": "transfer", "args": vars(args), "rows": rows,

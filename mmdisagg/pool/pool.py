@@ -20,6 +20,21 @@ from mmdisagg.pool.shm import SharedSegment
 
 BACKINGS = ("process", "shm")
 
+# glibc switches memmove to non-temporal stores only above 3/4 of the shared cache, which
+# virtual machines often report as hundreds of MB. Copies into a peer's pool then read each
+# destination line first (it sits in the reading core's cache); non-temporal stores skip that
+# and run about 1.5x faster at 14 MB. Only effective at process start: see with_fast_copies.
+FAST_COPY_TUNABLE = "glibc.cpu.x86_non_temporal_threshold=0x40000"
+
+
+def with_fast_copies(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a process that copies into pools (a sender): non-temporal memmove above
+    256 KiB. Other glibc tunables already set are kept; non-x86 glibc ignores it."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.cpu.x86_non_temporal_threshold=") for t in tunables):
+        tunables.append(FAST_COPY_TUNABLE)
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
+
 
 @dataclass
 class Gathered:

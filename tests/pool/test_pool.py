@@ -164,3 +164,12 @@ def test_copy_between_pools_block_to_block(src_start, dst_start, count):
     finally:
         src.close()
         dst.close()
+
+
+def test_fast_copy_tunable_keeps_other_tunables():
+    from mmdisagg.pool.pool import FAST_COPY_TUNABLE, with_fast_copies
+    assert with_fast_copies({})["GLIBC_TUNABLES"] == FAST_COPY_TUNABLE
+    env = with_fast_copies({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{FAST_COPY_TUNABLE}"
+    mine = "glibc.cpu.x86_non_temporal_threshold=0x1000"
+    assert with_fast_copies({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"] == mine
