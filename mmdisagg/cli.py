@@ -13,6 +13,10 @@ import sys
 from mmdisagg.config import SettingsError
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("serve",): ("mmdisagg.serve.launcher", "all-in-one: router + encode + language servers"),
+    ("encode",): ("mmdisagg.encode.server", "an encode server (vision tower, sender)"),
+    ("language",): ("mmdisagg.language.server", "a language server (receiver, decoder)"),
+    ("router",): ("mmdisagg.router.app", "the OpenAI-compatible router"),
     ("make-tiny-model",): ("mmdisagg.models.tiny", "write a random-weight checkpoint to a folder"),
     ("bench", "pool"): ("mmdisagg.bench.pool", "scatter/gather speed of the embedding pool"),
     ("bench", "transfer"): ("mmdisagg.bench.transfer",

@@ -173,6 +173,34 @@ def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
     return cls(**values)
 
 
+def _knob_values(settings: Any) -> dict[str, tuple[dataclasses.Field, Any]]:
+    values = {}
+    for name, _ in _group_fields(type(settings)):
+        values.update(_knob_values(getattr(settings, name)))
+    for f, _ in _knob_fields(type(settings)):
+        values[f.name] = (f, getattr(settings, f.name))
+    return values
+
+
+def to_args(settings: Any, target: type, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Flags that give a ``target``-settings process the knobs ``settings`` sets away from their
+    defaults, but for ``exclude``. Secrets are left out: pass them in the environment, never
+    on a command line."""
+    wanted = {flag for flag, *_ in describe(target)} - {flag_name(name) for name in exclude}
+    args: list[str] = []
+    for name, (f, value) in _knob_values(settings).items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if flag_name(name) not in wanted or f.metadata["secret"] or value == default:
+            continue
+        if isinstance(value, bool):
+            args.append(flag_name(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args += [flag_name(name), *value]
+        else:
+            args += [flag_name(name), str(value)]
+    return args
+
+
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     """(flag, env var, default, help) for every knob: the source of docs/configuration.md."""
     rows = []
@@ -262,9 +290,24 @@ class ModelSettings:
     dtype: str = knob("auto", "dtype of weights and activations; auto = the checkpoint's own",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device a model half runs on (cpu, cuda, cuda:1, ...)")
+    served_model_name: str = knob("", "model name clients use (default: the checkpoint folder's "
+                                      "name)")
     max_model_len: int = knob(
         0, "most tokens (prompt + output) per request; 0 = the model's max_position_embeddings",
         check=non_negative)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model_path))
+
+    def require_path(self) -> str:
+        if not self.model_path:
+            raise SettingsError(f"{flag_name('model_path')} (or {env_name('model_path')}) is "
+                                "required: a checkpoint folder")
+        if not os.path.isfile(os.path.join(self.model_path, "config.json")):
+            raise SettingsError(f"{flag_name('model_path')}={self.model_path!r}: no config.json "
+                                "there; not a checkpoint folder")
+        return self.model_path
 
 
 @dataclass(frozen=True)
@@ -290,3 +333,98 @@ class EngineSettings:
     max_prefill_tokens: int = knob(
         2048, "prompt tokens the language engine prefills per step; longer prompts take several "
         "steps while others keep decoding")
+
+
+
+def urls(value: tuple[str, ...]) -> str | None:
+    bad = [u for u in value if not u.startswith(("http://", "https://"))]
+    return f"must be http(s):// URLs (got {', '.join(bad)})" if bad else None
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    torch_threads: int = knob(0, "torch intra-op threads (0 = torch's default)",
+                              check=non_negative)
+    log_level: str = knob("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def apply(self, role: str) -> None:
+        """Set up this process: logging, and torch's thread count."""
+        import logging
+
+        import torch
+        logging.basicConfig(level=self.log_level.upper(),
+                            format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+
+
+@dataclass(frozen=True)
+class EncodeServerSettings:
+    port: int = knob(8001, "HTTP port of the encode server's API", check=port)
+    max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+
+
+@dataclass(frozen=True)
+class LanguageServerSettings:
+    port: int = knob(8002, "HTTP port of the language server's API", check=port)
+    max_running_requests: int = knob(64, "most requests decoding together")
+    max_queued_requests: int = knob(4096, "requests waiting beyond which new ones get 503")
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    port: int = knob(8000, "HTTP port of the OpenAI-compatible API", check=port)
+    encode: tuple[str, ...] = knob((), "encode server URLs (http://host:port)", check=urls)
+    language: tuple[str, ...] = knob((), "language server URLs (http://host:port)", check=urls)
+    api_key: str = knob("", "key clients must send as 'Authorization: Bearer KEY' (empty: none)",
+                        secret=True)
+    health_interval: float = knob(2.0, "seconds between health checks of each server")
+    encode_retries: int = knob(2, "other encoders tried when one fails before sending",
+                               check=non_negative)
+    request_timeout: float = knob(600.0, "seconds a request may take end to end")
+    max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")
+    default_max_tokens: int = knob(1024, "max_tokens of a request that sets none")
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("encode", "language"):
+            if not getattr(self, name):
+                raise SettingsError(f"{flag_name(name)} (or {env_name(name)}) needs at least one "
+                                    "server URL")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    port: int = knob(8000, "HTTP port of the OpenAI-compatible API", check=port)
+    encoders: int = knob(1, "encode servers to start")
+    language_servers: int = knob(1, "language servers to start")
+    colocated: bool = knob(False, "serve from one process running both halves, no transfer "
+                                  "(the baseline)")
+    api_key: str = knob("", "key clients must send as 'Authorization: Bearer KEY' (empty: none)",
+                        secret=True)
+    default_max_tokens: int = knob(1024, "max_tokens of a request that sets none")
+    max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")
+    max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
+    cache_dir: str = knob("~/.cache/mmdisagg", "where the default tiny checkpoint is built once")
+    startup_timeout: float = knob(300.0, "seconds every server gets to come up")
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)

@@ -1,7 +1,12 @@
-"""Types shared by every role. Imports nothing else of mmdisagg."""
+"""Types and process conventions shared by every role. Imports nothing else of mmdisagg."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,3 +48,16 @@ class EncodedPrompt:
     @property
     def total_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+
+@contextlib.contextmanager
+def stop_process_on_crash(what: str) -> Iterator[None]:
+    """Around a server's loop thread: a bug there must not leave a process that looks alive and
+    answers nothing. Log it and stop the process (SIGTERM: the HTTP server shuts down, the
+    loop's requests are failed, its supervisor sees the exit)."""
+    try:
+        yield
+    except Exception:
+        logging.getLogger(__name__).critical("%s crashed; stopping this server", what,
+                                             exc_info=True)
+        os.kill(os.getpid(), signal.SIGTERM)

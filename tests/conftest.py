@@ -15,15 +15,19 @@ from mmdisagg.pool.shm import PREFIX, SHM_DIR
 
 torch.set_num_threads(1)
 
+# Processes the tests started (harnesses add theirs). Other sessions may share /dev/shm, so
+# only segments created by this process or these count as ours.
+SPAWNED: set[int] = {os.getpid()}
 
-def _segments() -> set[str]:
-    return {p.name for p in SHM_DIR.glob(PREFIX + "*")}
+
+def segments_of(pids: set[int]) -> set[str]:
+    return {p.name for p in SHM_DIR.glob(PREFIX + "*")
+            if p.name[len(PREFIX):].split("-", 1)[0] in {str(pid) for pid in pids}}
 
 
 @pytest.fixture(autouse=True, scope="session")
 def no_leaked_shared_memory():
-    """Every pool segment a test created is unlinked by the time the session ends."""
-    before = _segments()
+    """Every pool segment the tests' processes created is unlinked when the session ends."""
     yield
-    leaked = _segments() - before
+    leaked = segments_of(SPAWNED)
     assert not leaked, f"shared-memory segments leaked in {SHM_DIR}: {sorted(leaked)}"

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.conftest import SPAWNED
+
 PEER = Path(__file__).with_name("peer.py")
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5, "bootstrap_timeout": 10.0,
         "transfer_timeout": 10.0, "waiting_timeout": 20.0, "bootstrap_port": 0}
@@ -24,6 +26,7 @@ class Peer:
         self.proc = subprocess.Popen([sys.executable, str(PEER), json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      bufsize=1)
+        SPAWNED.add(self.proc.pid)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.backlog: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()

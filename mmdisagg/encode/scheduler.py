@@ -1,0 +1,171 @@
+"""The encode server's loop, one thread: receive -> admit -> encode -> transfer -> reply.
+
+A request arrives prepared (tokenized, images processed), its sender created and its length
+already announced, so the language server offers every window while the vision tower works.
+It is admitted once its whole prompt fits in this server's pool; the images of all admitted
+requests go through the vision tower in one forward; each prompt's embeddings are written
+into its blocks and handed to its sender; it is answered when the language server confirms
+every token arrived, or the transfer failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmdisagg.core import stop_process_on_crash
+from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.messages import EncodeResult, ErrorEvent
+from mmdisagg.models.base import EncoderHalf, PreparedPrompt
+from mmdisagg.pool.allocator import Allocation
+from mmdisagg.transfer.protocol import Poll
+from mmdisagg.transfer.sender import EmbeddingSender, SenderManager
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.1
+BUSY_WAIT_S = 0.001
+
+
+@dataclass
+class EncodeJob:
+    room: int
+    prepared: PreparedPrompt
+    sender: EmbeddingSender
+    reply: Callable[[EncodeResult | ErrorEvent], None]  # called once, from the loop thread
+    allocation: Allocation | None = None
+
+
+class EncodeScheduler:
+    def __init__(self, half: EncoderHalf, manager: SenderManager, cache: ImageCache | None,
+                 max_batch: int) -> None:
+        self.half = half
+        self.manager = manager
+        self.pool = manager.pool
+        self.cache = cache
+        self.max_batch = max_batch
+        self.waiting: deque[EncodeJob] = deque()
+        self.admitted: deque[EncodeJob] = deque()
+        self.sending: list[EncodeJob] = []
+        self.outcomes: Counter[str] = Counter()
+        self._inbox: deque[EncodeJob] = deque()
+        self._aborts: deque[int] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="encode-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def load(self) -> int:
+        return len(self._inbox) + len(self.waiting) + len(self.admitted) + len(self.sending)
+
+    def submit(self, room: int, prepared: PreparedPrompt,
+               reply: Callable[[EncodeResult | ErrorEvent], None]) -> None:
+        """Any thread. Announces the prompt's length at once. ValueError: duplicate room."""
+        sender = self.manager.create_sender(room)
+        sender.announce(prepared.total_tokens)
+        self._inbox.append(EncodeJob(room, prepared, sender, reply))
+        self._wake.set()
+
+    def abort(self, room: int) -> None:
+        """Any thread: stop ``room`` wherever it is."""
+        self._aborts.append(room)
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with stop_process_on_crash("encode scheduler"):
+            while not self._stopping:
+                self._receive()
+                self._admit()
+                self._encode()
+                self._reply()
+                busy = self.waiting or self.admitted or self.sending
+                self._wake.wait(BUSY_WAIT_S if busy else IDLE_WAIT_S)
+                self._wake.clear()
+        for job in [*self._inbox, *self.waiting, *self.admitted, *self.sending]:
+            self._fail(job, ErrorEvent("encode server shutting down", 503))
+
+    def _receive(self) -> None:
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
+        while self._aborts:
+            room = self._aborts.popleft()
+            for queue in (self.waiting, self.admitted, self.sending):
+                for job in [job for job in queue if job.room == room]:
+                    queue.remove(job)
+                    self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
+
+    def _admit(self) -> None:
+        """First come, first served: a prompt waits until its whole length fits."""
+        allocator = self.pool.allocator
+        while self.waiting:
+            job = self.waiting[0]
+            if job.sender.poll() == Poll.Failed:
+                self.waiting.popleft()
+                self._fail(job, ErrorEvent(job.sender.failure, 503))
+                continue
+            needed = allocator.blocks_for(job.prepared.total_tokens)
+            if needed > allocator.num_blocks:
+                self.waiting.popleft()
+                self._fail(job, ErrorEvent(
+                    f"the prompt is {job.prepared.total_tokens} tokens; this encode server's "
+                    f"pool holds {allocator.num_blocks * allocator.block_size}", 413),
+                    outcome="too_large")
+                continue
+            job.allocation = allocator.alloc_blocks(needed)
+            if job.allocation is None:
+                return
+            self.admitted.append(self.waiting.popleft())
+
+    def _encode(self) -> None:
+        if not self.admitted:
+            return
+        batch = [self.admitted.popleft() for _ in range(min(self.max_batch, len(self.admitted)))]
+        try:
+            encoded = self.half.encode([job.prepared for job in batch], self.cache)
+        except Exception as exc:  # a model failure fails these requests, not the server
+            log.exception("vision forward failed for rooms %s", [job.room for job in batch])
+            for job in batch:
+                self._fail(job, ErrorEvent(f"encoding failed: {exc!r}", 500))
+            return
+        for job, prompt in zip(batch, encoded, strict=True):
+            self.pool.write(job.allocation, 0, prompt.embeddings, prompt.token_ids,
+                            prompt.positions)
+            allocation, job.allocation = job.allocation, None
+            job.sender.send(allocation, prompt.mrope_delta)  # the sender owns the blocks now
+            self.sending.append(job)
+
+    def _reply(self) -> None:
+        for job in list(self.sending):
+            state = job.sender.poll()
+            if state == Poll.Success:
+                self.sending.remove(job)
+                self.outcomes["ok"] += 1
+                job.reply(EncodeResult(job.prepared.total_tokens, len(job.prepared.images)))
+            elif state == Poll.Failed:
+                self.sending.remove(job)
+                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
+
+    def _fail(self, job: EncodeJob, error: ErrorEvent, outcome: str = "failed") -> None:
+        if job.allocation is not None:
+            self.pool.allocator.free(job.allocation)
+            job.allocation = None
+        job.sender.abort(error.message)
+        self.outcomes[outcome] += 1
+        job.reply(error)

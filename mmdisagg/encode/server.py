@@ -1,0 +1,158 @@
+"""``mmdisagg encode``: the encode server's HTTP API around its scheduler.
+
+``POST /encode`` prepares a chat (tokenize, fetch and process images) off the event loop,
+hands it to the scheduler and answers once the language server has the whole prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from mmdisagg.config import EncodeServerSettings, add_arguments, load
+from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.encode.scheduler import EncodeScheduler
+from mmdisagg.httpapp import (
+    ApiError,
+    StatsCollector,
+    add_metrics_route,
+    check_bearer,
+    decode_body,
+    install_error_handlers,
+    serve,
+)
+from mmdisagg.messages import AbortRequest, EncodeRequest, EncodeResult, ErrorEvent, ServerInfo
+from mmdisagg.metrics import outcome_metrics, pool_metrics, queue_metrics, transfer_metrics
+from mmdisagg.models.base import EncoderHalf
+from mmdisagg.models.errors import InputError
+from mmdisagg.pool.layout import PoolLayout, dtype_name
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.sender import SenderManager
+
+log = logging.getLogger(__name__)
+
+
+class EncodeServer:
+    def __init__(self, settings: EncodeServerSettings) -> None:
+        self.settings = settings
+        model = settings.model
+        self.half = EncoderHalf.from_pretrained(
+            model.require_path(), dtype=model.dtype, device=model.device,
+            image_settings=settings.image, max_model_len=model.max_model_len or None)
+        layout = PoolLayout(settings.pool.pool_blocks, settings.pool.block_size,
+                            self.half.hidden_size, dtype_name(self.half.dtype))
+        self.pool = EmbeddingPool(layout, default_blocks=settings.pool.default_blocks,
+                                  pin=self.half.device.type == "cuda")
+        self.manager = SenderManager(self.pool, settings.transfer, settings.network)
+        cache_bytes = settings.image.image_cache_bytes
+        self.cache = ImageCache(cache_bytes) if cache_bytes else None
+        self.scheduler = EncodeScheduler(self.half, self.manager, self.cache,
+                                         settings.max_encode_batch)
+        self.scheduler.start()
+        self.registry = CollectorRegistry()
+        self.registry.register(StatsCollector(self._metrics))
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.manager.close()
+        self.pool.close()
+
+    def _metrics(self):
+        yield from outcome_metrics("encode", self.scheduler.outcomes)
+        yield from queue_metrics({"waiting": len(self.scheduler.waiting),
+                                  "admitted": len(self.scheduler.admitted),
+                                  "sending": len(self.scheduler.sending)})
+        yield from pool_metrics(self.pool)
+        yield from transfer_metrics(self.manager.stats)
+        if self.cache is not None:
+            hits = CounterMetricFamily("mmdisagg_image_cache", "Image-cache lookups",
+                                       labels=["result"])
+            hits.add_metric(["hit"], self.cache.hits)
+            hits.add_metric(["miss"], self.cache.misses)
+            yield hits
+            yield GaugeMetricFamily("mmdisagg_image_cache_bytes", "Bytes held by the image cache",
+                                    value=self.cache.bytes_used)
+
+    def info(self) -> ServerInfo:
+        return ServerInfo("encode", self.settings.model.name, self.scheduler.load,
+                          self.manager.bootstrap_address)
+
+    async def encode(self, request: EncodeRequest) -> EncodeResult:
+        try:
+            prepared = await run_in_threadpool(self.half.prepare, request.messages)
+        except InputError as exc:
+            raise ApiError(exc.status, exc.message) from None
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = loop.create_future()
+
+        def reply(result: EncodeResult | ErrorEvent) -> None:
+            loop.call_soon_threadsafe(lambda: outcome.done() or outcome.set_result(result))
+
+        try:
+            self.scheduler.submit(request.room, prepared, reply)
+        except ValueError as exc:
+            raise ApiError(409, str(exc)) from None
+        try:
+            result = await outcome
+        except asyncio.CancelledError:
+            self.scheduler.abort(request.room)
+            raise
+        if isinstance(result, ErrorEvent):
+            raise ApiError(result.status, result.message)
+        return result
+
+
+def build_app(server: EncodeServer) -> FastAPI:
+    app = FastAPI(title="mmdisagg encode server")
+    install_error_handlers(app)
+    add_metrics_route(app, server.registry)
+    token = server.settings.network.auth_token
+
+    @app.post("/encode")
+    async def encode(request: Request) -> dict:
+        check_bearer(request, token)
+        body = decode_body(await request.body(), EncodeRequest)
+        return msgspec.to_builtins(await server.encode(body))
+
+    @app.post("/abort")
+    async def abort(request: Request) -> dict:
+        check_bearer(request, token)
+        server.scheduler.abort(decode_body(await request.body(), AbortRequest).room)
+        return {}
+
+    @app.get("/health")
+    async def health() -> dict:
+        if not server.scheduler.alive:
+            raise ApiError(503, "encode scheduler stopped")
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        return msgspec.to_builtins(server.info())
+
+    return app
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, EncodeServerSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(EncodeServerSettings, args)
+    settings.process.apply("encode")
+    server = EncodeServer(settings)
+    log.info("encode server for %s on http://%s:%d, bootstrap %s, %s data plane",
+             settings.model.name, settings.network.host, settings.port,
+             server.manager.bootstrap_address, settings.transfer.transfer_backend)
+    try:
+        serve(build_app(server), settings.network.host, settings.port)
+    finally:
+        server.close()
+    return 0

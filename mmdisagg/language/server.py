@@ -1,0 +1,179 @@
+"""``mmdisagg language``: the language server's HTTP API around its scheduler.
+
+``POST /generate`` streams newline-delimited JSON events (``TokenEvent`` or ``ErrorEvent``)
+until the request finishes; a client that goes away aborts the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry
+
+from mmdisagg.config import LanguageServerSettings, add_arguments, load
+from mmdisagg.httpapp import (
+    ApiError,
+    StatsCollector,
+    add_metrics_route,
+    check_bearer,
+    decode_body,
+    install_error_handlers,
+    serve,
+)
+from mmdisagg.language.engine import Engine
+from mmdisagg.language.scheduler import (
+    GenerationRequest,
+    LanguageScheduler,
+    PromptSource,
+    TransferSource,
+)
+from mmdisagg.messages import AbortRequest, ErrorEvent, Event, GenerateRequest, ServerInfo
+from mmdisagg.metrics import (
+    latency_histogram,
+    outcome_metrics,
+    pool_metrics,
+    queue_metrics,
+    transfer_metrics,
+)
+from mmdisagg.models.base import LanguageHalf
+from mmdisagg.pool.layout import PoolLayout, dtype_name
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.planes import plane_class
+from mmdisagg.transfer.receiver import ReceiverManager
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService:
+    """A scheduler and the way HTTP handlers talk to it: what the language server and the
+    colocated server share."""
+
+    def __init__(self, half: LanguageHalf, source: PromptSource,
+                 settings: LanguageServerSettings) -> None:
+        self.half = half
+        self.settings = settings
+        self.scheduler = LanguageScheduler(Engine(half, settings.engine), source, settings)
+        self.registry = CollectorRegistry()
+        ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
+                                 "Arrival to first token, at this server", self.registry)
+        tpot = latency_histogram("mmdisagg_time_per_output_token_seconds",
+                                 "Time between a request's tokens", self.registry)
+        self.scheduler.on_first_token = ttft.observe
+        self.scheduler.on_next_token = tpot.observe
+        self.scheduler.start()
+
+    async def events(self, make: Callable[[Callable[[Event], None]], GenerationRequest],
+                     ) -> AsyncIterator[Event]:
+        """Submit the request ``make`` builds around an emitter; yield its events. Leaving
+        early (the client went away) aborts it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        request = make(lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        self.scheduler.submit(request)
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = isinstance(event, ErrorEvent) or event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.scheduler.abort(request.room)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+class LanguageServer:
+    def __init__(self, settings: LanguageServerSettings) -> None:
+        self.settings = settings
+        model = settings.model
+        half = LanguageHalf.from_pretrained(model.require_path(), dtype=model.dtype,
+                                            device=model.device,
+                                            max_model_len=model.max_model_len or None)
+        layout = PoolLayout(settings.pool.pool_blocks, settings.pool.block_size,
+                            half.hidden_size, dtype_name(half.dtype))
+        backing = plane_class(settings.transfer.transfer_backend).receiver_backing
+        self.pool = EmbeddingPool(layout, backing=backing,
+                                  default_blocks=settings.pool.default_blocks,
+                                  pin=half.device.type == "cuda" and backing == "process")
+        self.manager = ReceiverManager(self.pool, settings.transfer, settings.network)
+        self.service = GenerationService(half, TransferSource(self.manager), settings)
+        self.service.registry.register(StatsCollector(self._metrics))
+
+    def close(self) -> None:
+        self.service.close()
+        self.manager.close()
+        self.pool.close()
+
+    def _metrics(self):
+        yield from outcome_metrics("language", self.service.scheduler.outcomes)
+        yield from queue_metrics(self.service.scheduler.queues())
+        yield from pool_metrics(self.pool)
+        yield from transfer_metrics(self.manager.stats)
+
+    def info(self) -> ServerInfo:
+        return ServerInfo("language", self.settings.model.name, self.service.scheduler.load)
+
+
+def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    async def lines() -> AsyncIterator[bytes]:
+        async for event in events:
+            yield msgspec.json.encode(event) + b"\n"
+    return lines()
+
+
+def build_app(server: LanguageServer) -> FastAPI:
+    app = FastAPI(title="mmdisagg language server")
+    install_error_handlers(app)
+    add_metrics_route(app, server.service.registry)
+    token = server.settings.network.auth_token
+
+    @app.post("/generate")
+    async def generate(request: Request) -> StreamingResponse:
+        check_bearer(request, token)
+        body = decode_body(await request.body(), GenerateRequest)
+        events = server.service.events(lambda emit: GenerationRequest(
+            body.room, body.params, emit, encoder=body.encoder))
+        return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
+
+    @app.post("/abort")
+    async def abort(request: Request) -> dict:
+        check_bearer(request, token)
+        server.service.scheduler.abort(decode_body(await request.body(), AbortRequest).room)
+        return {}
+
+    @app.get("/health")
+    async def health() -> dict:
+        if not server.service.scheduler.alive:
+            raise ApiError(503, "language scheduler stopped")
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        return msgspec.to_builtins(server.info())
+
+    return app
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, LanguageServerSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(LanguageServerSettings, args)
+    settings.process.apply("language")
+    server = LanguageServer(settings)
+    log.info("language server for %s on http://%s:%d, %s data plane", settings.model.name,
+             settings.network.host, settings.port, settings.transfer.transfer_backend)
+    try:
+        serve(build_app(server), settings.network.host, settings.port)
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,239 @@
+"""The public OpenAI-compatible API, in front of a backend that generates.
+
+``mmdisagg router`` puts it in front of encode and language servers (``Dispatcher``);
+``mmdisagg serve --colocated`` in front of both model halves in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from mmdisagg.config import RouterSettings, add_arguments, load
+from mmdisagg.core import SamplingParams
+from mmdisagg.httpapp import (
+    ApiError,
+    StatsCollector,
+    add_metrics_route,
+    check_bearer,
+    error_response,
+    install_error_handlers,
+    serve,
+)
+from mmdisagg.messages import TokenEvent
+from mmdisagg.metrics import latency_histogram, outcome_metrics
+from mmdisagg.models.errors import InputError
+from mmdisagg.models.prompts import parse_messages
+from mmdisagg.router.dispatch import Dispatcher
+from mmdisagg.router.openai import ChatCompletionRequest, Completion, model_list
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.25
+
+
+class Backend(Protocol):
+    """What generates: the dispatcher to remote servers, or a colocated engine."""
+
+    outcomes: Counter[str]
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[TokenEvent]:
+        """Events of one request; ApiError before the first if it cannot be served."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        chat = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (not supported by mmdisagg)"
+        raise ApiError(400, f"{param}: {message}" if param else message, param) from None
+    try:
+        parse_messages(chat.messages)
+    except InputError as exc:
+        raise ApiError(exc.status, exc.message, "messages") from None
+    return chat
+
+
+def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
+              max_request_bytes: int) -> FastAPI:
+    registry = CollectorRegistry()
+    ttft = latency_histogram("mmdisagg_router_time_to_first_token_seconds",
+                             "Request arrival to first token, at the router", registry)
+    e2e = latency_histogram("mmdisagg_router_request_seconds",
+                            "Request arrival to last token, at the router", registry)
+    outcomes: Counter[str] = Counter()
+
+    def collect():
+        yield from outcome_metrics("router", outcomes + backend.outcomes)
+
+    registry.register(StatsCollector(collect))
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await backend.start()
+        yield
+        await backend.close()
+
+    app = FastAPI(title="mmdisagg", lifespan=lifespan)
+    install_error_handlers(app)
+    add_metrics_route(app, registry)
+
+    def served_model() -> str:
+        model = backend.model
+        if model is None:
+            raise ApiError(503, "no healthy server is serving a model yet")
+        return model
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_bearer(request, api_key, "API key")
+        return model_list(served_model(), started)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not backend.healthy:
+            return error_response(503, "not every role has a healthy server")
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.monotonic()
+        check_bearer(request, api_key, "API key")
+        chat = parse_request(await read_body(request, max_request_bytes))
+        model = served_model()
+        if chat.model != model:
+            raise ApiError(404, f"the model '{chat.model}' does not exist; this server serves "
+                                f"'{model}'", "model")
+        completion = Completion(model, chat.return_token_ids)
+        events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
+                                  uuid.uuid4().hex)
+        try:
+            first = await anext(events)
+        except ApiError:
+            outcomes["failed"] += 1
+            raise
+        ttft.observe(time.monotonic() - arrived)
+
+        def finished(last: TokenEvent) -> None:
+            e2e.observe(time.monotonic() - arrived)
+            outcomes["ok" if last.finish_reason else "aborted"] += 1
+
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(completion, first, events, include_usage, finished, outcomes),
+                media_type="text/event-stream")
+        collected = asyncio.create_task(_collect(first, events))
+        while not collected.done():
+            await asyncio.wait({collected}, timeout=DISCONNECT_POLL_S)
+            if not collected.done() and await request.is_disconnected():
+                collected.cancel()
+                outcomes["aborted"] += 1
+                return Response(status_code=499)
+        try:
+            result = collected.result()
+        except ApiError:
+            outcomes["failed"] += 1
+            raise
+        finished(result[-1])
+        return JSONResponse(completion.whole(result))
+
+    return app
+
+
+async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+    collected = [first]
+    while first.finish_reason is None:
+        first = await anext(events)
+        collected.append(first)
+    return collected
+
+
+async def _sse(completion: Completion, first: TokenEvent, events: AsyncIterator[TokenEvent],
+               include_usage: bool, finished, outcomes: Counter[str]) -> AsyncIterator[bytes]:
+    def line(payload: dict) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    yield line(completion.chunk(None))
+    event = first
+    try:
+        while True:
+            yield line(completion.chunk(event))
+            if event.finish_reason is not None:
+                break
+            event = await anext(events)
+    except ApiError as exc:
+        outcomes["failed"] += 1
+        yield line({"error": {"message": exc.message, "type": "server_error",
+                              "param": None, "code": exc.status}})
+        yield b"data: [DONE]\n\n"
+        return
+    finished(event)
+    if include_usage:
+        yield line(completion.usage_chunk(event))
+    yield b"data: [DONE]\n\n"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, RouterSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(RouterSettings, args)
+    settings.process.apply("router")
+    dispatcher = Dispatcher(settings)
+    app = build_app(dispatcher, api_key=settings.api_key,
+                    default_max_tokens=settings.default_max_tokens,
+                    max_request_bytes=settings.max_request_bytes)
+    log.info("router on http://%s:%d/v1: encoders %s, language servers %s",
+             settings.network.host, settings.port, ", ".join(settings.encode),
+             ", ".join(settings.language))
+    serve(app, settings.network.host, settings.port)
+    return 0

@@ -1,0 +1,99 @@
+"""``serve --colocated``: both halves in one process, no pool and no transfer — the baseline
+disaggregation is measured against.
+
+Prompts are encoded inside the language scheduler's own loop, between decode steps, as a
+colocated engine does: a burst of large images stalls the requests that are decoding.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from mmdisagg.config import LanguageServerSettings, ServeSettings
+from mmdisagg.core import SamplingParams
+from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.httpapp import ApiError
+from mmdisagg.language.scheduler import GenerationRequest, Ready
+from mmdisagg.language.server import GenerationService
+from mmdisagg.messages import ErrorEvent, TokenEvent
+from mmdisagg.models.base import EncoderHalf, LanguageHalf
+from mmdisagg.models.errors import InputError
+
+
+class LocalEncodeSource:
+    """A PromptSource that runs the vision tower in the scheduler's loop."""
+
+    def __init__(self, half: EncoderHalf, cache: ImageCache | None, max_batch: int) -> None:
+        self.half = half
+        self.cache = cache
+        self.max_batch = max_batch
+        self.pending: deque[GenerationRequest] = deque()
+
+    def add(self, request: GenerationRequest) -> None:
+        self.pending.append(request)
+
+    def ready(self) -> list[Ready]:
+        batch = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+        if not batch:
+            return []
+        try:
+            encoded = self.half.encode([request.prepared for request in batch], self.cache)
+        except Exception as exc:  # a model failure fails these requests, not the server
+            return [(request, ErrorEvent(f"encoding failed: {exc!r}", 500)) for request in batch]
+        return list(zip(batch, encoded, strict=True))
+
+    def abort(self, request: GenerationRequest) -> bool:
+        if request in self.pending:
+            self.pending.remove(request)
+            return True
+        return False
+
+    def queues(self) -> dict[str, int]:
+        return {"encode": len(self.pending)}
+
+
+class ColocatedBackend:
+    def __init__(self, settings: ServeSettings) -> None:
+        model = settings.model
+        model_path = model.require_path()
+        max_len = model.max_model_len or None
+        self.encoder = EncoderHalf.from_pretrained(
+            model_path, dtype=model.dtype, device=model.device, image_settings=settings.image,
+            max_model_len=max_len)
+        language = LanguageHalf.from_pretrained(model_path, dtype=model.dtype,
+                                                device=model.device, max_model_len=max_len)
+        cache_bytes = settings.image.image_cache_bytes
+        source = LocalEncodeSource(self.encoder, ImageCache(cache_bytes) if cache_bytes else None,
+                                   settings.max_encode_batch)
+        self.service = GenerationService(language, source, LanguageServerSettings(
+            engine=settings.engine, model=model))
+        self.model = model.name
+        self.healthy = True
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        return self.service.scheduler.outcomes
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.service.close()
+
+    async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[TokenEvent]:
+        try:
+            prepared = await run_in_threadpool(self.encoder.prepare, messages)
+        except InputError as exc:
+            raise ApiError(exc.status, exc.message) from None
+        events = self.service.events(lambda emit: GenerationRequest(
+            secrets.randbits(63), params, emit, prepared=prepared))
+        async for event in events:
+            if isinstance(event, ErrorEvent):
+                raise ApiError(event.status, event.message)
+            yield event

@@ -1,0 +1,193 @@
+"""``mmdisagg serve``: everything on one host.
+
+Starts ``--encoders`` encode servers, ``--language-servers`` language servers (shared memory
+between them) and a router as child processes, waits until each answers, prints where the API
+listens, and supervises: a child that dies is reported and stops the rest; Ctrl-C stops all.
+``--colocated`` instead serves from this one process with both halves and no transfer. With
+no ``--model-path``, a tiny random Qwen2-VL checkpoint is built once under ``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mmdisagg.config import (
+    EncodeServerSettings,
+    LanguageServerSettings,
+    RouterSettings,
+    ServeSettings,
+    add_arguments,
+    load,
+    to_args,
+)
+from mmdisagg.pool.pool import with_fast_copies
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny-qwen2-vl"
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    url: str
+    process: subprocess.Popen
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def tiny_model(cache_dir: str) -> str:
+    """The default checkpoint, built once (a few seconds) and reused."""
+    path = Path(cache_dir).expanduser() / "models" / TINY_MODEL
+    if not (path / "config.json").is_file():
+        from mmdisagg.models.tiny import make_tiny_model
+        print(f"mmdisagg serve: building a tiny random Qwen2-VL checkpoint in {path}", flush=True)
+        partial = path.with_name(path.name + f".partial-{os.getpid()}")
+        make_tiny_model(partial, family="qwen2_vl", size="tiny", seed=0)
+        partial.rename(path)
+    return str(path)
+
+
+class Launcher:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.children: list[Child] = []
+        self.host = settings.network.host
+        self.env = {**os.environ, "MMDISAGG_AUTH_TOKEN": settings.network.auth_token,
+                    "MMDISAGG_API_KEY": settings.api_key}
+
+    def spawn(self, name: str, command: str, port: int, args: list[str],
+              env: dict[str, str] | None = None) -> Child:
+        argv = [sys.executable, "-m", "mmdisagg.cli", command, "--port", str(port), *args]
+        process = subprocess.Popen(argv, env=env or self.env, start_new_session=True)
+        child = Child(name, f"http://{self.host}:{port}", process)
+        self.children.append(child)
+        return child
+
+    def start(self) -> str:
+        settings = self.settings
+        flags = {cls: to_args(settings, cls, exclude=("port",)) for cls in
+                 (EncodeServerSettings, LanguageServerSettings, RouterSettings)}
+        encoders = [self.spawn(f"encode-{i}", "encode", free_port(self.host),
+                               ["--bootstrap-port", str(free_port(self.host)),
+                                *flags[EncodeServerSettings]], with_fast_copies(self.env))
+                    for i in range(settings.encoders)]
+        languages = [self.spawn(f"language-{i}", "language", free_port(self.host),
+                                flags[LanguageServerSettings])
+                     for i in range(settings.language_servers)]
+        self.wait_healthy(encoders + languages)
+        router = self.spawn("router", "router", settings.port, [
+            "--encode", *(c.url for c in encoders), "--language", *(c.url for c in languages),
+            *flags[RouterSettings]])
+        self.wait_healthy([router])
+        return router.url
+
+    def wait_healthy(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + self.settings.startup_timeout
+        waiting = list(children)
+        while waiting:
+            self.check_alive()
+            waiting = [c for c in waiting if not _answers(c.url + "/health")]
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"{', '.join(c.name for c in waiting)} did not come up within "
+                                   f"{self.settings.startup_timeout:g}s")
+            time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{child.name} (pid {child.process.pid}) exited with code "
+                                   f"{code}")
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, ServeSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(ServeSettings, args)
+    settings.process.apply("serve")
+    if not settings.model.model_path:
+        path = tiny_model(settings.cache_dir)
+        settings = replace(settings, model=replace(settings.model, model_path=path))
+    settings.model.require_path()
+    if settings.colocated:
+        return run_colocated(settings)
+    if settings.transfer.transfer_backend != "shm":
+        log.info("serve: %s data plane on one host", settings.transfer.transfer_backend)
+    if not settings.network.auth_token:
+        settings = replace(settings, network=replace(settings.network,
+                                                     auth_token=secrets.token_hex(16)))
+    launcher = Launcher(settings)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        url = launcher.start()
+        print(f"mmdisagg serve: OpenAI API at {url}/v1 (model {settings.model.name}; "
+              f"{settings.encoders} encode + {settings.language_servers} language servers)",
+              flush=True)
+        while True:
+            launcher.check_alive()
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        print(f"mmdisagg serve: {exc}; stopping", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("mmdisagg serve: stopping", flush=True)
+        return 0
+    finally:
+        launcher.stop()
+
+
+def run_colocated(settings: ServeSettings) -> int:
+    from mmdisagg.httpapp import serve
+    from mmdisagg.router.app import build_app
+    from mmdisagg.serve.colocated import ColocatedBackend
+
+    backend = ColocatedBackend(settings)
+    app = build_app(backend, api_key=settings.api_key,
+                    default_max_tokens=settings.default_max_tokens,
+                    max_request_bytes=settings.max_request_bytes)
+    print(f"mmdisagg serve --colocated: OpenAI API at http://{settings.network.host}:"
+          f"{settings.port}/v1 (model {settings.model.name})", flush=True)
+    serve(app, settings.network.host, settings.port)
+    return 0

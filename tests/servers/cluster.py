@@ -1,0 +1,77 @@
+"""Real clusters for end-to-end tests: the same Launcher ``mmdisagg serve`` runs, on free
+ports, with metrics read back from every server."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from openai import AsyncOpenAI, OpenAI
+
+from mmdisagg.config import ServeSettings, load
+from mmdisagg.serve.launcher import Child, Launcher, free_port
+from tests.conftest import SPAWNED, segments_of
+
+TOKEN = "test-token"
+
+
+class Cluster:
+    def __init__(self, model_path: Path, api_key: str = "", **knobs) -> None:
+        settings = load(ServeSettings, {"model_path": str(model_path), "port": free_port(
+            "127.0.0.1"), "api_key": api_key, "auth_token": TOKEN, "startup_timeout": 180,
+            "served_model_name": "tiny-model", **knobs}, environ={})
+        self.settings = settings
+        self.launcher = Launcher(replace(settings))
+        try:
+            self.url = self.launcher.start()
+        finally:
+            SPAWNED.update(c.process.pid for c in self.launcher.children)
+        self.api_key = api_key or "unused"
+        self.model = settings.model.name
+
+    @property
+    def servers(self) -> list[Child]:
+        return [c for c in self.launcher.children if c.name != "router"]
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.launcher.children if c.name == name)
+
+    def client(self, **kwargs) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
+                      timeout=120, **kwargs)
+
+    def async_client(self, **kwargs) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
+                           timeout=300, **kwargs)
+
+    def close(self) -> None:
+        """Stop every process; none may leave its shared-memory pool behind."""
+        self.launcher.stop()
+        left = segments_of({c.process.pid for c in self.launcher.children})
+        assert not left, f"stopped servers left shared memory behind: {sorted(left)}"
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of a server's /metrics, keyed by name plus labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if match:
+            samples[match.group(1)] = float(match.group(2))
+    return samples
+
+
+def wait_pools_free(cluster: Cluster, timeout: float = 30) -> dict[str, float]:
+    """Every live server's pool back to fully free (bounded wait); returns used blocks each."""
+    deadline = time.monotonic() + timeout
+    while True:
+        used = {c.name: metrics(c.url)['mmdisagg_pool_blocks{state="used"}']
+                for c in cluster.servers if c.process.poll() is None}
+        if not any(used.values()) or time.monotonic() > deadline:
+            return used
+        time.sleep(0.2)
