@@ -254,8 +254,8 @@ class TransferSettings:
                                  "the first (0 = the whole rest of the prompt)",
                               check=non_negative)
     bootstrap_timeout: float = knob(30.0, "seconds to meet the peer of a request")
-    waiting_timeout: float = knob(300.0, "seconds a language server waits for an encoder to "
-                                         "start sending a request's embeddings")
+    waiting_timeout: float = knob(300.0, "seconds a request's receiver waits for its encoder to "
+                                         "start sending, and its sender for a first window")
     transfer_timeout: float = knob(30.0, "seconds a transfer may go without progress")
     heartbeat_interval: float = knob(1.0, "seconds between heartbeats to each peer")
     heartbeat_timeout: float = knob(6.0, "seconds of silence after which a peer is dead")

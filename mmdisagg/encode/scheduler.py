@@ -2,7 +2,8 @@
 
 A request arrives prepared (tokenized, images processed), its sender created and its length
 already announced, so the language server offers every window while the vision tower works.
-It is admitted once its whole prompt fits in this server's pool; the images of all admitted
+It is admitted once the language server offered it a window and its whole prompt fits in this
+server's pool; the images of all admitted
 requests go through the vision tower in one forward; each prompt's embeddings are written
 into its blocks and handed to its sender; it is answered when the language server confirms
 every token arrived, or the transfer failed.
@@ -112,17 +113,22 @@ class EncodeScheduler:
                     self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
 
     def _admit(self) -> None:
-        """First come, first served: a prompt waits until its whole length fits."""
+        """First come, first served among requests the language server already offered a
+        window for. NOTE: blocks spent on a request with no window yet could wait on a
+        language server whose pool is full of first windows for requests waiting here:
+        a deadlock. A request with a window always completes (its receiver can spill)."""
         allocator = self.pool.allocator
-        while self.waiting:
-            job = self.waiting[0]
-            if job.sender.poll() == Poll.Failed:
-                self.waiting.popleft()
+        for job in list(self.waiting):
+            state = job.sender.poll()
+            if state == Poll.Failed:
+                self.waiting.remove(job)
                 self._fail(job, ErrorEvent(job.sender.failure, 503))
+                continue
+            if state == Poll.Bootstrapping:
                 continue
             needed = allocator.blocks_for(job.prepared.total_tokens)
             if needed > allocator.num_blocks:
-                self.waiting.popleft()
+                self.waiting.remove(job)
                 self._fail(job, ErrorEvent(
                     f"the prompt is {job.prepared.total_tokens} tokens; this encode server's "
                     f"pool holds {allocator.num_blocks * allocator.block_size}", 413),
@@ -131,7 +137,8 @@ class EncodeScheduler:
             job.allocation = allocator.alloc_blocks(needed)
             if job.allocation is None:
                 return
-            self.admitted.append(self.waiting.popleft())
+            self.waiting.remove(job)
+            self.admitted.append(job)
 
     def _encode(self) -> None:
         if not self.admitted:

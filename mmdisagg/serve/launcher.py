@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -48,9 +50,23 @@ class Child:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A free port below the kernel's ephemeral range: ports bound "to any" (ZeroMQ, data
+    planes) and outgoing connections come from that range, so they cannot take it between
+    now and the moment its server binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = max(1024, ephemeral_low - 12000)
+    for candidate in random.sample(range(low, ephemeral_low), ephemeral_low - low):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free port in {low}-{ephemeral_low - 1} on {host}")
 
 
 def tiny_model(cache_dir: str) -> str:
@@ -136,7 +152,7 @@ def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 

@@ -416,9 +416,10 @@ class SenderManager(TransferManager):
     def _tick(self, now: float) -> None:
         timeout = self.settings
         for sender in list(self._senders.values()):
-            if sender.peer is None and now - sender.created > timeout.bootstrap_timeout:
+            if sender.peer is None and now - sender.created > timeout.waiting_timeout:
+                # A busy language server queues a request until it has blocks for it.
                 self._fail(sender, f"no language server offered a window for room "
-                                   f"{sender.room} within {timeout.bootstrap_timeout:g}s",
+                                   f"{sender.room} within {timeout.waiting_timeout:g}s",
                            notify=False)
             elif (sender.source is not None and sender.peer is not None
                   and now - sender.last_progress > timeout.transfer_timeout):
