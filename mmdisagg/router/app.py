@@ -201,11 +201,12 @@ async def _sse(completion: Completion, first: TokenEvent, events: AsyncIterator[
     def line(payload: dict) -> bytes:
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-    yield line(completion.chunk(None))
     event = first
     try:
+        yield line(completion.chunk(None))
         while True:
-            yield line(completion.chunk(event))
+            if event.text or event.finish_reason or completion.return_token_ids:
+                yield line(completion.chunk(event))
             if event.finish_reason is not None:
                 break
             event = await anext(events)
@@ -215,6 +216,9 @@ async def _sse(completion: Completion, first: TokenEvent, events: AsyncIterator[
                               "param": None, "code": exc.status}})
         yield b"data: [DONE]\n\n"
         return
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+        outcomes["aborted"] += 1
+        raise
     finished(event)
     if include_usage:
         yield line(completion.usage_chunk(event))

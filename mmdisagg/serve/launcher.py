@@ -35,6 +35,7 @@ from mmdisagg.config import (
     to_args,
 )
 from mmdisagg.pool.pool import with_fast_copies
+from mmdisagg.pool.shm import sweep_stale_segments
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class Launcher:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.process.pid, signal.SIGKILL)
                 child.process.wait()
+        sweep_stale_segments()  # a child killed outright could not unlink its pool
 
 
 def _answers(url: str) -> bool:

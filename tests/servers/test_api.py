@@ -154,3 +154,36 @@ def test_same_png_as_file_is_refused_by_default(cluster, tmp_path):
     with pytest.raises(openai.BadRequestError, match="file://"):
         cluster.client().chat.completions.create(model="tiny-model", messages=user(
             {"type": "image_url", "image_url": {"url": f"file://{image}"}}))
+
+
+def test_colocated_baseline_gives_the_same_answers(tiny_checkpoints, tiny_models):
+    """``serve --colocated``: one process, both halves, no transfer; same API, same tokens."""
+    import subprocess
+    import sys
+    import time
+
+    from mmdisagg.serve.launcher import free_port
+    port = free_port("127.0.0.1")
+    process = subprocess.Popen([sys.executable, "-m", "mmdisagg.cli", "serve", "--colocated",
+                                "--port", str(port), "--model-path",
+                                str(tiny_checkpoints["qwen2_vl"]), "--served-model-name",
+                                "tiny-model", "--torch-threads", "1"])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0)
+        for case in ("image", "text_only"):
+            expected = generate_greedy(tiny_models["qwen2_vl"], CASES[case], MAX_TOKENS)
+            for stream in (False, True):
+                assert complete(client, CASES[case], stream)[0] == expected.tokens
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0

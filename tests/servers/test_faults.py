@@ -57,3 +57,62 @@ def test_encoder_killed_mid_run(tiny_checkpoints):
         assert wait_pools_free(cluster) == {"encode-1": 0, "language-0": 0}
     finally:
         cluster.close()
+
+
+def running(cluster: Cluster) -> float:
+    samples = metrics(cluster.child("language-0").url)
+    return sum(samples.get(f'mmdisagg_queue_length{{queue="{q}"}}', 0)
+               for q in ("prealloc", "transfer", "waiting", "running"))
+
+
+def wait_until(predicate, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_client_disconnect_aborts_on_both_servers(tiny_checkpoints):
+    """Mid-stream, and before the first token of a non-streamed request."""
+    import httpx
+    cluster = Cluster(tiny_checkpoints["qwen2_vl"], torch_threads=1)
+    body = {"model": "tiny-model", "messages": user(image_part(84, 84, seed=5), text_part("Go")),
+            "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", f"{cluster.url}/v1/chat/completions",
+                          json={**body, "stream": True}, timeout=30) as response:
+            lines = response.iter_lines()
+            for _ in range(4):
+                next(lines)
+            assert running(cluster) == 1
+        assert wait_until(lambda: running(cluster) == 0), "stream abort did not reach the server"
+        with httpx.Client(timeout=1.0) as client:
+            try:
+                client.post(f"{cluster.url}/v1/chat/completions", json=body)
+                raise AssertionError("a 3000-token answer came back within a second")
+            except httpx.ReadTimeout:
+                pass
+        assert wait_until(lambda: running(cluster) == 0), "non-stream abort did not reach"
+        router = metrics(cluster.url)
+        assert router['mmdisagg_requests_total{outcome="aborted",role="router"}'] == 2
+        language = metrics(cluster.child("language-0").url)
+        assert language['mmdisagg_requests_total{outcome="aborted",role="language"}'] == 2
+        assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
+    finally:
+        cluster.close()
+
+
+def test_dead_child_is_reported(tiny_checkpoints):
+    cluster = Cluster(tiny_checkpoints["qwen2_vl"], torch_threads=1)
+    try:
+        cluster.child("language-0").process.send_signal(signal.SIGKILL)
+        cluster.child("language-0").process.wait(timeout=30)
+        try:
+            cluster.launcher.check_alive()
+            raise AssertionError("a dead language server went unnoticed")
+        except RuntimeError as exc:
+            assert "language-0" in str(exc) and "-9" in str(exc)
+    finally:
+        cluster.close()
