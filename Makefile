@@ -5,7 +5,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	.venv/bin/mmdisagg bench pool
+	.venv/bin/mmdisagg demo
 
 test: setup
 	@scripts/test.sh

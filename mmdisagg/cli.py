@@ -14,6 +14,7 @@ from mmdisagg.config import SettingsError
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("mmdisagg.serve.launcher", "all-in-one: router + encode + language servers"),
+    ("demo",): ("mmdisagg.serve.demo", "start serve, ask about a picture, print, stop"),
     ("encode",): ("mmdisagg.encode.server", "an encode server (vision tower, sender)"),
     ("language",): ("mmdisagg.language.server", "a language server (receiver, decoder)"),
     ("router",): ("mmdisagg.router.app", "the OpenAI-compatible router"),

@@ -428,3 +428,34 @@ class ServeSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+ROLE_SETTINGS = {
+    "mmdisagg serve / demo": ServeSettings,
+    "mmdisagg encode": EncodeServerSettings,
+    "mmdisagg language": LanguageServerSettings,
+    "mmdisagg router": RouterSettings,
+}
+
+
+def markdown() -> str:
+    """docs/configuration.md, from the knobs themselves (a test keeps the file in sync)."""
+    lines = ["# Configuration", "",
+             "Every knob is a command-line flag and an environment variable; a flag beats the "
+             "variable, which beats the default. A bad value stops the command at start-up "
+             "with a message naming the knob. `mmdisagg serve` hands the knobs it was given "
+             "to the servers it starts; secrets (`--auth-token`, `--api-key`) travel in the "
+             "environment, never on a command line.", "",
+             "Generated from `mmdisagg/config.py` by `python -m mmdisagg.config`.", ""]
+    for command, cls in ROLE_SETTINGS.items():
+        lines += [f"## `{command}`", "", "| flag | environment | default | meaning |",
+                  "|---|---|---|---|"]
+        for flag, env, default, help_text in describe(cls):
+            shown = ", ".join(default) if isinstance(default, tuple) else default
+            lines.append(f"| `{flag}` | `{env}` | `{shown}` | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -53,3 +53,23 @@ def test_default_window_larger_than_pool_is_refused():
     with pytest.raises(SettingsError, match="MMDISAGG_DEFAULT_BLOCKS=16 is larger"):
         load(PoolSettings, environ={"MMDISAGG_DEFAULT_BLOCKS": "16", "MMDISAGG_POOL_BLOCKS": "8"})
 
+
+
+def test_configuration_doc_is_current():
+    from pathlib import Path
+
+    from mmdisagg.config import markdown
+    doc = Path(__file__).parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == markdown(), "regenerate: python -m mmdisagg.config > " \
+                                          "docs/configuration.md"
+
+
+def test_to_args_round_trips_non_defaults_and_hides_secrets():
+    from mmdisagg.config import LanguageServerSettings, ServeSettings, to_args
+    serve = load(ServeSettings, {"block_size": "64", "auth_token": "s3cret", "port": "9000",
+                                 "colocated": "1"}, environ={})
+    args = to_args(serve, LanguageServerSettings, exclude=("port",))
+    assert args == ["--block-size", "64"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, LanguageServerSettings)
+    assert load(LanguageServerSettings, parser.parse_args(args), environ={}).pool.block_size == 64
