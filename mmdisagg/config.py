@@ -231,6 +231,7 @@ class TransferSettings:
     transfer_timeout: float = knob(30.0, "seconds a transfer may go without progress")
     heartbeat_interval: float = knob(1.0, "seconds between heartbeats to each peer")
     heartbeat_timeout: float = knob(6.0, "seconds of silence after which a peer is dead")
+    mooncake: MooncakeSettings = field(default_factory=lambda: MooncakeSettings())
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat_interval:
@@ -290,3 +291,15 @@ class EngineSettings:
     max_prefill_tokens: int = knob(
         2048, "prompt tokens the language engine prefills per step; longer prompts take several "
         "steps while others keep decoding")
+
+
+@dataclass(frozen=True)
+class MooncakeSettings:
+    """Knobs of the mooncake data plane (a group of TransferSettings)."""
+
+    mooncake_protocol: str = knob("tcp", "Mooncake transport: rdma between hosts with RDMA NICs, "
+                                         "tcp anywhere else", choices=("tcp", "rdma"))
+    mooncake_device: str = knob("", "RDMA NICs Mooncake may use, comma-separated (e.g. "
+                                    "mlx5_0,mlx5_1); empty = every NIC libibverbs finds")
+    mooncake_log_level: str = knob("WARNING", "least severe Mooncake log line printed",
+                                   choices=("INFO", "WARNING", "ERROR"))
