@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mmdisagg.config import NetworkSettings, TransferSettings, load
+from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -117,7 +117,7 @@ class RecvTask:
 def main() -> None:
     config = json.loads(sys.argv[1])
     role = config["role"]
-    transfer = load(TransferSettings, config.get("transfer", {}), environ={})
+    transfer = TransferSettings(**config.get("transfer", {}))
     network = NetworkSettings(**config.get("network", {}))
     layout = PoolLayout(**config["layout"])
     backing = plane_class(transfer.transfer_backend).receiver_backing if role == "receiver" \
