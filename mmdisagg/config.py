@@ -242,6 +242,18 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class MooncakeSettings:
+    """Knobs of the mooncake data plane (a group of TransferSettings)."""
+
+    mooncake_protocol: str = knob("tcp", "Mooncake transport: rdma between hosts with RDMA NICs, "
+                                         "tcp anywhere else", choices=("tcp", "rdma"))
+    mooncake_device: str = knob("", "RDMA NICs Mooncake may use, comma-separated (e.g. "
+                                    "mlx5_0,mlx5_1); empty = every NIC libibverbs finds")
+    mooncake_log_level: str = knob("WARNING", "least severe Mooncake log line printed",
+                                   choices=("INFO", "WARNING", "ERROR"))
+
+
+@dataclass(frozen=True)
 class TransferSettings:
     transfer_backend: str = knob("shm", "data plane moving embeddings",
                                  choices=("shm", "tcp", "mooncake"))
@@ -259,6 +271,7 @@ class TransferSettings:
     transfer_timeout: float = knob(30.0, "seconds a transfer may go without progress")
     heartbeat_interval: float = knob(1.0, "seconds between heartbeats to each peer")
     heartbeat_timeout: float = knob(6.0, "seconds of silence after which a peer is dead")
+    mooncake: MooncakeSettings = field(default_factory=MooncakeSettings)
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat_interval:
@@ -333,7 +346,6 @@ class EngineSettings:
     max_prefill_tokens: int = knob(
         2048, "prompt tokens the language engine prefills per step; longer prompts take several "
         "steps while others keep decoding")
-
 
 
 def urls(value: tuple[str, ...]) -> str | None:

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from mmdisagg.config import PoolSettings, SettingsError, add_arguments, load
+from mmdisagg.config import PoolSettings, SettingsError, TransferSettings, add_arguments, load
 
 
 def parse(argv, cls=PoolSettings):
@@ -73,3 +73,14 @@ def test_to_args_round_trips_non_defaults_and_hides_secrets():
     parser = argparse.ArgumentParser()
     add_arguments(parser, LanguageServerSettings)
     assert load(LanguageServerSettings, parser.parse_args(args), environ={}).pool.block_size == 64
+
+
+def test_mooncake_knobs_are_a_group_of_the_transfer_settings():
+    env = {"MMDISAGG_MOONCAKE_PROTOCOL": "rdma", "MMDISAGG_MOONCAKE_DEVICE": "mlx5_0"}
+    settings = load(TransferSettings, parse(["--mooncake-log-level", "ERROR"], TransferSettings),
+                    environ=env)
+    assert settings.mooncake.mooncake_protocol == "rdma"
+    assert (settings.mooncake.mooncake_device, settings.mooncake.mooncake_log_level) == (
+        "mlx5_0", "ERROR")
+    with pytest.raises(SettingsError, match="MMDISAGG_MOONCAKE_PROTOCOL='ib': must be one of"):
+        load(TransferSettings, environ={"MMDISAGG_MOONCAKE_PROTOCOL": "ib"})

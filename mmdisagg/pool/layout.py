@@ -137,3 +137,42 @@ class PoolLayout:
     def from_dict(cls, data: dict) -> PoolLayout:
         return cls(**{name: data[name] for name in ("num_blocks", "block_size", "hidden_size",
                                                      "dtype")})
+
+
+def split_to_match(a: list[tuple[int, int]], b: list[tuple[int, int]]):
+    """Cut two lists of byte ranges covering the same number of bytes at each other's seams."""
+    out_a, out_b = [], []
+    i = j = 0
+    (a_at, a_left), (b_at, b_left) = a[0], b[0]
+    while True:
+        size = min(a_left, b_left)
+        out_a.append((a_at, size))
+        out_b.append((b_at, size))
+        a_at, a_left, b_at, b_left = a_at + size, a_left - size, b_at + size, b_left - size
+        if a_left == 0:
+            i += 1
+            if i == len(a):
+                return out_a, out_b
+            a_at, a_left = a[i]
+        if b_left == 0:
+            j += 1
+            b_at, b_left = b[j]
+
+
+def paired_ranges(src: PoolLayout, src_blocks: Sequence[int], src_start: int, dst: PoolLayout,
+                  dst_blocks: Sequence[int], dst_start: int,
+                  num_tokens: int) -> list[tuple[int, int, int]]:
+    """(source offset, destination offset, length) runs that copy those tokens from one pool
+    into another, in wire order. Runs adjacent on both sides are merged, so blocks that happen
+    to be neighbours in both pools cost one write (one RDMA work request), not one per block."""
+    runs: list[tuple[int, int, int]] = []
+    if num_tokens == 0:
+        return runs
+    for (src_at, size), (dst_at, _) in zip(*split_to_match(
+            src.byte_ranges(src_blocks, src_start, num_tokens),
+            dst.byte_ranges(dst_blocks, dst_start, num_tokens)), strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == src_at and runs[-1][1] + runs[-1][2] == dst_at:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + size)
+        else:
+            runs.append((src_at, dst_at, size))
+    return runs

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mmdisagg.pool.allocator import Allocation, BlockAllocator
-from mmdisagg.pool.layout import POSITION_DTYPE, TOKEN_DTYPE, PoolLayout
+from mmdisagg.pool.layout import POSITION_DTYPE, TOKEN_DTYPE, PoolLayout, split_to_match
 from mmdisagg.pool.shm import SharedSegment
 
 BACKINGS = ("process", "shm")
@@ -123,7 +123,7 @@ class PoolArrays:
             return
         src_ranges = self.layout.byte_ranges(src_blocks, src_start, num_tokens)
         dst_ranges = dst.layout.byte_ranges(dst_blocks, dst_start, num_tokens)
-        src_ranges, dst_ranges = _split_to_match(src_ranges, dst_ranges)
+        src_ranges, dst_ranges = split_to_match(src_ranges, dst_ranges)
         # NOTE: ranges come from both layouts, whose buffers were size-checked when created
         # or attached. libc memmove (ctypes releases the GIL) runs at memcpy speed even on
         # cold caches, where per-range tensor copies lose a third.
@@ -136,26 +136,6 @@ class PoolArrays:
         del self.embeddings, self.token_ids, self.positions, self.buffer
         if self.segment is not None:
             self.segment.close()
-
-
-def _split_to_match(a: list[tuple[int, int]], b: list[tuple[int, int]]):
-    """Cut two lists of byte ranges covering the same number of bytes at each other's seams."""
-    out_a, out_b = [], []
-    i = j = 0
-    (a_at, a_left), (b_at, b_left) = a[0], b[0]
-    while True:
-        size = min(a_left, b_left)
-        out_a.append((a_at, size))
-        out_b.append((b_at, size))
-        a_at, a_left, b_at, b_left = a_at + size, a_left - size, b_at + size, b_left - size
-        if a_left == 0:
-            i += 1
-            if i == len(a):
-                return out_a, out_b
-            a_at, a_left = a[i]
-        if b_left == 0:
-            j += 1
-            b_at, b_left = b[j]
 
 
 class EmbeddingPool:

@@ -88,9 +88,7 @@ class TransferManager:
         self.codec = ControlCodec(network.auth_token, self.id)
         self.control = ControlChannel(self.codec, network.host, transfer.control_port,
                                       network.reachable_host)
-        self.plane = plane_class(transfer.transfer_backend)(
-            pool, network.host, network.reachable_host, transfer.data_port,
-            network.auth_token, self.id, transfer.transfer_timeout)
+        self.plane = plane_class(transfer.transfer_backend).create(pool, transfer, network, self.id)
         self.stats = TransferStats()
         self._lock = threading.RLock()
         self._peers: dict[str, Peer] = {}

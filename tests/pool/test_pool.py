@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmdisagg.pool.allocator import Allocation
-from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.layout import PoolLayout, paired_ranges
 from mmdisagg.pool.pool import EmbeddingPool
 
 BLOCK = 128
@@ -164,6 +164,40 @@ def test_copy_between_pools_block_to_block(src_start, dst_start, count):
     finally:
         src.close()
         dst.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_paired_ranges_copy_any_window_between_pools_of_different_sizes(data):
+    """The runs a one-sided plane writes (mooncake): applied as plain copies they move exactly
+    the window's tokens; neighbouring blocks on both sides cost one run per array."""
+    src_layout = PoolLayout(num_blocks=12, block_size=BLOCK, hidden_size=8, dtype="float16")
+    dst_layout = PoolLayout(num_blocks=7, block_size=BLOCK, hidden_size=8, dtype="float16")
+    src, dst = EmbeddingPool(src_layout), EmbeddingPool(dst_layout)
+    count = data.draw(st.integers(1, 4 * BLOCK))
+    src_start = data.draw(st.integers(0, 3)) * BLOCK
+    used = -(-count // BLOCK)
+    src_blocks = data.draw(st.permutations(range(12)))[: src_start // BLOCK + used]
+    dst_blocks = data.draw(st.permutations(range(7)))[:used]
+    tokens = make_tokens(len(src_blocks) * BLOCK, 8, seed=count, dtype=torch.float16)
+    src.arrays.write(src_blocks, 0, *tokens)
+    runs = paired_ranges(src_layout, src_blocks, src_start, dst_layout, dst_blocks, 0, count)
+    src_bytes, dst_bytes = src.arrays.buffer, dst.arrays.buffer
+    for src_at, dst_at, size in runs:
+        dst_bytes[dst_at: dst_at + size] = src_bytes[src_at: src_at + size]
+    got = dst.arrays.read(dst_blocks, count)
+    window = [t[src_start: src_start + count] for t in tokens]
+    assert torch.equal(got.embeddings, window[0]) and torch.equal(got.token_ids, window[1])
+    assert torch.equal(got.positions, window[2])
+    assert sum(size for *_, size in runs) == count * src_layout.token_bytes
+    for (a_src, a_dst, a_size), (b_src, b_dst, _) in itertools.pairwise(runs):
+        assert not (a_src + a_size == b_src and a_dst + a_size == b_dst)
+
+
+def test_paired_ranges_merge_blocks_adjacent_in_both_pools():
+    layout = PoolLayout(num_blocks=8, block_size=BLOCK, hidden_size=8, dtype="float16")
+    assert len(paired_ranges(layout, [2, 3, 4], 0, layout, [5, 6, 7], 0, 3 * BLOCK)) == 3
+    assert len(paired_ranges(layout, [2, 3, 4], 0, layout, [5, 7, 6], 0, 3 * BLOCK)) == 9
 
 
 def test_fast_copy_tunable_keeps_other_tunables():

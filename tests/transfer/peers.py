@@ -79,11 +79,19 @@ class Peer:
                 return stats
             time.sleep(0.1)
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
+    def ask_to_exit(self) -> None:
+        """Tell the peer to shut down without waiting, so that several shut down together."""
+        if self.proc.poll() is None and not self.proc.stdin.closed:
             try:
                 self.command(op="exit")
-                self.proc.wait(timeout=15)
-            except (OSError, subprocess.TimeoutExpired):
+                self.proc.stdin.close()
+            except OSError:
                 self.proc.kill()
-                self.proc.wait(timeout=15)
+
+    def close(self) -> None:
+        self.ask_to_exit()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)

@@ -1,4 +1,4 @@
-"""The transfer layer between real processes on 127.0.0.1, over both data planes."""
+"""The transfer layer between real processes on 127.0.0.1, over every data plane."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import time
 
 import pytest
 import zmq
+from backends import BACKENDS
 from peers import Peer
 
 from mmdisagg.transfer.protocol import ControlCodec, Window
 
-BACKENDS = ["shm", "tcp"]
 SIZES = [1, 127, 128, 129, 1024, 2000, 8000, 20000]
 
 
@@ -30,6 +30,8 @@ def start():
         return peer
 
     yield start_peer
+    for peer in started:
+        peer.ask_to_exit()
     for peer in started:
         peer.close()
 

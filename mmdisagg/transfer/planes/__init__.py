@@ -9,6 +9,7 @@ from mmdisagg.transfer.planes.base import DataPlane
 PLANES = {
     "shm": "mmdisagg.transfer.planes.shm:ShmPlane",
     "tcp": "mmdisagg.transfer.planes.tcp:TcpPlane",
+    "mooncake": "mmdisagg.transfer.planes.mooncake:MooncakePlane",
 }
 
 

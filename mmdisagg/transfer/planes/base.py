@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
+from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.protocol import ChunkDone
 
@@ -62,6 +63,14 @@ class DataPlane(ABC):
         self.auth_token = auth_token
         self.source = source
         self.timeout_s = timeout_s
+
+    @classmethod
+    def create(cls, pool: EmbeddingPool, transfer: TransferSettings, network: NetworkSettings,
+               source: str) -> DataPlane:
+        """The plane a transfer manager runs; a plane with knobs of its own (a settings group
+        inside ``transfer``) overrides this to pass them on."""
+        return cls(pool, network.host, network.reachable_host, transfer.data_port,
+                   network.auth_token, source, transfer.transfer_timeout)
 
     @abstractmethod
     def listen(self, sink: ChunkSink) -> dict:
