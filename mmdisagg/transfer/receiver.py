@@ -332,7 +332,7 @@ class ReceiverManager(TransferManager):
             if receiver is None or receiver.peer is None or receiver.peer.id != source:
                 self.stats.refused += 1
                 raise ChunkRefused(f"chunk for room {notice.room}, which {source} does not "
-                                   "serve here")
+                                   "serve here", drain=notice.room in self._recent_set)
             try:
                 window = self._check_chunk(receiver, notice, blocks)
             except ChunkRefused:

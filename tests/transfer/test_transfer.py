@@ -167,15 +167,19 @@ def test_encoder_killed_while_encoding(start, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_receiver_abort_frees_sender_pool(start, backend):
-    sender = start("sender", backend, 256, hidden=1024)
-    receiver = start("receiver", backend, 4, hidden=1024, default_blocks=1,
+def test_receiver_abort_frees_sender_pool_and_spares_the_other_rooms(start, backend):
+    """Room 44 shares the sender, the receiver and (tcp) the data connection with room 43."""
+    sender = start("sender", backend, 512, hidden=1024)
+    receiver = start("receiver", backend, 8, hidden=1024, default_blocks=1,
                      transfer={"window_blocks": 1})
     receiver.command(op="recv", room=43, encoder=sender.bootstrap, abort_after_tokens=1000)
+    receiver.command(op="recv", room=44, encoder=sender.bootstrap, total=20000)
     sender.command(op="send", room=43, total=20000)
+    sender.command(op="send", room=44, total=20000)
     assert receiver.done([43])[43]["failure"] == "test abort"
     result = sender.done([43])[43]
     assert result["state"] == "Failed" and "aborted by the language server" in result["failure"]
+    assert_exact(receiver.done([44]), {44: 20000})
     assert sender.wait_pool_full()["live"] == 0
     assert receiver.wait_pool_full()["live"] == 0
 

@@ -22,7 +22,15 @@ class PlaneError(RuntimeError):
 
 
 class ChunkRefused(PlaneError):
-    """The receiver will not take this chunk (wrong room, window or blocks); nothing landed."""
+    """The receiver will not take this chunk (wrong room, window or blocks); nothing landed.
+
+    ``drain``: the chunk is a sender's late write for a room that just ended here (a race, not
+    an attack): an in-band plane discards its payload and keeps the stream, which other rooms
+    share, instead of closing it."""
+
+    def __init__(self, message: str, drain: bool = False) -> None:
+        super().__init__(message)
+        self.drain = drain
 
 
 class ChunkSink(Protocol):

@@ -127,7 +127,14 @@ class TcpPlane(DataPlane):
                     return
                 conn.settimeout(self.timeout_s)
                 header = self._read_header(conn, prefix)
-                self._sink.begin_chunk(header.sender, header.notice, header.blocks)
+                try:
+                    self._sink.begin_chunk(header.sender, header.notice, header.blocks)
+                except ChunkRefused as exc:
+                    if not exc.drain:
+                        raise
+                    log.info("tcp data plane: discarding a late chunk: %s", exc)
+                    self._discard(conn, header.notice.num_tokens)
+                    continue
                 error = None
                 try:
                     for offset, size in self.pool.layout.byte_ranges(
@@ -146,6 +153,19 @@ class TcpPlane(DataPlane):
         finally:
             self._connections.discard(conn)
             conn.close()
+
+    def _discard(self, conn: socket.socket, num_tokens: int) -> None:
+        """Read and drop a chunk's payload (bounded by what the pool could ever hold)."""
+        layout = self.pool.layout
+        if not 0 <= num_tokens <= layout.num_blocks * layout.block_size:
+            raise ValueError(f"chunk of {num_tokens} tokens cannot be discarded")
+        left = num_tokens * layout.token_bytes
+        scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
+        while left:
+            n = conn.recv_into(scratch[: min(left, len(scratch))])
+            if n == 0:
+                raise ConnectionError("stream ended inside a discarded chunk")
+            left -= n
 
     def _read_header(self, conn: socket.socket, prefix: bytearray) -> ChunkHeader:
         magic, length = PREFIX.unpack(prefix)
