@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +49,51 @@ class EncodedPrompt:
         return int(self.token_ids.shape[0])
 
 
-@contextlib.contextmanager
-def stop_process_on_crash(what: str) -> Iterator[None]:
-    """Around a server's loop thread: a bug there must not leave a process that looks alive and
-    answers nothing. Log it and stop the process (SIGTERM: the HTTP server shuts down, the
-    loop's requests are failed, its supervisor sees the exit)."""
-    try:
-        yield
-    except Exception:
-        logging.getLogger(__name__).critical("%s crashed; stopping this server", what,
-                                             exc_info=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+class LoopThread:
+    """A server's scheduler loop on a thread of its own: ``step()`` again and again, sleeping
+    between steps as long as it says, until closed; then ``drain()`` fails what is left.
+
+    NOTE: a bug inside the loop must not leave a process that looks alive and answers
+    nothing: it is logged and the process is stopped (SIGTERM: the HTTP server shuts down,
+    its supervisor sees the exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping = True
+        self.wake()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Any thread: new work; cut the current sleep short."""
+        self._wake.set()
+
+    def step(self) -> float:
+        """One pass of the loop; returns how long to sleep unless woken (0: go on at once)."""
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """After the last step: answer what is still queued."""
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                pause = self.step()
+                if pause > 0:
+                    self._wake.wait(pause)
+                    self._wake.clear()
+        except Exception:
+            logging.getLogger(__name__).critical("%s crashed; stopping this server",
+                                                 self._thread.name, exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.drain()

@@ -7,7 +7,7 @@ import hmac
 import logging
 import signal
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import uvicorn
@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException
+
+from mmdisagg.messages import AbortRequest, ServerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +104,46 @@ def add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class RoleServer(Protocol):
+    """An encode or language server as its HTTP app sees it."""
+
+    role: str
+    registry: CollectorRegistry
+
+    @property
+    def alive(self) -> bool: ...
+
+    def info(self) -> ServerInfo: ...
+
+    def abort(self, room: int) -> None: ...
+
+
+def role_app(server: RoleServer, token: str) -> FastAPI:
+    """What both server roles answer: ``POST /abort``, ``GET /health``, ``GET /info``,
+    ``GET /metrics``; the role adds its own work endpoint."""
+    app = FastAPI(title=f"mmdisagg {server.role} server")
+    install_error_handlers(app)
+    add_metrics_route(app, server.registry)
+
+    @app.post("/abort")
+    async def abort(request: Request) -> dict:
+        check_bearer(request, token)
+        server.abort(decode_body(await request.body(), AbortRequest).room)
+        return {}
+
+    @app.get("/health")
+    async def health() -> dict:
+        if not server.alive:
+            raise ApiError(503, f"{server.role} scheduler stopped")
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        return msgspec.to_builtins(server.info())
+
+    return app
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:

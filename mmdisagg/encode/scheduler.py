@@ -12,12 +12,11 @@ every token arrived, or the transfer failed.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmdisagg.core import stop_process_on_crash
+from mmdisagg.core import LoopThread
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedPrompt
@@ -40,9 +39,10 @@ class EncodeJob:
     allocation: Allocation | None = None
 
 
-class EncodeScheduler:
+class EncodeScheduler(LoopThread):
     def __init__(self, half: EncoderHalf, manager: SenderManager, cache: ImageCache | None,
                  max_batch: int) -> None:
+        super().__init__("encode-scheduler")
         self.half = half
         self.manager = manager
         self.pool = manager.pool
@@ -54,21 +54,6 @@ class EncodeScheduler:
         self.outcomes: Counter[str] = Counter()
         self._inbox: deque[EncodeJob] = deque()
         self._aborts: deque[int] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="encode-scheduler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     @property
     def load(self) -> int:
@@ -80,25 +65,23 @@ class EncodeScheduler:
         sender = self.manager.create_sender(room)
         sender.announce(prepared.total_tokens)
         self._inbox.append(EncodeJob(room, prepared, sender, reply))
-        self._wake.set()
+        self.wake()
 
     def abort(self, room: int) -> None:
         """Any thread: stop ``room`` wherever it is."""
         self._aborts.append(room)
-        self._wake.set()
+        self.wake()
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with stop_process_on_crash("encode scheduler"):
-            while not self._stopping:
-                self._receive()
-                self._admit()
-                self._encode()
-                self._reply()
-                busy = self.waiting or self.admitted or self.sending
-                self._wake.wait(BUSY_WAIT_S if busy else IDLE_WAIT_S)
-                self._wake.clear()
+    def step(self) -> float:
+        self._receive()
+        self._admit()
+        self._encode()
+        self._reply()
+        return BUSY_WAIT_S if self.waiting or self.admitted or self.sending else IDLE_WAIT_S
+
+    def drain(self) -> None:
         for job in [*self._inbox, *self.waiting, *self.admitted, *self.sending]:
             self._fail(job, ErrorEvent("encode server shutting down", 503))
 

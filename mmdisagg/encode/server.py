@@ -19,16 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from mmdisagg.config import EncodeServerSettings, add_arguments, load
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import EncodeScheduler
-from mmdisagg.httpapp import (
-    ApiError,
-    StatsCollector,
-    add_metrics_route,
-    check_bearer,
-    decode_body,
-    install_error_handlers,
-    serve,
-)
-from mmdisagg.messages import AbortRequest, EncodeRequest, EncodeResult, ErrorEvent, ServerInfo
+from mmdisagg.httpapp import ApiError, StatsCollector, check_bearer, decode_body, role_app, serve
+from mmdisagg.messages import EncodeRequest, EncodeResult, ErrorEvent, ServerInfo
 from mmdisagg.metrics import outcome_metrics, pool_metrics, queue_metrics, transfer_metrics
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
@@ -40,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class EncodeServer:
+    role = "encode"
+
     def __init__(self, settings: EncodeServerSettings) -> None:
         self.settings = settings
         model = settings.model
@@ -80,6 +74,13 @@ class EncodeServer:
             yield GaugeMetricFamily("mmdisagg_image_cache_bytes", "Bytes held by the image cache",
                                     value=self.cache.bytes_used)
 
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive
+
+    def abort(self, room: int) -> None:
+        self.scheduler.abort(room)
+
     def info(self) -> ServerInfo:
         return ServerInfo("encode", self.settings.model.name, self.scheduler.load,
                           self.manager.bootstrap_address)
@@ -110,32 +111,14 @@ class EncodeServer:
 
 
 def build_app(server: EncodeServer) -> FastAPI:
-    app = FastAPI(title="mmdisagg encode server")
-    install_error_handlers(app)
-    add_metrics_route(app, server.registry)
     token = server.settings.network.auth_token
+    app = role_app(server, token)
 
     @app.post("/encode")
     async def encode(request: Request) -> dict:
         check_bearer(request, token)
         body = decode_body(await request.body(), EncodeRequest)
         return msgspec.to_builtins(await server.encode(body))
-
-    @app.post("/abort")
-    async def abort(request: Request) -> dict:
-        check_bearer(request, token)
-        server.scheduler.abort(decode_body(await request.body(), AbortRequest).room)
-        return {}
-
-    @app.get("/health")
-    async def health() -> dict:
-        if not server.scheduler.alive:
-            raise ApiError(503, "encode scheduler stopped")
-        return {"status": "ok"}
-
-    @app.get("/info")
-    async def info() -> dict:
-        return msgspec.to_builtins(server.info())
 
     return app
 

@@ -10,7 +10,6 @@ never dropped. Running requests decode together, new ones joining between steps.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mmdisagg.config import LanguageServerSettings
-from mmdisagg.core import EncodedPrompt, SamplingParams, stop_process_on_crash
+from mmdisagg.core import EncodedPrompt, LoopThread, SamplingParams
 from mmdisagg.language.engine import Engine, StepOutput
 from mmdisagg.messages import ErrorEvent, Event, TokenEvent
 from mmdisagg.models.base import PreparedPrompt
@@ -114,9 +113,10 @@ class TransferSource:
         return {"prealloc": len(self.prealloc), "transfer": len(self.transfer)}
 
 
-class LanguageScheduler:
+class LanguageScheduler(LoopThread):
     def __init__(self, engine: Engine, source: PromptSource,
                  settings: LanguageServerSettings) -> None:
+        super().__init__("language-scheduler")
         self.engine = engine
         self.source = source
         self.settings = settings
@@ -128,22 +128,6 @@ class LanguageScheduler:
         self._requests: dict[int, GenerationRequest] = {}
         self._inbox: deque[GenerationRequest] = deque()
         self._aborts: deque[int] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="language-scheduler",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     @property
     def load(self) -> int:
@@ -161,26 +145,25 @@ class LanguageScheduler:
                                     503, "overloaded"))
             return
         self._inbox.append(request)
-        self._wake.set()
+        self.wake()
 
     def abort(self, room: int) -> None:
         """Any thread: stop ``room`` wherever it is; it gets no more events."""
         self._aborts.append(room)
-        self._wake.set()
+        self.wake()
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with stop_process_on_crash("language scheduler"):
-            while not self._stopping:
-                self._receive()
-                self._collect()
-                self._admit()
-                self._reply(self._forward())
-                if not self.engine.has_work():
-                    busy = self._requests or self._inbox
-                    self._wake.wait(BUSY_WAIT_S if busy else IDLE_WAIT_S)
-                    self._wake.clear()
+    def step(self) -> float:
+        self._receive()
+        self._collect()
+        self._admit()
+        self._reply(self._forward())
+        if self.engine.has_work():
+            return 0.0
+        return BUSY_WAIT_S if self._requests or self._inbox else IDLE_WAIT_S
+
+    def drain(self) -> None:
         for request in list(self._requests.values()):
             self._finish(request, ErrorEvent("language server shutting down", 503))
 

@@ -17,15 +17,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
 
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
-from mmdisagg.httpapp import (
-    ApiError,
-    StatsCollector,
-    add_metrics_route,
-    check_bearer,
-    decode_body,
-    install_error_handlers,
-    serve,
-)
+from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.language.engine import Engine
 from mmdisagg.language.scheduler import (
     GenerationRequest,
@@ -33,7 +25,7 @@ from mmdisagg.language.scheduler import (
     PromptSource,
     TransferSource,
 )
-from mmdisagg.messages import AbortRequest, ErrorEvent, Event, GenerateRequest, ServerInfo
+from mmdisagg.messages import ErrorEvent, Event, GenerateRequest, ServerInfo
 from mmdisagg.metrics import (
     latency_histogram,
     outcome_metrics,
@@ -91,6 +83,8 @@ class GenerationService:
 
 
 class LanguageServer:
+    role = "language"
+
     def __init__(self, settings: LanguageServerSettings) -> None:
         self.settings = settings
         model = settings.model
@@ -105,7 +99,8 @@ class LanguageServer:
                                   pin=half.device.type == "cuda" and backing == "process")
         self.manager = ReceiverManager(self.pool, settings.transfer, settings.network)
         self.service = GenerationService(half, TransferSource(self.manager), settings)
-        self.service.registry.register(StatsCollector(self._metrics))
+        self.registry = self.service.registry
+        self.registry.register(StatsCollector(self._metrics))
 
     def close(self) -> None:
         self.service.close()
@@ -117,6 +112,13 @@ class LanguageServer:
         yield from queue_metrics(self.service.scheduler.queues())
         yield from pool_metrics(self.pool)
         yield from transfer_metrics(self.manager.stats)
+
+    @property
+    def alive(self) -> bool:
+        return self.service.scheduler.alive
+
+    def abort(self, room: int) -> None:
+        self.service.scheduler.abort(room)
 
     def info(self) -> ServerInfo:
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load)
@@ -130,10 +132,8 @@ def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
 
 
 def build_app(server: LanguageServer) -> FastAPI:
-    app = FastAPI(title="mmdisagg language server")
-    install_error_handlers(app)
-    add_metrics_route(app, server.service.registry)
     token = server.settings.network.auth_token
+    app = role_app(server, token)
 
     @app.post("/generate")
     async def generate(request: Request) -> StreamingResponse:
@@ -142,22 +142,6 @@ def build_app(server: LanguageServer) -> FastAPI:
         events = server.service.events(lambda emit: GenerationRequest(
             body.room, body.params, emit, encoder=body.encoder))
         return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
-
-    @app.post("/abort")
-    async def abort(request: Request) -> dict:
-        check_bearer(request, token)
-        server.service.scheduler.abort(decode_body(await request.body(), AbortRequest).room)
-        return {}
-
-    @app.get("/health")
-    async def health() -> dict:
-        if not server.service.scheduler.alive:
-            raise ApiError(503, "language scheduler stopped")
-        return {"status": "ok"}
-
-    @app.get("/info")
-    async def info() -> dict:
-        return msgspec.to_builtins(server.info())
 
     return app
 
