@@ -12,6 +12,7 @@ Definitions (the ones vLLM's and SGLang's serving benchmarks use):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -57,7 +58,7 @@ class RequestRecord:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times[:-1], self.chunk_times[1:], strict=True)]
+        return [b - a for a, b in itertools.pairwise(self.chunk_times)]
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,9 @@ def draw_image(width: int, height: int, seed: int) -> bytes:
                y0 + rng.randint(8, max(9, height // 3)))
         fill = tuple(rng.randrange(256) for _ in range(3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-    noise = Image.effect_noise((width, height), rng.uniform(8, 32)).convert("RGB")
-    image = Image.blend(image, noise, 0.15)
+    # NOTE: not Image.effect_noise, whose generator cannot be seeded
+    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
+    image = Image.blend(image, noise, rng.uniform(0.05, 0.2))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
