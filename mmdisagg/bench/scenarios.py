@@ -41,9 +41,9 @@ class Scenario:
 
 
 def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
-    """Request counts multiplied by ``scale`` (at least 2 each)."""
-    def n(count: int) -> int:
-        return max(2, round(count * scale))
+    """Request counts multiplied by ``scale`` (at least ``floor`` each)."""
+    def n(count: int, floor: int = 2) -> int:
+        return max(floor, round(count * scale))
 
     def image_requests(count: int, group: str, seed: int, size: tuple[int, int] = (448, 448),
                        max_tokens: int = 32) -> Workload:
@@ -56,12 +56,14 @@ def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
                  ((image_requests(20, "latency", 100), closed[1]),), "latency"),
         Scenario("throughput", "concurrency 16, one 448x448 image, 32 output tokens", MAIN,
                  ((image_requests(64, "throughput", 200), closed[16]),), "throughput"),
-        Scenario("burst", "4 ongoing text generations (128 tokens) while a burst of 1024x768-"
-                 "image requests arrives at once after 1.5 s", MAIN,
-                 ((Workload(num_requests=n(16), images=(0, 0), max_tokens=128, group="text",
-                            seed=300), closed[4]),
+        # NOTE: enough text requests (at least 8 x 256 tokens) to still be generating when
+        # the burst arrives and while it is served.
+        Scenario("burst", "4 ongoing text generations (256 tokens each) while a burst of "
+                 "requests with a 1024x768 image arrives at once after 1 s", MAIN,
+                 ((Workload(num_requests=n(16, floor=8), images=(0, 0), max_tokens=256,
+                            group="text", seed=300), closed[4]),
                   (image_requests(8, "images", 400, (1024, 768), max_tokens=8),
-                   Load(start_delay_s=1.5, max_seconds=max_seconds))), "text"),
+                   Load(start_delay_s=1.0, max_seconds=max_seconds))), "text"),
         Scenario("resume", "concurrency 4, one 1024x768 image (~1100-token prompts), 16 output "
                  "tokens: 1-block windows vs one large window",
                  ("disagg-1+1-windows-1", "disagg-1+1-windows-16"),
