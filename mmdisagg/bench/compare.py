@@ -14,7 +14,7 @@ import asyncio
 import os
 import platform
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from mmdisagg.bench.serve import (
 )
 from mmdisagg.bench.systems import RunningServer, ServerFailed
 from mmdisagg.bench.timing import print_table
-from mmdisagg.bench.workload import build_requests
+from mmdisagg.bench.workload import build_requests, warmup_workload
 
 BENCH_MODEL = "bench-small-qwen2-vl"
 
@@ -94,9 +94,8 @@ async def run_scenario(endpoint: Endpoint, scenario: Scenario, system: str,
                        warmup: int) -> Run:
     streams = [Stream(build_requests(workload), load) for workload, load in scenario.streams]
     if warmup:
-        await warm_up(endpoint, [request for workload, _ in scenario.streams for request in
-                                 build_requests(replace(workload, num_requests=warmup,
-                                                        seed=workload.seed + 1))])
+        await warm_up(endpoint, [request for workload, _ in scenario.streams
+                                 for request in build_requests(warmup_workload(workload, warmup))])
     return await measure(endpoint, f"{system} / {scenario.name}", streams)
 
 

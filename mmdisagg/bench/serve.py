@@ -25,11 +25,11 @@ from mmdisagg.bench.load import Load, Run, Stream, measure, warm_up
 from mmdisagg.bench.metrics import Summary, parse_slo
 from mmdisagg.bench.timing import print_table
 from mmdisagg.bench.workload import (
-    ChatRequest,
     Workload,
     build_requests,
     parse_range,
     parse_size,
+    warmup_workload,
 )
 
 TABLE = ["run", "completed", "failed", "req/s", "out tok/s", "goodput", "TTFT p50", "TTFT p99",
@@ -50,7 +50,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of images that repeat an earlier one (image-cache hits)")
     group.add_argument("--prompt-words", type=int, default=32, help="words of text per prompt")
     group.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0,
+                       help="run n of a sweep uses seed + n (no image-cache hits across runs)")
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,20 +82,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="folder for results.json and the PNG plots")
 
 
-def workload_from(args: argparse.Namespace, **overrides) -> Workload:
+def workload_from(args: argparse.Namespace) -> Workload:
     try:
         return Workload(num_requests=args.num_requests, images=parse_range(args.images),
                         image_sizes=tuple(parse_size(s) for s in args.image_sizes),
                         repeat_images=args.repeat_images, prompt_words=args.prompt_words,
-                        max_tokens=args.max_tokens, seed=args.seed, **overrides)
+                        max_tokens=args.max_tokens, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-def warmup_requests(workload: Workload, count: int) -> list[ChatRequest]:
-    """Requests like the workload's, with other images (no image-cache hits later)."""
-    return build_requests(replace(workload, num_requests=count, seed=workload.seed + 1,
-                                  group="warm-up"))
 
 
 def slo_from(args: argparse.Namespace) -> dict[str, float]:
@@ -187,12 +182,15 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, EndpointError) as exc:
         print(f"mmdisagg bench serve: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    print(f"building {workload.num_requests} requests (seed {workload.seed})", file=sys.stderr)
-    requests = build_requests(workload)
     if args.warmup:
-        asyncio.run(warm_up(endpoint, warmup_requests(workload, args.warmup)))
-    runs = [asyncio.run(measure(endpoint, load.label, [Stream(requests, load)], workload.seed))
-            for load in loads]
+        asyncio.run(warm_up(endpoint, build_requests(warmup_workload(workload, args.warmup))))
+    runs = []
+    for number, load in enumerate(loads):
+        # NOTE: run n draws its images with seed + n: the server's image cache must not turn
+        # later runs into cache hits (--repeat-images asks for hits within a run)
+        stream = replace(workload, seed=workload.seed + number)
+        runs.append(asyncio.run(measure(endpoint, load.label,
+                                        [Stream(build_requests(stream), load)], stream.seed)))
     print_table([summary_row(run.label, run.summary(slo)) for run in runs], TABLE)
     payload = {"bench": "serve",
                "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model,

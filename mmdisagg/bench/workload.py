@@ -12,7 +12,7 @@ import base64
 import io
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -22,6 +22,7 @@ WORDS = ("red", "boat", "lake", "pine", "hill", "gull", "chart", "sales", "cat",
          "light", "green", "window", "table", "garden", "train", "station", "morning", "blue")
 STOP_FREE = "Describe everything you see in great detail and keep going without stopping."
 JPEG_QUALITY = 90
+WARMUP_SEED_OFFSET = 1_000_003  # far from the seeds runs use (seed, seed + 1, ...)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -125,3 +126,10 @@ def build_requests(workload: Workload) -> list[ChatRequest]:
         requests.append(ChatRequest(index, workload.group, [{"role": "user", "content": parts}],
                                     workload.max_tokens, count))
     return requests
+
+
+def warmup_workload(workload: Workload, count: int) -> Workload:
+    """Requests shaped like ``workload``'s with other images, so warming up a server does
+    not fill its image cache with the images the measured requests carry."""
+    return replace(workload, num_requests=count, seed=workload.seed + WARMUP_SEED_OFFSET,
+                   group="warm-up")
