@@ -22,6 +22,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "pool"): ("mmdisagg.bench.pool", "scatter/gather speed of the embedding pool"),
     ("bench", "transfer"): ("mmdisagg.bench.transfer",
                             "data planes vs memcpy, sockets, zmq and safetensors"),
+    ("bench", "serve"): ("mmdisagg.bench.serve",
+                         "load generator against any OpenAI-compatible endpoint"),
+    ("bench", "compare"): ("mmdisagg.bench.compare",
+                           "disaggregated vs colocated vs transformers serve, same requests"),
     ("bench", "model-memory"): ("mmdisagg.bench.model_memory",
                                 "resident memory of each model half vs the whole model"),
 }

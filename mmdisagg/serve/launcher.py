@@ -121,7 +121,7 @@ class Launcher:
         waiting = list(children)
         while waiting:
             self.check_alive()
-            waiting = [c for c in waiting if not _answers(c.url + "/health")]
+            waiting = [c for c in waiting if not answers_health(c.url + "/health")]
             if waiting and time.monotonic() > deadline:
                 raise RuntimeError(f"{', '.join(c.name for c in waiting)} did not come up within "
                                    f"{self.settings.startup_timeout:g}s")
@@ -150,7 +150,8 @@ class Launcher:
         sweep_stale_segments()  # a child killed outright could not unlink its pool
 
 
-def _answers(url: str) -> bool:
+def answers_health(url: str) -> bool:
+    """True when ``url`` answers 200 now (a server that is up and ready)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200

@@ -1,0 +1,57 @@
+"""The goals of issue 6 as ratios of measured numbers: pure functions over run summaries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mmdisagg.bench.metrics import Summary
+
+Results = Mapping[str, Mapping[str, Summary]]  # scenario -> system -> focus-group summary
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    target: str  # the ratio and its bound, in words
+    ratio: float  # NaN: not measured (a system or scenario missing or failed)
+    met: bool | None  # None: not measured
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "target": self.target,
+                "ratio": None if math.isnan(self.ratio) else self.ratio, "met": self.met}
+
+
+def _ratio(results: Results, scenario: str, numerator: str, denominator: str,
+           value: Callable[[Summary], float]) -> float:
+    runs = results.get(scenario, {})
+    if numerator not in runs or denominator not in runs:
+        return math.nan
+    top, bottom = value(runs[numerator]), value(runs[denominator])
+    return top / bottom if bottom > 0 else math.nan
+
+
+def _goal(name: str, target: str, ratio: float, ok: Callable[[float], bool]) -> Goal:
+    return Goal(name, target, ratio, None if math.isnan(ratio) else ok(ratio))
+
+
+def evaluate(results: Results) -> list[Goal]:
+    return [
+        _goal("TTFT at concurrency 1",
+              "disagg-1+1 TTFT p50 / colocated TTFT p50 <= 1.10",
+              _ratio(results, "latency", "disagg-1+1", "colocated", lambda s: s.ttft_ms.p50),
+              lambda r: r <= 1.10),
+        _goal("throughput at concurrency 16",
+              "disagg-1+1 requests/s / transformers-serve requests/s >= 2",
+              _ratio(results, "throughput", "disagg-1+1", "transformers-serve",
+                     lambda s: s.request_throughput), lambda r: r >= 2.0),
+        _goal("TPOT of ongoing generations under an image burst",
+              "disagg-1+1 text TPOT p99 / colocated text TPOT p99 < 1",
+              _ratio(results, "burst", "disagg-1+1", "colocated", lambda s: s.tpot_ms.p99),
+              lambda r: r < 1.0),
+        _goal("resume-heavy transfer",
+              "windows-1 requests/s / windows-16 requests/s >= 0.90",
+              _ratio(results, "resume", "disagg-1+1-windows-1", "disagg-1+1-windows-16",
+                     lambda s: s.request_throughput), lambda r: r >= 0.90),
+    ]

@@ -1,0 +1,3 @@
+from tests.models.fixtures import tiny_checkpoints
+
+__all__ = ["tiny_checkpoints"]
