@@ -372,9 +372,17 @@ class ProcessSettings:
 
 
 @dataclass(frozen=True)
+class EncodingSettings:
+    max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
+    max_encode_patches: int = knob(
+        16384, "most image patches in one vision forward (a larger image still goes alone); "
+               "bounds how long text prompts and the next step wait behind it")
+
+
+@dataclass(frozen=True)
 class EncodeServerSettings:
     port: int = knob(8001, "HTTP port of the encode server's API", check=port)
-    max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
@@ -430,7 +438,7 @@ class ServeSettings:
                         secret=True)
     default_max_tokens: int = knob(1024, "max_tokens of a request that sets none")
     max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")
-    max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
     cache_dir: str = knob("~/.cache/mmdisagg", "where the default tiny checkpoint is built once")
     startup_timeout: float = knob(300.0, "seconds every server gets to come up")
     process: ProcessSettings = field(default_factory=ProcessSettings)

@@ -29,7 +29,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class EncodedPrompt:
     """What the encode side produces and the language side consumes, for one whole prompt.
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from mmdisagg.core import LoopThread
+from mmdisagg.core import EncodedPrompt, LoopThread
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedPrompt
@@ -30,34 +32,71 @@ IDLE_WAIT_S = 0.1
 BUSY_WAIT_S = 0.001
 
 
-@dataclass
+T = TypeVar("T")
+
+
+def take_batches(queue: deque[T], prepared: Callable[[T], PreparedPrompt],
+                 cache: ImageCache | None, max_batch: int,
+                 max_patches: int) -> tuple[list[T], list[T]]:
+    """What to encode now, taken off ``queue``: every prompt that needs no vision forward (no
+    images, or all of them cached), and one vision forward's worth of the others, bounded in
+    requests and in patches (one request always goes unless ``max_batch`` is 0)."""
+    def needs_vision(item: T) -> bool:
+        images = prepared(item).images
+        return bool(images) and not (cache is not None and all(
+            image.content_hash in cache for image in images))
+
+    quick = [item for item in queue if not needs_vision(item)]
+    for item in quick:
+        queue.remove(item)
+    vision, patches = [], 0
+    while queue and len(vision) < max_batch:
+        size = sum(image.pixel_values.shape[0] for image in prepared(queue[0]).images)
+        if vision and patches + size > max_patches:
+            break
+        vision.append(queue.popleft())
+        patches += size
+    return quick, vision
+
+
+@dataclass(eq=False)
 class EncodeJob:
     room: int
     prepared: PreparedPrompt
     sender: EmbeddingSender
     reply: Callable[[EncodeResult | ErrorEvent], None]  # called once, from the loop thread
     allocation: Allocation | None = None
+    replied: bool = False
+
+    def answer(self, outcome: EncodeResult | ErrorEvent) -> None:
+        self.replied = True
+        self.reply(outcome)
 
 
 class EncodeScheduler(LoopThread):
     def __init__(self, half: EncoderHalf, manager: SenderManager, cache: ImageCache | None,
-                 max_batch: int) -> None:
+                 max_batch: int, max_patches: int) -> None:
         super().__init__("encode-scheduler")
         self.half = half
         self.manager = manager
         self.pool = manager.pool
         self.cache = cache
         self.max_batch = max_batch
+        self.max_patches = max_patches
         self.waiting: deque[EncodeJob] = deque()
         self.admitted: deque[EncodeJob] = deque()
+        self.encoding: list[EncodeJob] = []  # in the vision forward running now
         self.sending: list[EncodeJob] = []
         self.outcomes: Counter[str] = Counter()
         self._inbox: deque[EncodeJob] = deque()
         self._aborts: deque[int] = deque()
+        self._vision = ThreadPoolExecutor(1, thread_name_prefix="vision")
+        self._vision_run: Future | None = None
 
     @property
     def load(self) -> int:
-        return len(self._inbox) + len(self.waiting) + len(self.admitted) + len(self.sending)
+        return (len(self._inbox) + len(self.waiting) + len(self.admitted) + len(self.encoding)
+                + len(self.sending))
 
     def submit(self, room: int, prepared: PreparedPrompt,
                reply: Callable[[EncodeResult | ErrorEvent], None]) -> None:
@@ -79,10 +118,13 @@ class EncodeScheduler(LoopThread):
         self._admit()
         self._encode()
         self._reply()
-        return BUSY_WAIT_S if self.waiting or self.admitted or self.sending else IDLE_WAIT_S
+        busy = self.waiting or self.admitted or self.encoding or self.sending
+        return BUSY_WAIT_S if busy else IDLE_WAIT_S
 
     def drain(self) -> None:
-        for job in [*self._inbox, *self.waiting, *self.admitted, *self.sending]:
+        self._vision.shutdown(wait=True)
+        for job in [*self._inbox, *self.waiting, *self.admitted, *self.encoding,
+                    *self.sending]:
             self._fail(job, ErrorEvent("encode server shutting down", 503))
 
     def _receive(self) -> None:
@@ -93,6 +135,9 @@ class EncodeScheduler(LoopThread):
             for queue in (self.waiting, self.admitted, self.sending):
                 for job in [job for job in queue if job.room == room]:
                     queue.remove(job)
+                    self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
+            for job in self.encoding:  # answered now, dropped when its forward ends
+                if job.room == room:
                     self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
 
     def _admit(self) -> None:
@@ -124,17 +169,41 @@ class EncodeScheduler(LoopThread):
             self.admitted.append(job)
 
     def _encode(self) -> None:
-        if not self.admitted:
-            return
-        batch = [self.admitted.popleft() for _ in range(min(self.max_batch, len(self.admitted)))]
+        """Prompts that need no vision forward are encoded here at once; vision forwards run
+        one at a time on the vision thread (torch releases the GIL), so that this loop keeps
+        admitting, answering text prompts and sending while a burst of large images is
+        encoded."""
+        if self._vision_run is not None and self._vision_run.done():
+            batch, self.encoding = self.encoding, []
+            run, self._vision_run = self._vision_run, None
+            self._encoded(batch, run.result())
+        quick, vision = take_batches(self.admitted, lambda job: job.prepared, self.cache,
+                                     self.max_batch if self._vision_run is None else 0,
+                                     self.max_patches)
+        if quick:
+            self._encoded(quick, self._forward(quick))
+        if vision:
+            self.encoding = list(vision)
+            self._vision_run = self._vision.submit(self._forward, vision)
+            self._vision_run.add_done_callback(lambda _: self.wake())
+
+    def _forward(self, batch: list[EncodeJob]) -> list[EncodedPrompt] | Exception:
         try:
-            encoded = self.half.encode([job.prepared for job in batch], self.cache)
+            return self.half.encode([job.prepared for job in batch], self.cache)
         except Exception as exc:  # a model failure fails these requests, not the server
-            log.exception("vision forward failed for rooms %s", [job.room for job in batch])
-            for job in batch:
-                self._fail(job, ErrorEvent(f"encoding failed: {exc!r}", 500))
-            return
-        for job, prompt in zip(batch, encoded, strict=True):
+            log.exception("encoding failed for rooms %s", [job.room for job in batch])
+            return exc
+
+    def _encoded(self, batch: list[EncodeJob], result: list[EncodedPrompt] | Exception) -> None:
+        """``batch`` in the order it was encoded; a job aborted meanwhile is already
+        answered."""
+        for i, job in enumerate(batch):
+            if job.replied:
+                continue
+            if isinstance(result, Exception):
+                self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
+                continue
+            prompt = result[i]
             self.pool.write(job.allocation, 0, prompt.embeddings, prompt.token_ids,
                             prompt.positions)
             allocation, job.allocation = job.allocation, None
@@ -147,15 +216,17 @@ class EncodeScheduler(LoopThread):
             if state == Poll.Success:
                 self.sending.remove(job)
                 self.outcomes["ok"] += 1
-                job.reply(EncodeResult(job.prepared.total_tokens, len(job.prepared.images)))
+                job.answer(EncodeResult(job.prepared.total_tokens, len(job.prepared.images)))
             elif state == Poll.Failed:
                 self.sending.remove(job)
                 self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
 
     def _fail(self, job: EncodeJob, error: ErrorEvent, outcome: str = "failed") -> None:
+        if job.replied:
+            return
         if job.allocation is not None:
             self.pool.allocator.free(job.allocation)
             job.allocation = None
         job.sender.abort(error.message)
         self.outcomes[outcome] += 1
-        job.reply(error)
+        job.answer(error)

@@ -48,7 +48,8 @@ class EncodeServer:
         cache_bytes = settings.image.image_cache_bytes
         self.cache = ImageCache(cache_bytes) if cache_bytes else None
         self.scheduler = EncodeScheduler(self.half, self.manager, self.cache,
-                                         settings.max_encode_batch)
+                                         settings.encoding.max_encode_batch,
+                                         settings.encoding.max_encode_patches)
         self.scheduler.start()
         self.registry = CollectorRegistry()
         self.registry.register(StatsCollector(self._metrics))

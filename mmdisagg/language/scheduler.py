@@ -31,7 +31,7 @@ IDLE_WAIT_S = 0.1
 BUSY_WAIT_S = 0.0005
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRequest:
     room: int
     params: SamplingParams

@@ -42,7 +42,7 @@ def family_module(path: str | Path) -> Any:
     return importlib.import_module(FAMILY_MODULES[model_type])
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedImage:
     """One image after the image processor, before the vision tower."""
 
@@ -52,7 +52,7 @@ class PreparedImage:
     num_tokens: int  # placeholder tokens it fills in the prompt (patches / merge_size**2)
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedPrompt:
     """A tokenized request with its images processed: everything but the vision forward."""
 
@@ -64,7 +64,7 @@ class PreparedPrompt:
         return int(self.token_ids.shape[0])
 
 
-@dataclass
+@dataclass(eq=False)
 class Chunk:
     """Tokens appended to one sequence in one forward pass: a whole prompt, part of one, or one
     decoded token."""

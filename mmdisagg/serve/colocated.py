@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from mmdisagg.config import LanguageServerSettings, ServeSettings
 from mmdisagg.core import SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
 from mmdisagg.language.scheduler import GenerationRequest, Ready
 from mmdisagg.language.server import GenerationService
@@ -28,24 +29,31 @@ from mmdisagg.models.errors import InputError
 class LocalEncodeSource:
     """A PromptSource that runs the vision tower in the scheduler's loop."""
 
-    def __init__(self, half: EncoderHalf, cache: ImageCache | None, max_batch: int) -> None:
+    def __init__(self, half: EncoderHalf, cache: ImageCache | None, max_batch: int,
+                 max_patches: int) -> None:
         self.half = half
         self.cache = cache
         self.max_batch = max_batch
+        self.max_patches = max_patches
         self.pending: deque[GenerationRequest] = deque()
 
     def add(self, request: GenerationRequest) -> None:
         self.pending.append(request)
 
     def ready(self) -> list[Ready]:
-        batch = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-        if not batch:
-            return []
-        try:
-            encoded = self.half.encode([request.prepared for request in batch], self.cache)
-        except Exception as exc:  # a model failure fails these requests, not the server
-            return [(request, ErrorEvent(f"encoding failed: {exc!r}", 500)) for request in batch]
-        return list(zip(batch, encoded, strict=True))
+        done: list[Ready] = []
+        for batch in take_batches(self.pending, lambda request: request.prepared, self.cache,
+                                  self.max_batch, self.max_patches):
+            if not batch:
+                continue
+            try:
+                encoded = self.half.encode([request.prepared for request in batch], self.cache)
+            except Exception as exc:  # a model failure fails these requests, not the server
+                done += [(request, ErrorEvent(f"encoding failed: {exc!r}", 500))
+                         for request in batch]
+                continue
+            done += zip(batch, encoded, strict=True)
+        return done
 
     def abort(self, request: GenerationRequest) -> bool:
         if request in self.pending:
@@ -69,7 +77,8 @@ class ColocatedBackend:
                                                 device=model.device, max_model_len=max_len)
         cache_bytes = settings.image.image_cache_bytes
         source = LocalEncodeSource(self.encoder, ImageCache(cache_bytes) if cache_bytes else None,
-                                   settings.max_encode_batch)
+                                   settings.encoding.max_encode_batch,
+                                   settings.encoding.max_encode_patches)
         self.service = GenerationService(language, source, LanguageServerSettings(
             engine=settings.engine, model=model))
         self.model = model.name
