@@ -370,7 +370,7 @@ class ReceiverManager(TransferManager):
                                f"order (next is {receiver.sent_tokens})")
         total = receiver.total_tokens or notice.total_tokens
         expected = min(total - window.start, window.allocation.allocated_tokens)
-        if notice.total_tokens != total or notice.num_tokens != expected:
+        if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
                                f"room {room}; its window takes {expected} of {total}")
         if blocks is not None:

@@ -7,12 +7,26 @@ random ones, 25 times as many (``--hypothesis-seed`` then replays a run).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
 
 import msgspec
+import pytest
+import torch
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peer import make_prompt
 
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.pool import EmbeddingPool
+from mmdisagg.transfer.planes import plane_class
 from mmdisagg.transfer.protocol import (
     VERSION,
     Abort,
@@ -20,10 +34,13 @@ from mmdisagg.transfer.protocol import (
     ChunkDone,
     ControlCodec,
     Heartbeat,
+    Poll,
     ProtocolError,
     Received,
     Window,
 )
+from mmdisagg.transfer.receiver import EmbeddingReceiver, ReceiverManager
+from mmdisagg.transfer.sender import EmbeddingSender, SenderManager
 
 LONG = os.environ.get("MMDISAGG_FUZZ") == "long"
 
@@ -130,3 +147,435 @@ def test_codec_decodes_or_raises_protocol_error(raw):
     assert isinstance(source, str)
     assert isinstance(message, Window | Announce | ChunkDone | Received | Abort | Heartbeat)
     assert well_typed(message)
+
+
+# -- the managers, fed hostile messages ---------------------------------------------------
+#
+# In one process: the receiver under test R with its honest encoder S1, and the sender under
+# test S1 with its honest receiver R. Two more registered peers lend their identities to
+# hostile traffic: encoder S2 (to R) and receiver R2 (to S1). Their frames go to the real
+# control sockets, so the loop threads decode and handle them. Legit rooms R <- S1 run beside.
+
+BLOCK, HIDDEN = 16, 8
+SENTINEL = 2**63 - 7  # a room nobody uses: its refusal marks a frame as handled
+BIG = [0, -1, -BLOCK, 2**31, 2**63 - 1, -(2**63), 2**64 - 1]
+
+
+def make_pool(blocks: int, backing: str, default_blocks: int = 2) -> EmbeddingPool:
+    layout = PoolLayout(num_blocks=blocks, block_size=BLOCK, hidden_size=HIDDEN, dtype="float32")
+    return EmbeddingPool(layout, backing, default_blocks=default_blocks)
+
+
+def start_manager(cls, backend: str, blocks: int, transfer_timeout: float):
+    backing = plane_class(backend).receiver_backing if cls is ReceiverManager else "process"
+    transfer = TransferSettings(
+        transfer_backend=backend, bootstrap_port=0, window_blocks=2, bootstrap_timeout=2.0,
+        waiting_timeout=2.0, transfer_timeout=transfer_timeout, heartbeat_interval=0.5,
+        heartbeat_timeout=30.0)
+    return cls(make_pool(blocks, backing), transfer, NetworkSettings(auth_token=TOKEN))
+
+
+def prompt(room: int, total: int):
+    return make_prompt(room, total, HIDDEN, torch.float32)
+
+
+class Troubles(logging.Handler):
+    """Errors the transfer layer logs, and exceptions that end any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(f"{record.name}: {record.getMessage()}\n{record.exc_text or ''}")
+
+    def thread_died(self, args: threading.ExceptHookArgs) -> None:
+        self.seen.append(f"thread {args.thread.name} died: {args.exc_type.__name__}: "
+                         f"{args.exc_value}\n{''.join(traceback.format_tb(args.exc_traceback))}")
+
+    def __enter__(self) -> Troubles:
+        self._hook = threading.excepthook
+        threading.excepthook = self.thread_died
+        logging.getLogger("mmdisagg").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("mmdisagg").removeHandler(self)
+        threading.excepthook = self._hook
+
+
+@dataclass
+class LegitRoom:
+    room: int
+    total: int
+    receiver: EmbeddingReceiver
+    sender: EmbeddingSender
+    outcome: str | None = None
+
+
+class Cluster:
+    """The four managers, the legit and hostile rooms, and the invariants."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.receiver = start_manager(ReceiverManager, backend, 24, transfer_timeout=1.5)
+        self.sender = start_manager(SenderManager, backend, 128, transfer_timeout=5.0)
+        self.rogue_sender = start_manager(SenderManager, backend, 8, transfer_timeout=1.5)
+        self.rogue_receiver = start_manager(ReceiverManager, backend, 8, transfer_timeout=1.5)
+        self.managers = [self.receiver, self.sender, self.rogue_sender, self.rogue_receiver]
+        self.rooms = itertools.count(1)
+        self.legit: dict[int, LegitRoom] = {}
+        self.hostile_receivers: dict[int, EmbeddingReceiver] = {}
+        self.hostile_senders: dict[int, EmbeddingSender] = {}
+        self.finished: list[int] = []
+        self.handled = {m: threading.Event() for m in (self.receiver, self.sender)}
+        for manager in self.handled:
+            self._watch(manager)
+        self.offered: set[int] = set()
+        self.free_bytes: dict[int, bytes] = {}
+        send = self.receiver.control.send
+
+        def record_offer(endpoint: str, message) -> None:
+            if isinstance(message, Window):
+                self.offered.update(message.blocks)
+            send(endpoint, message)
+
+        self.receiver.control.send = record_offer
+        self.context = zmq.Context()
+        self.pushes = {}
+        for manager in self.handled:
+            self.pushes[manager] = push = self.context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(manager.control.endpoint)
+        # Register every pair: R with S1 and S2 (a room each), R2 with S1.
+        self.hostile_receiver_room()
+        self.rogue_receiver.create_receiver(next(self.rooms), self.sender.bootstrap_address)
+        self.start_legit(40, receiver_first=True)
+        wait_for(lambda: {self.sender.id, self.rogue_sender.id} <= self.receiver._peers.keys()
+                 and self.rogue_receiver.id in self.sender._peers, "registration")
+
+    def _watch(self, manager) -> None:
+        """Flag when the loop handled the sentinel, i.e. every frame pushed before it."""
+        handle, handled = manager._handle, self.handled[manager]
+
+        def watched(source, peer, message) -> None:
+            handle(source, peer, message)
+            if message.room == SENTINEL:
+                handled.set()
+
+        manager._handle = watched
+
+    # -- traffic --------------------------------------------------------------------------
+
+    def push(self, manager, source: str, message) -> None:
+        """Send one frame as ``source`` to a manager's control socket; wait until handled."""
+        sentinel = Received(SENTINEL) if manager is self.receiver else Announce(SENTINEL, 1)
+        handled = self.handled[manager]
+        handled.clear()
+        self.pushes[manager].send_multipart(ControlCodec(TOKEN, source).encode(message))
+        self.pushes[manager].send_multipart(ControlCodec(TOKEN, source).encode(sentinel))
+        assert handled.wait(10), f"{manager.role} loop did not handle {message!r}"
+
+    def start_legit(self, total: int, receiver_first: bool) -> None:
+        allocation = self.receiver.pool.allocator.alloc_default()
+        source = self.sender.pool.allocator.alloc(total)
+        if allocation is None or source is None:  # a scheduler would wait; the test moves on
+            for pool, held in ((self.receiver.pool, allocation), (self.sender.pool, source)):
+                if held is not None:
+                    pool.allocator.free(held)
+            return
+        room = next(self.rooms)
+        if receiver_first:
+            receiver = self.receiver.create_receiver(room, self.sender.bootstrap_address)
+            receiver.init(allocation)
+        sender = self.sender.create_sender(room)
+        sender.announce(total)
+        if not receiver_first:
+            receiver = self.receiver.create_receiver(room, self.sender.bootstrap_address)
+            receiver.init(allocation)
+        embeddings, token_ids, positions, delta = prompt(room, total)
+        self.sender.pool.write(source, 0, embeddings, token_ids, positions)
+        sender.send(source, delta)
+        self.legit[room] = LegitRoom(room, total, receiver, sender)
+
+    def hostile_receiver_room(self) -> None:
+        """A room R expects from S2: whatever S2 says about it, R's pool must stay sound."""
+        room = next(self.rooms)
+        receiver = self.receiver.create_receiver(room, self.rogue_sender.bootstrap_address)
+        allocation = self.receiver.pool.allocator.alloc_default()
+        if allocation is None:
+            receiver.abort("no blocks")
+        else:
+            receiver.init(allocation)
+        self.hostile_receivers[room] = receiver
+
+    def hostile_sender_room(self, total: int, send: bool) -> None:
+        """A room S1 encodes that no receiver asked for: R2 may claim it."""
+        room = next(self.rooms)
+        sender = self.sender.create_sender(room)
+        sender.announce(total)
+        source = self.sender.pool.allocator.alloc(total) if send else None
+        if source is not None:
+            sender.send(source, 0)
+        self.hostile_senders[room] = sender
+
+    def poll(self) -> None:
+        """What the schedulers do each tick: take what arrived, check legit rooms' bytes."""
+        for legit in self.legit.values():
+            if legit.outcome is None and legit.receiver.poll() == Poll.Success:
+                got = legit.receiver.take()
+                embeddings, token_ids, positions, delta = prompt(legit.room, legit.total)
+                assert (torch.equal(got.embeddings, embeddings)
+                        and torch.equal(got.token_ids, token_ids.long())
+                        and torch.equal(got.positions, positions.long())
+                        and got.mrope_delta == delta), f"room {legit.room} arrived corrupted"
+                legit.outcome = "Success"
+            elif legit.outcome is None and legit.receiver.poll() == Poll.Failed:
+                legit.outcome = legit.receiver.failure
+        for room, receiver in list(self.hostile_receivers.items()):
+            if receiver.poll() == Poll.Success:
+                receiver.take()
+            if receiver.poll() in (Poll.Success, Poll.Failed):
+                del self.hostile_receivers[room]
+                self.finished.append(room)
+
+    # -- invariants -----------------------------------------------------------------------
+
+    def check(self, troubles: Troubles) -> None:
+        self.poll()
+        assert not troubles.seen, troubles.seen[0]
+        for manager in self.managers:
+            assert manager._thread.is_alive(), f"{manager.role} loop died"
+            manager.pool.allocator.check()
+        with self.receiver._lock:
+            self._check_free_blocks_untouched()
+
+    def _check_free_blocks_untouched(self) -> None:
+        """A block free now, and free and not offered since the last check, kept its bytes."""
+        allocator = self.receiver.pool.allocator
+        free = set(allocator._free_block_ids)
+        for block in free:
+            now = block_bytes(self.receiver.pool, block)
+            if block in self.free_bytes and block not in self.offered:
+                assert now == self.free_bytes[block], f"free block {block} was written"
+            self.free_bytes[block] = now
+        for block in self.free_bytes.keys() - free:
+            del self.free_bytes[block]
+        self.offered.clear()
+
+    def finish(self, troubles: Troubles) -> None:
+        """End every hostile room, let legit rooms complete, and wait for empty pools."""
+        for receiver in self.hostile_receivers.values():
+            receiver.abort("test over")
+        for sender in self.hostile_senders.values():
+            sender.abort("test over")
+        for receiver in list(self.rogue_receiver._receivers.values()):
+            receiver.abort("test over")
+        wait_for(lambda: self.poll() or all(r.outcome for r in self.legit.values()),
+                 "legit rooms to end")
+        self.check(troubles)
+        for legit in self.legit.values():
+            assert legit.outcome == "Success" or "no free blocks" in legit.outcome, (
+                f"legit room {legit.room} failed: {legit.outcome}")
+        wait_for(lambda: all(m.pool.allocator.num_free_blocks == m.pool.layout.num_blocks
+                             for m in self.managers),
+                 "every pool to be free again")
+        self.check(troubles)
+
+    def close(self) -> None:
+        """All at once: each encode side's bootstrap server takes half a second to stop."""
+        self.context.destroy(linger=0)
+        closing = [threading.Thread(target=m.close) for m in self.managers]
+        for thread in closing:
+            thread.start()
+        for thread, manager in zip(closing, self.managers, strict=True):
+            thread.join()
+            manager.pool.close()
+
+
+def block_bytes(pool: EmbeddingPool, block: int) -> bytes:
+    buffer = pool.arrays.buffer
+    return b"".join(buffer[at: at + size].numpy().tobytes()
+                    for at, size in pool.layout.byte_ranges([block], 0, BLOCK))
+
+
+def wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# NOTE: what a step draws must not depend on the managers' state, which timing decides, or
+# Hypothesis cannot replay an example. So draws pick by index, and state only maps the index.
+
+def pick(data, options: list, label: str):
+    return options[data.draw(st.integers(0, 255), label=label) % len(options)]
+
+
+def number(data, *near: int, label: str = "number") -> int:
+    """Off-by-ones around the protocol state, extremes, or anything small."""
+    candidates = sorted({v + d for v in near for d in (-1, 0, 1)} | set(BIG))
+    index = data.draw(st.integers(0, 255), label=label)
+    small = data.draw(st.integers(-2 * BLOCK, 30 * BLOCK), label=label)
+    return small if index % 4 == 0 else candidates[index % len(candidates)]
+
+
+def some_room(data, rooms: list[int]) -> int:
+    """One of ``rooms`` or a room nobody has (never one a later step creates)."""
+    stranger = data.draw(st.integers(10**6, 2**63 - 1) | st.sampled_from(BIG), label="stranger")
+    return pick(data, [*rooms, stranger], "room")
+
+
+def to_receiver(data, cluster: Cluster) -> None:
+    """From S2: anything about any room (R must refuse all but S2's own rooms). From S1:
+    chunk notices no window can match, which R must refuse without harm to the room."""
+    manager = cluster.receiver
+    room = some_room(data, [*cluster.hostile_receivers, *cluster.legit, *cluster.finished])
+    with manager._lock:
+        receiver = manager._receivers.get(room) or manager._quarantine.get(room)
+        windows = [(w.start, w.allocation.allocated_tokens if w.allocation else w.filled)
+                   for w in receiver.windows] if receiver else []
+        total = receiver.total_tokens if receiver else None
+        sent = receiver.sent_tokens if receiver else 0
+    windows = windows or [(0, 2 * BLOCK)]
+    starts, sizes = [s for s, _ in windows], [n for _, n in windows]
+    if data.draw(st.booleans(), label="as the honest sender"):
+        flaw = data.draw(st.sampled_from(["misaligned", "num", "total"]), label="flaw")
+        start = pick(data, starts, "start")
+        start += data.draw(st.integers(1, BLOCK - 1)) if flaw == "misaligned" else 0
+        num = number(data, *sizes, label="num")
+        whole = number(data, total or 0, *sizes, label="total")
+        if flaw == "num":
+            num = data.draw(st.sampled_from([0, -1, -BLOCK, -(2**63)]), label="bad num")
+        elif flaw == "total":
+            whole = data.draw(st.sampled_from([0, -1, -(2**63)]), label="bad total")
+        return cluster.push(manager, cluster.sender.id, ChunkDone(room, start, num, whole, 0))
+    kind = data.draw(st.sampled_from(["plausible", "chunk", "announce", "abort", "other"]),
+                     label="message")
+    if kind == "plausible":  # the chunk S2 would send next: drives rooms to Success
+        start, size = pick(data, windows, "window")
+        sane, odd = data.draw(st.integers(1, 24 * BLOCK), label="total"), number(data, *sizes)
+        whole = total or (sane if data.draw(st.booleans(), label="sane") else odd)
+        message = ChunkDone(room, start, min(whole - start, size), whole, 7)
+    elif kind == "chunk":
+        message = ChunkDone(room, number(data, sent, *starts), number(data, *sizes),
+                            number(data, total or 0, *starts, *sizes),
+                            data.draw(st.sampled_from(BIG)))
+    elif kind == "announce":
+        message = Announce(room, number(data, total or 0, sent, *sizes))
+    elif kind == "abort":
+        message = Abort(room, data.draw(st.text(max_size=20)))
+    else:
+        message = data.draw(st.sampled_from([Received(room), Window(room, 0, [0], BLOCK)]))
+    cluster.push(manager, cluster.rogue_sender.id, message)
+
+
+def to_sender(data, cluster: Cluster) -> None:
+    """From R2: anything about S1's unclaimed rooms or rooms R2 serves. From R: windows that
+    are malformed whatever the state, which S1 must refuse."""
+    manager = cluster.sender
+    honest = manager._peers[cluster.receiver.id]
+    with manager._lock:
+        claimed = [room for room in cluster.legit if (
+            room in manager._senders and manager._senders[room].peer is honest)
+            or (room in manager._early and manager._early[room].peer is honest)]
+    room = some_room(data, [*cluster.hostile_senders, *claimed, *cluster.finished])
+    with manager._lock:
+        sender = manager._senders.get(room)
+        sent = sender.sent_tokens if sender else 0
+        total = sender.total_tokens or 0 if sender else 0
+        starts = list(sender.windows) if sender else []
+    if data.draw(st.booleans(), label="as the honest receiver"):
+        num_blocks = cluster.receiver.pool.layout.num_blocks
+        blocks = data.draw(st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=4,
+                                    unique=True), label="blocks")
+        start, allocated = sent, len(blocks) * BLOCK
+        flaw = data.draw(st.sampled_from(["size", "range", "twice", "misaligned", "empty"]),
+                         label="flaw")
+        if flaw == "size":
+            allocated += data.draw(st.sampled_from([-BLOCK, -1, 1, BLOCK, 2**63]))
+        elif flaw == "range":
+            blocks[-1] = data.draw(st.sampled_from([-1, num_blocks, 2**63 - 1]))
+        elif flaw == "twice":
+            blocks, allocated = [*blocks, blocks[0]], allocated + BLOCK
+        elif flaw == "misaligned":
+            start += data.draw(st.integers(1, BLOCK - 1))
+        else:
+            blocks, allocated = [], 0
+        return cluster.push(manager, cluster.receiver.id, Window(room, start, blocks, allocated))
+    kind = data.draw(st.sampled_from(["window", "window", "received", "abort", "other"]),
+                     label="message")
+    if kind == "window":
+        num_blocks = cluster.rogue_receiver.pool.layout.num_blocks
+        blocks = data.draw(st.lists(st.integers(-1, num_blocks) | st.sampled_from(BIG),
+                                    max_size=4), label="blocks")
+        message = Window(room, number(data, sent, total, *starts, BLOCK), blocks,
+                         number(data, len(blocks) * BLOCK))
+    elif kind == "received":
+        message = Received(room)
+    elif kind == "abort":
+        message = Abort(room, data.draw(st.text(max_size=20)))
+    else:
+        message = data.draw(st.sampled_from([Announce(room, 5), ChunkDone(room, 0, 5, 5, 0)]))
+    cluster.push(manager, cluster.rogue_receiver.id, message)
+
+
+def step(data, cluster: Cluster) -> None:
+    kind = data.draw(st.sampled_from(
+        ["to_receiver"] * 4 + ["to_sender"] * 4 + ["legit", "hostile_receiver_room",
+                                                   "hostile_sender_room", "abort", "wait"]),
+        label="step")
+    if kind == "to_receiver":
+        to_receiver(data, cluster)
+    elif kind == "to_sender":
+        to_sender(data, cluster)
+    elif kind == "legit":
+        cluster.start_legit(data.draw(st.integers(1, 12 * BLOCK), label="total"),
+                            data.draw(st.booleans(), label="receiver first"))
+    elif kind == "hostile_receiver_room":
+        cluster.hostile_receiver_room()
+    elif kind == "hostile_sender_room":
+        cluster.hostile_sender_room(data.draw(st.integers(1, 8 * BLOCK), label="total"),
+                                    data.draw(st.booleans(), label="send"))
+    elif kind == "abort":
+        rooms = [*cluster.hostile_receivers.values(), *cluster.hostile_senders.values()]
+        room = pick(data, [*rooms, None], "abort")
+        if room is not None:
+            room.abort("scheduler abort")
+    else:
+        time.sleep(data.draw(st.sampled_from([0.0, 0.02, 0.2]), label="wait"))
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+@fuzz_settings(15)
+@given(data=st.data())
+def test_managers_survive_hostile_peers(backend, data):
+    with Troubles() as troubles:
+        cluster = Cluster(backend)
+        try:
+            cluster.check(troubles)
+            for _ in range(data.draw(st.integers(1, 60), label="steps")):
+                step(data, cluster)
+                cluster.check(troubles)
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
+
+
+@pytest.mark.parametrize("total", [0, -1, -(2**63)])
+def test_chunk_of_no_tokens_is_refused(total):
+    """Found by the fuzzer: before any announce, a notice of ``min(total, window)`` tokens
+    with total <= 0 matched its window, and the room 'succeeded' with a negative length."""
+    with Troubles() as troubles:
+        cluster = Cluster("shm")
+        try:
+            room = next(iter(cluster.hostile_receivers))
+            refused = cluster.receiver.stats.refused
+            cluster.push(cluster.receiver, cluster.rogue_sender.id,
+                         ChunkDone(room, 0, min(total, 2 * BLOCK), total, 0))
+            assert cluster.receiver.stats.refused == refused + 2  # the chunk and the sentinel
+            assert cluster.hostile_receivers[room].poll() == Poll.WaitingForInput
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
