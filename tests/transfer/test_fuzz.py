@@ -7,9 +7,11 @@ random ones, 25 times as many (``--hypothesis-seed`` then replays a run).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import traceback
@@ -27,6 +29,7 @@ from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
+from mmdisagg.transfer.planes.tcp import MAGIC, MAX_HEADER, PREFIX, ChunkHeader
 from mmdisagg.transfer.protocol import (
     VERSION,
     Abort,
@@ -319,6 +322,12 @@ class Cluster:
             sender.send(source, 0)
         self.hostile_senders[room] = sender
 
+    def progress(self, room: int) -> int | None:
+        """R's ``sent_tokens`` of a live room, else None."""
+        with self.receiver._lock:
+            receiver = self.receiver._receivers.get(room)
+            return None if receiver is None else receiver.sent_tokens
+
     def poll(self) -> None:
         """What the schedulers do each tick: take what arrived, check legit rooms' bytes."""
         for legit in self.legit.values():
@@ -456,7 +465,8 @@ def to_receiver(data, cluster: Cluster) -> None:
     if kind == "plausible":  # the chunk S2 would send next: drives rooms to Success
         start, size = pick(data, windows, "window")
         sane, odd = data.draw(st.integers(1, 24 * BLOCK), label="total"), number(data, *sizes)
-        whole = total or (sane if data.draw(st.booleans(), label="sane") else odd)
+        is_sane = data.draw(st.booleans(), label="sane")
+        whole = total or (sane if is_sane else odd)
         message = ChunkDone(room, start, min(whole - start, size), whole, 7)
     elif kind == "chunk":
         message = ChunkDone(room, number(data, sent, *starts), number(data, *sizes),
@@ -579,3 +589,145 @@ def test_chunk_of_no_tokens_is_refused(total):
             cluster.finish(troubles)
         finally:
             cluster.close()
+
+
+# -- the tcp data port, fed raw streams ---------------------------------------------------
+
+
+def chunk_payload(room: int, num_tokens: int) -> bytes:
+    """The wire bytes of a chunk of ``prompt(room, num_tokens)``, laid out as a sender does."""
+    scratch = make_pool(-(-num_tokens // BLOCK), "process")
+    allocation = scratch.allocator.alloc(num_tokens)
+    embeddings, token_ids, positions, _ = prompt(room, num_tokens)
+    scratch.write(allocation, 0, embeddings, token_ids, positions)
+    buffer = scratch.arrays.buffer
+    return b"".join(buffer[at: at + size].numpy().tobytes() for at, size in
+                    scratch.layout.byte_ranges(allocation.blocks, 0, num_tokens))
+
+
+def send_raw(cluster: Cluster, raw: bytes) -> None:
+    """One connection to R's data port: write ``raw``, hang up, wait until R hangs up too."""
+    plane = cluster.receiver._registration.plane
+    with socket.create_connection((plane["host"], plane["port"]), timeout=10) as conn:
+        with contextlib.suppress(OSError):  # R may hang up first: it refused the chunk
+            conn.sendall(raw)
+            conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while conn.recv(4096):
+                pass
+
+
+def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
+    """(room, bytes, whether the payload is cut short) for one connection: the chunk S2 would
+    send next, maybe with one thing broken, and its payload maybe cut or extended."""
+    manager = cluster.receiver
+    room = some_room(data, [*cluster.hostile_receivers, *cluster.legit, *cluster.finished])
+    with manager._lock:
+        receiver = manager._receivers.get(room)
+        windows = [(w.start, list(w.allocation.blocks)) for w in receiver.windows
+                   if w.allocation] if receiver else []
+        total = receiver.total_tokens if receiver else None
+    start, blocks = pick(data, windows or [(0, [0, 1])], "window")
+    whole = data.draw(st.integers(1, 24 * BLOCK), label="total")
+    whole = total or whole
+    num = min(whole - start, len(blocks) * BLOCK)
+    blocks = blocks[: -(-num // BLOCK)] if num > 0 else []
+    token, sender, magic = TOKEN, cluster.rogue_sender.id, MAGIC
+    broken = data.draw(st.sampled_from(["nothing"] * 4 + [
+        "token", "sender", "start", "num", "total", "blocks", "magic", "length", "header"]),
+        label="broken")
+    if broken == "token":
+        token = data.draw(st.sampled_from(["guess", "", TOKEN + "x"]), label="token")
+    elif broken == "sender":
+        sender = data.draw(st.sampled_from([cluster.sender.id, "sender-forged"]), label="as")
+        if room in cluster.legit:  # S1's own chunk for its own room: indistinguishable
+            sender = "sender-forged"
+    elif broken == "start":
+        start = number(data, start, BLOCK, label="start")
+    elif broken == "num":
+        num = number(data, num, len(blocks) * BLOCK, label="num")
+    elif broken == "total":
+        whole = number(data, whole, num, label="total")
+    elif broken == "blocks":
+        blocks = data.draw(st.lists(st.integers(-1, 24) | st.sampled_from(BIG), max_size=4),
+                           label="blocks")
+    elif broken == "magic":
+        magic = data.draw(st.binary(min_size=8, max_size=8), label="magic")
+    header = msgspec.msgpack.encode(ChunkHeader(token, sender, ChunkDone(room, start, num,
+                                                                          whole, 3), blocks))
+    length = len(header)
+    if broken == "length":
+        length = data.draw(st.sampled_from([0, 1, length - 1, length + 1, MAX_HEADER + 1,
+                                            2**32 - 1]), label="length")
+    elif broken == "header":
+        header = data.draw(mutated(header) | st.binary(max_size=64), label="header")
+    expected = max(0, min(num, 64 * BLOCK)) * manager.pool.layout.token_bytes
+    payload = bytes([data.draw(st.integers(0, 255), label="byte")]) * expected
+    cut = data.draw(st.sampled_from(["full", "full", "none", "cut", "extra"]), label="cut")
+    if cut == "none":
+        payload = b""
+    elif cut == "cut":
+        payload = payload[: data.draw(st.integers(0, 2**16), label="at") % max(expected, 1)]
+    elif cut == "extra":
+        payload += data.draw(st.binary(min_size=1, max_size=64), label="extra")
+    return room, PREFIX.pack(magic, length) + header + payload, len(payload) < expected
+
+
+@fuzz_settings(20)
+@given(data=st.data())
+def test_tcp_data_port_survives_raw_streams(data):
+    with Troubles() as troubles:
+        cluster = Cluster("tcp")
+        try:
+            probe = next(iter(cluster.hostile_receivers))
+            del cluster.hostile_receivers[probe]
+            for _ in range(3):
+                cluster.hostile_receiver_room()
+            for _ in range(data.draw(st.integers(1, 12), label="connections")):
+                room, raw, cut_short = raw_stream(data, cluster)
+                progress = cluster.progress(room)
+                send_raw(cluster, raw)
+                if cut_short:
+                    assert cluster.progress(room) in (progress, None), (
+                        f"room {room} advanced on a stream cut inside its chunk")
+                cluster.check(troubles)
+            cluster.hostile_receivers[probe] = receiver = cluster.receiver._receivers[probe]
+            total = 20  # the probe's first window holds 2 blocks: the whole room in one chunk
+            with cluster.receiver._lock:
+                blocks = list(receiver.windows[0].allocation.blocks)
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(probe, 0, total, total, 3), blocks))
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header
+                     + chunk_payload(probe, total))
+            assert receiver.poll() == Poll.Success, receiver.failure
+            got = receiver.take()
+            embeddings, token_ids, positions, _ = prompt(probe, total)
+            assert torch.equal(got.embeddings, embeddings)
+            assert torch.equal(got.token_ids, token_ids.long())
+            assert torch.equal(got.positions, positions.long())
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
+
+
+@pytest.mark.parametrize("cut", ["before the payload", "between two arrays"])
+def test_tcp_stream_cut_at_a_range_boundary_fails_the_room(cut):
+    """Found by the fuzzer: a stream that ended exactly where a byte range of the payload
+    began read as a clean end, so the chunk counted as landed with bytes missing."""
+    with Troubles() as troubles:
+        cluster = Cluster("tcp")
+        try:
+            room, receiver = next(iter(cluster.hostile_receivers.items()))
+            with cluster.receiver._lock:
+                blocks = list(receiver.windows[0].allocation.blocks)
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 20, 20, 3), blocks[:2]))
+            payload = chunk_payload(room, 20)[: 0 if cut == "before the payload" else
+                                              20 * HIDDEN * 4]
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header + payload)
+            assert receiver.poll() == Poll.Failed
+            assert "broke mid-chunk" in receiver.failure
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
+

@@ -132,7 +132,8 @@ class TcpPlane(DataPlane):
                 try:
                     for offset, size in self.pool.layout.byte_ranges(
                             header.blocks, 0, header.notice.num_tokens):
-                        _recv_exact(conn, pool_view[offset: offset + size])
+                        if not _recv_exact(conn, pool_view[offset: offset + size]):
+                            raise ConnectionError("stream ended inside a chunk")
                 except OSError as exc:
                     error = f"tcp data stream broke mid-chunk: {exc}"
                 self._sink.end_chunk(header.sender, header.notice, error)
