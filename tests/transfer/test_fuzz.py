@@ -731,3 +731,18 @@ def test_tcp_stream_cut_at_a_range_boundary_fails_the_room(cut):
         finally:
             cluster.close()
 
+
+@pytest.mark.parametrize("total", [2**40, 2**64 - 1])
+def test_chunk_with_a_length_too_large_to_stage_fails_the_room(total):
+    """Found by the fuzzer: such a chunk made the receiver offer all its free blocks, then
+    spill, and allocating the staging buffer raised in the loop thread, which died."""
+    with Troubles() as troubles:
+        cluster = Cluster("shm")
+        try:
+            room, receiver = next(iter(cluster.hostile_receivers.items()))
+            cluster.push(cluster.receiver, cluster.rogue_sender.id,
+                         ChunkDone(room, 0, 2 * BLOCK, total, 0))
+            assert receiver.poll() == Poll.Failed and "cannot stage" in receiver.failure
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
