@@ -91,11 +91,11 @@ def tagged_dicts(draw) -> bytes:
 @st.composite
 def mutated(draw, body: bytes) -> bytes:
     how = draw(st.sampled_from(["truncate", "extend", "flip", "splice"]))
+    at = draw(st.integers(0, 2**16)) % max(len(body), 1)  # the same draw whatever the length
     if how == "truncate":
-        return body[: draw(st.integers(0, max(len(body) - 1, 0)))]
+        return body[:at]
     if how == "extend":
         return body + draw(st.binary(min_size=1, max_size=16))
-    at = draw(st.integers(0, max(len(body) - 1, 0)))
     if how == "flip":
         return body[:at] + bytes([draw(st.integers(0, 255))]) + body[at + 1:]
     return body[:at] + draw(st.binary(max_size=16)) + body[at:]
@@ -125,11 +125,15 @@ def frames(draw) -> list[bytes]:
 DEPTHS = [1, 100, 10_000, 200_000]  # 200k arrays: 200 kB, well under the 1 MB frame limit
 
 
+def with_nested_field(struct: bytes, depth: int) -> bytes:
+    """A msgpack map (of under 15 keys) plus a key whose value is ``depth`` arrays deep:
+    msgspec skips unknown fields, recursively."""
+    return bytes([struct[0] + 1]) + struct[1:] + b"\xa1x" + b"\x91" * depth + b"\xc0"
+
+
 def deeply_nested(tag: str, depth: int) -> list[bytes]:
-    """A message with an extra field nested ``depth`` arrays deep, which msgspec skips."""
     body = msgspec.msgpack.encode({"type": tag, "room": 1, "reason": ""})
-    nested = msgspec.msgpack.encode("x") + b"\x91" * depth + b"\xc0"
-    return [VERSION, TOKEN.encode(), b"peer", bytes([body[0] + 1]) + body[1:] + nested]
+    return [VERSION, TOKEN.encode(), b"peer", with_nested_field(body, depth)]
 
 
 def well_typed(message: object) -> bool:
@@ -634,8 +638,8 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
     blocks = blocks[: -(-num // BLOCK)] if num > 0 else []
     token, sender, magic = TOKEN, cluster.rogue_sender.id, MAGIC
     broken = data.draw(st.sampled_from(["nothing"] * 4 + [
-        "token", "sender", "start", "num", "total", "blocks", "magic", "length", "header"]),
-        label="broken")
+        "token", "sender", "start", "num", "total", "blocks", "magic", "length", "header",
+        "nested"]), label="broken")
     if broken == "token":
         token = data.draw(st.sampled_from(["guess", "", TOKEN + "x"]), label="token")
     elif broken == "sender":
@@ -661,6 +665,9 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
                                             2**32 - 1]), label="length")
     elif broken == "header":
         header = data.draw(mutated(header) | st.binary(max_size=64), label="header")
+    elif broken == "nested":
+        header = with_nested_field(header, data.draw(st.sampled_from(DEPTHS[:3]), label="depth"))
+        length = len(header)
     expected = max(0, min(num, 64 * BLOCK)) * manager.pool.layout.token_bytes
     payload = bytes([data.draw(st.integers(0, 255), label="byte")]) * expected
     cut = data.draw(st.sampled_from(["full", "full", "none", "cut", "extra"]), label="cut")
@@ -743,6 +750,21 @@ def test_chunk_with_a_length_too_large_to_stage_fails_the_room(total):
             cluster.push(cluster.receiver, cluster.rogue_sender.id,
                          ChunkDone(room, 0, 2 * BLOCK, total, 0))
             assert receiver.poll() == Poll.Failed and "cannot stage" in receiver.failure
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
+
+
+def test_tcp_header_nested_too_deep_is_refused():
+    """Found by the fuzzer: msgspec's RecursionError escaped _read_header and killed the
+    connection's thread with a traceback instead of a refusal."""
+    with Troubles() as troubles:
+        cluster = Cluster("tcp")
+        try:
+            room = next(iter(cluster.hostile_receivers))
+            header = with_nested_field(msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 1, 1, 0), [0])), 10_000)
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header)
             cluster.finish(troubles)
         finally:
             cluster.close()

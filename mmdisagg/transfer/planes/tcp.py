@@ -159,7 +159,7 @@ class TcpPlane(DataPlane):
             raise ValueError("stream ended inside a chunk header")
         try:
             header = _header_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise ValueError(f"malformed chunk header: {exc}") from None
         if not hmac.compare_digest(header.auth_token.encode(), self.auth_token.encode()):
             raise ValueError("chunk header with a wrong auth token")
