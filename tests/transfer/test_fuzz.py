@@ -173,11 +173,11 @@ def make_pool(blocks: int, backing: str, default_blocks: int = 2) -> EmbeddingPo
     return EmbeddingPool(layout, backing, default_blocks=default_blocks)
 
 
-def start_manager(cls, backend: str, blocks: int, transfer_timeout: float):
+def start_manager(cls, backend: str, blocks: int, timeout: float, transfer_timeout: float):
     backing = plane_class(backend).receiver_backing if cls is ReceiverManager else "process"
     transfer = TransferSettings(
-        transfer_backend=backend, bootstrap_port=0, window_blocks=2, bootstrap_timeout=2.0,
-        waiting_timeout=2.0, transfer_timeout=transfer_timeout, heartbeat_interval=0.5,
+        transfer_backend=backend, bootstrap_port=0, window_blocks=2, bootstrap_timeout=timeout,
+        waiting_timeout=timeout, transfer_timeout=transfer_timeout, heartbeat_interval=0.5,
         heartbeat_timeout=30.0)
     return cls(make_pool(blocks, backing), transfer, NetworkSettings(auth_token=TOKEN))
 
@@ -213,10 +213,12 @@ class Troubles(logging.Handler):
 
 @dataclass
 class LegitRoom:
+    """A request both servers get, one of them maybe a while later."""
+
     room: int
     total: int
-    receiver: EmbeddingReceiver
-    sender: EmbeddingSender
+    receiver: EmbeddingReceiver | None = None
+    sender: EmbeddingSender | None = None
     outcome: str | None = None
 
 
@@ -225,10 +227,13 @@ class Cluster:
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self.receiver = start_manager(ReceiverManager, backend, 24, transfer_timeout=1.5)
-        self.sender = start_manager(SenderManager, backend, 128, transfer_timeout=5.0)
-        self.rogue_sender = start_manager(SenderManager, backend, 8, transfer_timeout=1.5)
-        self.rogue_receiver = start_manager(ReceiverManager, backend, 8, transfer_timeout=1.5)
+        # Starved of blocks, R gives up on a legit room before S1 does, and says why. The
+        # rogues give up on their own rooms quickly.
+        self.receiver = start_manager(ReceiverManager, backend, 24, 5.0, transfer_timeout=1.5)
+        self.sender = start_manager(SenderManager, backend, 128, 5.0, transfer_timeout=5.0)
+        self.rogue_sender = start_manager(SenderManager, backend, 8, 2.0, transfer_timeout=1.5)
+        self.rogue_receiver = start_manager(ReceiverManager, backend, 8, 2.0,
+                                            transfer_timeout=1.5)
         self.managers = [self.receiver, self.sender, self.rogue_sender, self.rogue_receiver]
         self.rooms = itertools.count(1)
         self.legit: dict[int, LegitRoom] = {}
@@ -258,6 +263,7 @@ class Cluster:
         self.hostile_receiver_room()
         self.rogue_receiver.create_receiver(next(self.rooms), self.sender.bootstrap_address)
         self.start_legit(40, receiver_first=True)
+        self.pair_legit()
         wait_for(lambda: {self.sender.id, self.rogue_sender.id} <= self.receiver._peers.keys()
                  and self.rogue_receiver.id in self.sender._peers, "registration")
 
@@ -275,35 +281,52 @@ class Cluster:
     # -- traffic --------------------------------------------------------------------------
 
     def push(self, manager, source: str, message) -> None:
-        """Send one frame as ``source`` to a manager's control socket; wait until handled."""
+        """Send one message as ``source`` to a manager's control socket; wait until handled."""
+        self.push_frames(manager, ControlCodec(TOKEN, source).encode(message))
+
+    def push_frames(self, manager, frames: list[bytes]) -> None:
         sentinel = Received(SENTINEL) if manager is self.receiver else Announce(SENTINEL, 1)
         handled = self.handled[manager]
         handled.clear()
-        self.pushes[manager].send_multipart(ControlCodec(TOKEN, source).encode(message))
-        self.pushes[manager].send_multipart(ControlCodec(TOKEN, source).encode(sentinel))
-        assert handled.wait(10), f"{manager.role} loop did not handle {message!r}"
+        self.pushes[manager].send_multipart(frames or [b""])
+        self.pushes[manager].send_multipart(ControlCodec(TOKEN, "test").encode(sentinel))
+        assert handled.wait(10), f"{manager.role} loop did not handle {frames!r:.200}"
 
     def start_legit(self, total: int, receiver_first: bool) -> None:
-        allocation = self.receiver.pool.allocator.alloc_default()
-        source = self.sender.pool.allocator.alloc(total)
-        if allocation is None or source is None:  # a scheduler would wait; the test moves on
-            for pool, held in ((self.receiver.pool, allocation), (self.sender.pool, source)):
-                if held is not None:
-                    pool.allocator.free(held)
-            return
-        room = next(self.rooms)
+        """One side of a legit room now; ``pair_legit`` brings the other."""
+        legit = LegitRoom(next(self.rooms), total)
         if receiver_first:
-            receiver = self.receiver.create_receiver(room, self.sender.bootstrap_address)
-            receiver.init(allocation)
-        sender = self.sender.create_sender(room)
-        sender.announce(total)
-        if not receiver_first:
-            receiver = self.receiver.create_receiver(room, self.sender.bootstrap_address)
-            receiver.init(allocation)
-        embeddings, token_ids, positions, delta = prompt(room, total)
-        self.sender.pool.write(source, 0, embeddings, token_ids, positions)
-        sender.send(source, delta)
-        self.legit[room] = LegitRoom(room, total, receiver, sender)
+            self._legit_receiver(legit)
+        else:
+            self._legit_sender(legit)
+        if legit.receiver or legit.sender:
+            self.legit[legit.room] = legit
+
+    def pair_legit(self) -> None:
+        for legit in list(self.legit.values()):
+            if legit.receiver is None:
+                self._legit_receiver(legit)
+            elif legit.sender is None:
+                self._legit_sender(legit)
+            if legit.receiver is None or legit.sender is None:  # no blocks: leave it out
+                del self.legit[legit.room]
+                (legit.receiver or legit.sender).abort("test: no blocks for the other side")
+
+    def _legit_receiver(self, legit: LegitRoom) -> None:
+        allocation = self.receiver.pool.allocator.alloc_default()
+        if allocation is not None:  # else a scheduler would wait; the test moves on
+            legit.receiver = self.receiver.create_receiver(legit.room,
+                                                           self.sender.bootstrap_address)
+            legit.receiver.init(allocation)
+
+    def _legit_sender(self, legit: LegitRoom) -> None:
+        source = self.sender.pool.allocator.alloc(legit.total)
+        if source is not None:
+            legit.sender = self.sender.create_sender(legit.room)
+            legit.sender.announce(legit.total)
+            embeddings, token_ids, positions, delta = prompt(legit.room, legit.total)
+            self.sender.pool.write(source, 0, embeddings, token_ids, positions)
+            legit.sender.send(source, delta)
 
     def hostile_receiver_room(self) -> None:
         """A room R expects from S2: whatever S2 says about it, R's pool must stay sound."""
@@ -335,6 +358,8 @@ class Cluster:
     def poll(self) -> None:
         """What the schedulers do each tick: take what arrived, check legit rooms' bytes."""
         for legit in self.legit.values():
+            if legit.receiver is None:
+                continue
             if legit.outcome is None and legit.receiver.poll() == Poll.Success:
                 got = legit.receiver.take()
                 embeddings, token_ids, positions, delta = prompt(legit.room, legit.total)
@@ -384,6 +409,7 @@ class Cluster:
             sender.abort("test over")
         for receiver in list(self.rogue_receiver._receivers.values()):
             receiver.abort("test over")
+        self.pair_legit()
         wait_for(lambda: self.poll() or all(r.outcome for r in self.legit.values()),
                  "legit rooms to end")
         self.check(troubles)
@@ -537,8 +563,9 @@ def to_sender(data, cluster: Cluster) -> None:
 
 def step(data, cluster: Cluster) -> None:
     kind = data.draw(st.sampled_from(
-        ["to_receiver"] * 4 + ["to_sender"] * 4 + ["legit", "hostile_receiver_room",
-                                                   "hostile_sender_room", "abort", "wait"]),
+        ["to_receiver"] * 4 + ["to_sender"] * 4 + ["legit", "pair", "hostile_receiver_room",
+                                                   "hostile_sender_room", "abort", "wait",
+                                                   "frames"]),
         label="step")
     if kind == "to_receiver":
         to_receiver(data, cluster)
@@ -547,6 +574,11 @@ def step(data, cluster: Cluster) -> None:
     elif kind == "legit":
         cluster.start_legit(data.draw(st.integers(1, 12 * BLOCK), label="total"),
                             data.draw(st.booleans(), label="receiver first"))
+    elif kind == "pair":
+        cluster.pair_legit()
+    elif kind == "frames":  # malformed ones, through the real socket and decoder
+        cluster.push_frames(pick(data, [cluster.receiver, cluster.sender], "to"),
+                            data.draw(frames(), label="frames"))
     elif kind == "hostile_receiver_room":
         cluster.hostile_receiver_room()
     elif kind == "hostile_sender_room":
@@ -768,3 +800,4 @@ def test_tcp_header_nested_too_deep_is_refused():
             cluster.finish(troubles)
         finally:
             cluster.close()
+
