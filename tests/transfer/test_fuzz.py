@@ -801,3 +801,20 @@ def test_tcp_header_nested_too_deep_is_refused():
         finally:
             cluster.close()
 
+
+def test_abort_from_another_receiver_keeps_early_windows():
+    """Found by the fuzzer: an Abort from any registered receiver dropped the windows
+    another receiver had offered for a room the encode side had not seen yet, so that
+    room's request later found no window and both sides timed out."""
+    with Troubles() as troubles:
+        cluster = Cluster("shm")
+        try:
+            cluster.start_legit(100, receiver_first=True)
+            room = max(cluster.legit)
+            wait_for(lambda: room in cluster.sender._early, "the early window")
+            cluster.push(cluster.sender, cluster.rogue_receiver.id, Abort(room, "not mine"))
+            cluster.pair_legit()
+            cluster.finish(troubles)
+            assert cluster.legit[room].outcome == "Success"
+        finally:
+            cluster.close()
