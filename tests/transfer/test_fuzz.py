@@ -452,9 +452,14 @@ def pick(data, options: list, label: str):
     return options[data.draw(st.integers(0, 255), label=label) % len(options)]
 
 
+def wire(n: int) -> int:
+    """``n`` clamped to what msgpack carries."""
+    return max(-(2**63), min(n, 2**64 - 1))
+
+
 def number(data, *near: int, label: str = "number") -> int:
     """Off-by-ones around the protocol state, extremes, or anything small."""
-    candidates = sorted({v + d for v in near for d in (-1, 0, 1)} | set(BIG))
+    candidates = sorted({wire(v + d) for v in near for d in (-1, 0, 1)} | set(BIG))
     index = data.draw(st.integers(0, 255), label=label)
     small = data.draw(st.integers(-2 * BLOCK, 30 * BLOCK), label=label)
     return small if index % 4 == 0 else candidates[index % len(candidates)]
@@ -497,7 +502,7 @@ def to_receiver(data, cluster: Cluster) -> None:
         sane, odd = data.draw(st.integers(1, 24 * BLOCK), label="total"), number(data, *sizes)
         is_sane = data.draw(st.booleans(), label="sane")
         whole = total or (sane if is_sane else odd)
-        message = ChunkDone(room, start, min(whole - start, size), whole, 7)
+        message = ChunkDone(room, start, wire(min(whole - start, size)), whole, 7)
     elif kind == "chunk":
         message = ChunkDone(room, number(data, sent, *starts), number(data, *sizes),
                             number(data, total or 0, *starts, *sizes),
@@ -666,7 +671,7 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
     start, blocks = pick(data, windows or [(0, [0, 1])], "window")
     whole = data.draw(st.integers(1, 24 * BLOCK), label="total")
     whole = total or whole
-    num = min(whole - start, len(blocks) * BLOCK)
+    num = wire(min(whole - start, len(blocks) * BLOCK))
     blocks = blocks[: -(-num // BLOCK)] if num > 0 else []
     token, sender, magic = TOKEN, cluster.rogue_sender.id, MAGIC
     broken = data.draw(st.sampled_from(["nothing"] * 4 + [
@@ -709,7 +714,9 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
         payload = payload[: data.draw(st.integers(0, 2**16), label="at") % max(expected, 1)]
     elif cut == "extra":
         payload += data.draw(st.binary(min_size=1, max_size=64), label="extra")
-    return room, PREFIX.pack(magic, length) + header + payload, len(payload) < expected
+    # A garbled header may still parse, as another chunk: then we cannot tell what is short.
+    cut_short = len(payload) < expected and broken != "header"
+    return room, PREFIX.pack(magic, length) + header + payload, cut_short
 
 
 @fuzz_settings(20)
@@ -726,7 +733,7 @@ def test_tcp_data_port_survives_raw_streams(data):
                 room, raw, cut_short = raw_stream(data, cluster)
                 progress = cluster.progress(room)
                 send_raw(cluster, raw)
-                if cut_short:
+                if cut_short and room not in cluster.legit:  # S1 may move a legit room on
                     assert cluster.progress(room) in (progress, None), (
                         f"room {room} advanced on a stream cut inside its chunk")
                 cluster.check(troubles)
