@@ -349,6 +349,12 @@ class Cluster:
             sender.send(source, 0)
         self.hostile_senders[room] = sender
 
+    def live_legit(self) -> list[int]:
+        return [room for room, legit in self.legit.items() if legit.outcome is None]
+
+    def ended(self) -> list[int]:
+        return [*self.finished, *(room for room, legit in self.legit.items() if legit.outcome)]
+
     def progress(self, room: int) -> int | None:
         """R's ``sent_tokens`` of a live room, else None."""
         with self.receiver._lock:
@@ -465,17 +471,18 @@ def number(data, *near: int, label: str = "number") -> int:
     return small if index % 4 == 0 else candidates[index % len(candidates)]
 
 
-def some_room(data, rooms: list[int]) -> int:
-    """One of ``rooms`` or a room nobody has (never one a later step creates)."""
+def some_room(data, *groups: list[int]) -> int:
+    """A room of one of ``groups``, so that a few live rooms are not lost among many ended
+    ones, or a room nobody has (never one a later step creates)."""
     stranger = data.draw(st.integers(10**6, 2**63 - 1) | st.sampled_from(BIG), label="stranger")
-    return pick(data, [*rooms, stranger], "room")
+    return pick(data, pick(data, [*filter(None, groups), [stranger]], "group"), "room")
 
 
 def to_receiver(data, cluster: Cluster) -> None:
     """From S2: anything about any room (R must refuse all but S2's own rooms). From S1:
     chunk notices no window can match, which R must refuse without harm to the room."""
     manager = cluster.receiver
-    room = some_room(data, [*cluster.hostile_receivers, *cluster.legit, *cluster.finished])
+    room = some_room(data, list(cluster.hostile_receivers), cluster.live_legit(), cluster.ended())
     with manager._lock:
         receiver = manager._receivers.get(room) or manager._quarantine.get(room)
         windows = [(w.start, w.allocation.allocated_tokens if w.allocation else w.filled)
@@ -525,7 +532,7 @@ def to_sender(data, cluster: Cluster) -> None:
         claimed = [room for room in cluster.legit if (
             room in manager._senders and manager._senders[room].peer is honest)
             or (room in manager._early and manager._early[room].peer is honest)]
-    room = some_room(data, [*cluster.hostile_senders, *claimed, *cluster.finished])
+    room = some_room(data, list(cluster.hostile_senders), claimed, cluster.ended())
     with manager._lock:
         sender = manager._senders.get(room)
         sent = sender.sent_tokens if sender else 0
@@ -605,6 +612,8 @@ def test_managers_survive_hostile_peers(backend, data):
     with Troubles() as troubles:
         cluster = Cluster(backend)
         try:
+            for _ in range(2):  # waiting for their encode request: targets for S2
+                cluster.start_legit(data.draw(st.integers(1, 12 * BLOCK)), receiver_first=True)
             cluster.check(troubles)
             for _ in range(data.draw(st.integers(1, 60), label="steps")):
                 step(data, cluster)
@@ -662,7 +671,7 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
     """(room, bytes, whether the payload is cut short) for one connection: the chunk S2 would
     send next, maybe with one thing broken, and its payload maybe cut or extended."""
     manager = cluster.receiver
-    room = some_room(data, [*cluster.hostile_receivers, *cluster.legit, *cluster.finished])
+    room = some_room(data, list(cluster.hostile_receivers), cluster.live_legit(), cluster.ended())
     with manager._lock:
         receiver = manager._receivers.get(room)
         windows = [(w.start, list(w.allocation.blocks)) for w in receiver.windows
@@ -689,9 +698,11 @@ def raw_stream(data, cluster: Cluster) -> tuple[int, bytes, bool]:
         num = number(data, num, len(blocks) * BLOCK, label="num")
     elif broken == "total":
         whole = number(data, whole, num, label="total")
-    elif broken == "blocks":
-        blocks = data.draw(st.lists(st.integers(-1, 24) | st.sampled_from(BIG), max_size=4),
+    elif broken == "blocks":  # as many as the window's, shifted; or any
+        shift = data.draw(st.integers(1, 23), label="shift")
+        forged = data.draw(st.lists(st.integers(-1, 24) | st.sampled_from(BIG), max_size=4),
                            label="blocks")
+        blocks = [(b + shift) % 24 for b in blocks] if data.draw(st.booleans()) else forged
     elif broken == "magic":
         magic = data.draw(st.binary(min_size=8, max_size=8), label="magic")
     header = msgspec.msgpack.encode(ChunkHeader(token, sender, ChunkDone(room, start, num,
@@ -729,6 +740,8 @@ def test_tcp_data_port_survives_raw_streams(data):
             del cluster.hostile_receivers[probe]
             for _ in range(3):
                 cluster.hostile_receiver_room()
+            for _ in range(2):
+                cluster.start_legit(data.draw(st.integers(1, 12 * BLOCK)), receiver_first=True)
             for _ in range(data.draw(st.integers(1, 12), label="connections")):
                 room, raw, cut_short = raw_stream(data, cluster)
                 progress = cluster.progress(room)
