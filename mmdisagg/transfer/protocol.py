@@ -118,7 +118,8 @@ class ControlCodec:
             raise ProtocolError("wrong or missing auth token")
         try:
             return bytes(source).decode(), self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+                RecursionError) as exc:  # msgspec skips an unknown field recursively
             raise ProtocolError(f"malformed control message: {exc}") from None
 
     def authentic(self, token: str | None) -> bool:

@@ -259,6 +259,8 @@ class ReceiverManager(TransferManager):
             want = min(need, self.settings.window_blocks or need)
             if allocator.num_free_blocks == 0:
                 self._spill(receiver)
+                if receiver.state in TERMINAL:
+                    return
             allocation = allocator.alloc_blocks(min(want, max(allocator.num_free_blocks, 1)))
             if allocation is None:
                 self._pending[receiver.room] = receiver
@@ -370,7 +372,7 @@ class ReceiverManager(TransferManager):
                                f"order (next is {receiver.sent_tokens})")
         total = receiver.total_tokens or notice.total_tokens
         expected = min(total - window.start, window.allocation.allocated_tokens)
-        if notice.total_tokens != total or notice.num_tokens != expected:
+        if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
                                f"room {room}; its window takes {expected} of {total}")
         if blocks is not None:
@@ -409,7 +411,11 @@ class ReceiverManager(TransferManager):
         if not filled:
             return
         if receiver.staged is None:
-            receiver.staged = self._new_buffer(receiver.total_tokens)
+            try:
+                receiver.staged = self._new_buffer(receiver.total_tokens)
+            except (RuntimeError, TypeError) as exc:  # torch: out of memory, size overflow
+                return self._fail(receiver, f"cannot stage room {receiver.room}'s "
+                                            f"{receiver.total_tokens} tokens: {exc}", notify=True)
         for window in filled:
             self._copy_out(window, receiver.staged)
             self.pool.allocator.free(window.allocation)

@@ -218,7 +218,8 @@ class SenderManager(TransferManager):
             sender.acked = True
             self._maybe_finish(sender)
         elif isinstance(message, Abort):
-            self._early.pop(room, None)
+            if room in self._early and self._early[room].peer is peer:
+                del self._early[room]
             if sender is not None and sender.peer in (peer, None):
                 self._fail(sender, f"aborted by the language server: {message.reason}",
                            notify=True)

@@ -139,7 +139,8 @@ class TcpPlane(DataPlane):
                 try:
                     for offset, size in self.pool.layout.byte_ranges(
                             header.blocks, 0, header.notice.num_tokens):
-                        _recv_exact(conn, pool_view[offset: offset + size])
+                        if not _recv_exact(conn, pool_view[offset: offset + size]):
+                            raise ConnectionError("stream ended inside a chunk")
                 except OSError as exc:
                     error = f"tcp data stream broke mid-chunk: {exc}"
                 self._sink.end_chunk(header.sender, header.notice, error)
@@ -178,7 +179,7 @@ class TcpPlane(DataPlane):
             raise ValueError("stream ended inside a chunk header")
         try:
             header = _header_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise ValueError(f"malformed chunk header: {exc}") from None
         if not hmac.compare_digest(header.auth_token.encode(), self.auth_token.encode()):
             raise ValueError("chunk header with a wrong auth token")
