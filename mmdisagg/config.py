@@ -262,6 +262,9 @@ class TransferSettings:
     control_port: int = knob(0, "ZeroMQ control port (0 = any free port)", check=any_port)
     data_port: int = knob(0, "tcp data plane: receiving port (0 = any free port)",
                           check=any_port)
+    advertise_data_port: int = knob(
+        0, "tcp data plane: port senders are told to connect to (0 = the receiving port; set "
+           "it when a NAT, port forward or proxy sits in front of --data-port)", check=any_port)
     window_blocks: int = knob(0, "most blocks a language server offers in one window after "
                                  "the first (0 = the whole rest of the prompt)",
                               check=non_negative)

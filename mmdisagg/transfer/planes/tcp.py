@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import msgspec
 
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes.base import ChunkRefused, ChunkSink, DataPlane, Link, PlaneError
 from mmdisagg.transfer.protocol import ChunkDone
 
@@ -91,13 +93,26 @@ class TcpPlane(DataPlane):
     name = "tcp"
     notifies_in_band = True
 
+    def __init__(self, pool: EmbeddingPool, host: str, advertise_host: str, port: int,
+                 auth_token: str, source: str, timeout_s: float, advertise_port: int = 0) -> None:
+        super().__init__(pool, host, advertise_host, port, auth_token, source, timeout_s)
+        self.advertise_port = advertise_port
+
+    @classmethod
+    def create(cls, pool: EmbeddingPool, transfer: TransferSettings, network: NetworkSettings,
+               source: str) -> TcpPlane:
+        return cls(pool, network.host, network.reachable_host, transfer.data_port,
+                   network.auth_token, source, transfer.transfer_timeout,
+                   transfer.advertise_data_port)
+
     def listen(self, sink: ChunkSink) -> dict:
         self._sink = sink
         self._closing = False
         self._server = socket.create_server((self.host, self.port), backlog=128)
         self._connections: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="tcp-accept", daemon=True).start()
-        return {"host": self.advertise_host, "port": self._server.getsockname()[1]}
+        return {"host": self.advertise_host,
+                "port": self.advertise_port or self._server.getsockname()[1]}
 
     def connect(self, description: dict, peer_layout: dict) -> Link:
         try:
