@@ -63,6 +63,7 @@ class EncodeServer:
         yield from outcome_metrics("encode", self.scheduler.outcomes)
         yield from queue_metrics({"waiting": len(self.scheduler.waiting),
                                   "admitted": len(self.scheduler.admitted),
+                                  "encoding": len(self.scheduler.encoding),
                                   "sending": len(self.scheduler.sending)})
         yield from pool_metrics(self.pool)
         yield from transfer_metrics(self.manager.stats)

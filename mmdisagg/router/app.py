@@ -34,7 +34,7 @@ from mmdisagg.httpapp import (
     serve,
 )
 from mmdisagg.messages import TokenEvent
-from mmdisagg.metrics import latency_histogram, outcome_metrics
+from mmdisagg.metrics import latency_histogram, outcome_metrics, server_metrics
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.prompts import parse_messages
 from mmdisagg.router.dispatch import Dispatcher
@@ -55,6 +55,9 @@ class Backend(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        """Role -> (healthy servers, servers) as this backend last saw them."""
 
     async def start(self) -> None: ...
 
@@ -111,6 +114,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
 
     def collect():
         yield from outcome_metrics("router", outcomes + backend.outcomes)
+        yield from server_metrics(backend.server_health())
 
     registry.register(StatsCollector(collect))
     started = int(time.time())

@@ -130,6 +130,10 @@ class Dispatcher:
         return (any(s.healthy for s in self.encoders.servers)
                 and any(s.healthy for s in self.languages.servers))
 
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        return {group.role: (sum(s.healthy for s in group.servers), len(group.servers))
+                for group in (self.encoders, self.languages)}
+
     async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
         """Token events of one request; ApiError before the first one if it cannot run."""

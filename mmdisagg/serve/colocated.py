@@ -88,6 +88,9 @@ class ColocatedBackend:
     def outcomes(self) -> Counter[str]:
         return self.service.scheduler.outcomes
 
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        return {}
+
     async def start(self) -> None:
         pass
 
