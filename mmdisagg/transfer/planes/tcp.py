@@ -62,15 +62,23 @@ def _tune(sock: socket.socket) -> None:
 
 
 class TcpLink(Link):
+    """One stream to a receiver's data port. Once it breaks (a cut connection, a receiver that
+    closed it), the next write opens a new one: the receiver takes any number of streams."""
+
     def __init__(self, plane: TcpPlane, address: tuple[str, int]) -> None:
         self.plane = plane
-        try:
-            self.sock = socket.create_connection(address, timeout=plane.timeout_s)
-        except OSError as exc:
-            raise PlaneError(f"cannot connect to tcp data port {address[0]}:{address[1]}: "
-                             f"{exc}") from exc
-        _tune(self.sock)
+        self.address = address
+        self.sock: socket.socket | None = self._connect()
         self.view = memoryview(plane.pool.arrays.buffer.numpy())
+
+    def _connect(self) -> socket.socket:
+        host, port = self.address
+        try:
+            sock = socket.create_connection(self.address, timeout=self.plane.timeout_s)
+        except OSError as exc:
+            raise PlaneError(f"cannot connect to tcp data port {host}:{port}: {exc}") from exc
+        _tune(sock)
+        return sock
 
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
@@ -78,15 +86,20 @@ class TcpLink(Link):
         used = -(-notice.num_tokens // layout.block_size)
         header = _header_encoder.encode(ChunkHeader(
             self.plane.auth_token, self.plane.source, notice, list(dst_blocks[:used])))
+        if self.sock is None:
+            self.sock = self._connect()
         try:
             self.sock.sendall(PREFIX.pack(MAGIC, len(header)) + header)
             for offset, size in layout.byte_ranges(src_blocks, src_start, notice.num_tokens):
                 self.sock.sendall(self.view[offset: offset + size])
         except OSError as exc:
+            self.close()
             raise PlaneError(f"tcp data stream broke: {exc}") from exc
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class TcpPlane(DataPlane):
