@@ -25,6 +25,7 @@ from mmdisagg.config import RouterSettings
 from mmdisagg.core import SamplingParams
 from mmdisagg.httpapp import ApiError
 from mmdisagg.messages import (
+    TRANSFER_FAILED,
     AbortRequest,
     EncodeRequest,
     ErrorEvent,
@@ -177,6 +178,10 @@ class Dispatcher:
                     await asyncio.wait({encoding}, timeout=ENCODER_VERDICT_S)
                     if encoding.done() and encoding.exception() is not None:
                         encoding.result()
+                    if event.type == TRANSFER_FAILED and not encoding.done():
+                        # No prompt arrived and the encoder says nothing: it hangs.
+                        raise EncoderFailed(f"{encoder.url} is silent; the language server "
+                                            f"says: {event.message}")
                     raise ApiError(event.status, event.message)
                 yield event
                 if event.finish_reason is not None:

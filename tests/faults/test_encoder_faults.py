@@ -7,6 +7,7 @@ fixture checks that after each test)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 from tests.faults.harness import FaultCluster, ask, image, wait_until
@@ -99,6 +100,32 @@ def test_encoder_killed_between_windows_of_a_resumed_transfer(fault_cluster):
     assert outcome == "ok"
     assert proxy.fired_on.start_token > 0
     assert cluster.sample("language-0", "mmdisagg_transfer_resumes_total") > resumes
+
+
+def test_encoder_hung_then_resumed(fault_cluster):
+    """SIGSTOP during vision work: heartbeats declare it dead, the request goes to the other
+    encoder; SIGCONT: the hung encoder finds its peers gone, frees what it held, and serves
+    again."""
+    cluster, _ = fault_cluster
+    victim: list[str] = []
+
+    def inject():
+        victim.append(busy_encoder(cluster, "encoding"))
+        cluster.signal(victim[0], signal.SIGSTOP)
+
+    try:
+        outcome, after = run_with_fault(cluster, inject)
+        assert outcome == "ok", outcome
+        assert after < 60
+        wait_until(lambda: cluster.healthy_in_router("encode") == 1, 30,
+                   "the router stops using the hung encoder")
+    finally:
+        if victim:
+            cluster.signal(victim[0], signal.SIGCONT)
+    assert cluster.child(victim[0]).process.poll() is None, "the resumed encoder died"
+    cluster.wait_router_sees_all()
+    wait_until(lambda: cluster.used_blocks(victim[0]) == 0, 60, "the resumed encoder's pool free")
+    serves_again(cluster, victim[0])
 
 
 def test_data_connection_cut_mid_chunk(fault_cluster):
