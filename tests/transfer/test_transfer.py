@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -164,6 +166,32 @@ def test_encoder_killed_while_encoding(start, backend):
     result = receiver.done([42], 30)[42]
     assert result["state"] == "Failed" and "stopped answering" in result["failure"]
     assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_hung_then_resumed_writes_nothing(start, backend):
+    """SIGSTOP a sender whose room waits for its vision work: the receiver declares it dead and
+    takes the room's blocks back. On SIGCONT the sender must not write into them (a one-sided
+    write would land in whatever room has them now), though messages queued while it was
+    stopped make its peer look alive; it drops its peers and serves a new room afresh."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 8, default_blocks=8)
+    receiver.command(op="recv", room=45, encoder=sender.bootstrap)
+    sender.command(op="send", room=45, total=500, delay=1.0)  # 1 s of "vision work"
+    time.sleep(0.5)
+    os.kill(sender.proc.pid, signal.SIGSTOP)
+    try:
+        result = receiver.done([45], 30)[45]
+        assert result["state"] == "Failed" and "stopped answering" in result["failure"]
+        assert receiver.wait_pool_full()["live"] == 0
+    finally:
+        os.kill(sender.proc.pid, signal.SIGCONT)
+    assert sender.done([45], 30)[45]["state"] == "Failed"
+    assert sender.stats()["chunks"] == 0
+    assert sender.wait_pool_full()["live"] == 0
+    receiver.command(op="recv", room=46, encoder=sender.bootstrap)
+    sender.command(op="send", room=46, total=700)
+    assert_exact(receiver.done([46]), {46: 700})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
