@@ -158,8 +158,12 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         completion = Completion(model, chat.return_token_ids)
         events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
                                   uuid.uuid4().hex)
+        waiting = asyncio.ensure_future(anext(events))
+        if not await unless_gone(request, waiting):
+            outcomes["aborted"] += 1
+            return Response(status_code=499)
         try:
-            first = await anext(events)
+            first = waiting.result()
         except ApiError:
             outcomes["failed"] += 1
             raise
@@ -175,12 +179,9 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
                 _sse(completion, first, events, include_usage, finished, outcomes),
                 media_type="text/event-stream")
         collected = asyncio.create_task(_collect(first, events))
-        while not collected.done():
-            await asyncio.wait({collected}, timeout=DISCONNECT_POLL_S)
-            if not collected.done() and await request.is_disconnected():
-                collected.cancel()
-                outcomes["aborted"] += 1
-                return Response(status_code=499)
+        if not await unless_gone(request, collected):
+            outcomes["aborted"] += 1
+            return Response(status_code=499)
         try:
             result = collected.result()
         except ApiError:
@@ -190,6 +191,17 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         return JSONResponse(completion.whole(result))
 
     return app
+
+
+async def unless_gone(request: Request, work: asyncio.Future) -> bool:
+    """Wait for ``work`` while the client stays; if it leaves first, cancel ``work`` (which
+    aborts the request on every server) and return False."""
+    while not work.done():
+        await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if not work.done() and await request.is_disconnected():
+            work.cancel()
+            return False
+    return True
 
 
 async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
