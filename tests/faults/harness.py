@@ -110,8 +110,8 @@ def image(width: int, height: int, seed: int = 0) -> dict:
 
 async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int = 8,
               stream: bool = False) -> str | int:
-    """'ok', or the HTTP status of a clean failure (a failed stream counts as 'stream-error');
-    a request that hangs fails the test."""
+    """'ok', the HTTP status of a clean failure, 'stream-error' (an error event in a stream)
+    or 'connection-error'; a request that hangs fails the test."""
     async def run() -> str | int:
         try:
             if not stream:
@@ -130,6 +130,8 @@ async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int 
             return "ok"
         except openai.APIStatusError as exc:
             return exc.status_code
+        except openai.APIConnectionError:
+            return "connection-error"
         except openai.APIError:  # an error event inside a stream
             return "stream-error"
 

@@ -156,6 +156,24 @@ def test_sender_killed_mid_transfer(start, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_killed_mid_transfer(start, backend):
+    """The sender frees the room's blocks once the receiver's heartbeats stop (tcp and
+    mooncake may see their connection break first; shm has none)."""
+    sender = start("sender", backend, 256, hidden=1024)
+    receiver = start("receiver", backend, 4, hidden=1024, default_blocks=1,
+                     transfer={"window_blocks": 1})
+    receiver.command(op="recv", room=48, encoder=sender.bootstrap)
+    sender.command(op="send", room=48, total=20000)
+    receiver.wait(lambda e: e["event"] == "transferring", 60)
+    receiver.proc.kill()
+    result = sender.done([48], 30)[48]
+    assert result["state"] == "Failed", result
+    if backend == "shm":
+        assert "stopped answering" in result["failure"], result
+    assert sender.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_encoder_killed_while_encoding(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 64, default_blocks=2)
