@@ -415,7 +415,8 @@ class RouterSettings:
     api_key: str = knob("", "key clients must send as 'Authorization: Bearer KEY' (empty: none)",
                         secret=True)
     health_interval: float = knob(2.0, "seconds between health checks of each server")
-    encode_retries: int = knob(2, "other encoders tried when one fails before sending",
+    encode_retries: int = knob(2, "other servers tried when an encoder fails before sending "
+                                  "or a language server refuses the connection",
                                check=non_negative)
     request_timeout: float = knob(600.0, "seconds a request may take end to end")
     max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")

@@ -86,6 +86,11 @@ class EncoderFailed(Exception):
     """The encoder failed before the language server had the prompt: worth another encoder."""
 
 
+class LanguageUnreachable(Exception):
+    """The language server refused the connection, so it never saw the request: worth
+    another language server."""
+
+
 class Dispatcher:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
@@ -142,20 +147,21 @@ class Dispatcher:
         last = ""
         for attempt in range(self.settings.encode_retries + 1):
             encoder = self.encoders.pick(tried)
-            language = self.languages.pick(set())
+            language = self.languages.pick(tried)
             try:
                 async for event in self._attempt(encoder, language, messages, params,
                                                  request_id):
                     yield event
                 return
-            except EncoderFailed as exc:
-                tried.add(encoder.url)
-                self.outcomes["encoder_retries"] += 1
-                log.warning("request %s: encoder %s failed before sending (%s); attempt %d of "
-                            "%d", request_id, encoder.url, exc, attempt + 1,
+            except (EncoderFailed, LanguageUnreachable) as exc:
+                failed = encoder if isinstance(exc, EncoderFailed) else language
+                tried.add(failed.url)
+                self.outcomes[f"{failed.role}_retries"] += 1
+                log.warning("request %s: %s server %s failed before sending (%s); attempt %d "
+                            "of %d", request_id, failed.role, failed.url, exc, attempt + 1,
                             self.settings.encode_retries + 1)
                 last = str(exc)
-        raise ApiError(503, f"every encoder tried failed; last: {last}")
+        raise ApiError(503, f"every attempt failed; last: {last}")
 
     async def _attempt(self, encoder: Server, language: Server, messages: list[dict[str, Any]],
                        params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
@@ -234,6 +240,9 @@ class Dispatcher:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             yield ErrorEvent(f"language server {server.url} sent a bad event: {exc}", 502)
             return
+        except httpx.ConnectError as exc:
+            server.healthy = False
+            raise LanguageUnreachable(f"{server.url} unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:
             yield ErrorEvent(f"language server {server.url} failed: {exc!r}", 503)
             return
