@@ -154,9 +154,10 @@ class Dispatcher:
                     yield event
                 return
             except (EncoderFailed, LanguageUnreachable) as exc:
-                failed = encoder if isinstance(exc, EncoderFailed) else language
+                failed, counter = ((encoder, "encoder_retries") if isinstance(exc, EncoderFailed)
+                                   else (language, "language_retries"))
                 tried.add(failed.url)
-                self.outcomes[f"{failed.role}_retries"] += 1
+                self.outcomes[counter] += 1
                 log.warning("request %s: %s server %s failed before sending (%s); attempt %d "
                             "of %d", request_id, failed.role, failed.url, exc, attempt + 1,
                             self.settings.encode_retries + 1)
