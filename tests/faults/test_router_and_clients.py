@@ -55,18 +55,38 @@ def post_and_leave(cluster: FaultCluster, body: dict, leave_when) -> None:
         wait_until(leave_when, 60, "the moment to leave")
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_client_gone_before_the_first_token(fault_cluster, stream):
-    """The client leaves while the encode server is still in the vision forward: the room is
-    aborted on the encode server (which drops the job) and on the language server."""
-    cluster, _ = fault_cluster
-    encoders = ("encode-0", "encode-1")
-    before = {name: aborted(cluster, name) for name in (*encoders, "language-0")}
-    body = {"model": "tiny-model", "stream": stream, "max_tokens": 8,
-            "messages": user(image(2048, 2048), text_part("Big?"))}
-    post_and_leave(cluster, body, lambda: any(cluster.queue(name, "encoding") >= 1
-                                              for name in encoders))
-    wait_until(lambda: sum(aborted(cluster, n) - before[n] for n in encoders) == 1, 30,
+ENCODERS = ("encode-0", "encode-1")
+
+
+def leave_and_expect_aborts(cluster: FaultCluster, body: dict, leave_when) -> None:
+    wait_until(lambda: not any(cluster.queue(n, "encoding") for n in ENCODERS), 60,
+               "earlier vision forwards over")
+    before = {name: aborted(cluster, name) for name in (*ENCODERS, "language-0")}
+    post_and_leave(cluster, body, leave_when)
+    wait_until(lambda: sum(aborted(cluster, n) - before[n] for n in ENCODERS) == 1, 30,
                "the encode server aborts the room")
     wait_until(lambda: aborted(cluster, "language-0") == before["language-0"] + 1, 30,
                "the language server aborts the room")
+    wait_until(lambda: not any(cluster.queue(n, "waiting") for n in ENCODERS), 30,
+               "no request left waiting on an encode server")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_client_gone_during_vision_work(fault_cluster, stream):
+    """The client leaves while the encode server runs the vision forward: the room is aborted
+    on the encode server (which drops the job) and on the language server."""
+    cluster, _ = fault_cluster
+    body = {"model": "tiny-model", "stream": stream, "max_tokens": 8,
+            "messages": user(image(2048, 2048), text_part("Big?"))}
+    leave_and_expect_aborts(cluster, body, lambda: any(cluster.queue(name, "encoding") >= 1
+                                                       for name in ENCODERS))
+
+
+def test_client_gone_while_its_images_are_prepared(fault_cluster):
+    """The client leaves while the encode server still decodes its images (seconds for three
+    large ones), so the abort reaches it before the request is in its queues."""
+    cluster, _ = fault_cluster
+    body = {"model": "tiny-model", "max_tokens": 8, "messages": user(
+        *(image(2048, 2048, seed) for seed in range(3)), text_part("Three?"))}
+    leave_and_expect_aborts(cluster, body, lambda: cluster.queue("language-0", "transfer")
+                            + cluster.queue("language-0", "prealloc") >= 1)
