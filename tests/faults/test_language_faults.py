@@ -14,7 +14,7 @@ from tests.faults.conftest import MAX_MODEL_LEN
 from tests.faults.harness import FaultCluster, ask, image, wait_until
 from tests.models.fixtures import text_part, user
 
-LONG = 4000  # tokens: still decoding when the kill comes
+LONG = 8000  # tokens: still decoding when the kill comes
 PROMPT_S = 20  # an error within this of the kill is prompt (request timeout: 600 s)
 
 
