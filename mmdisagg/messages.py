@@ -71,6 +71,7 @@ class ServerInfo(msgspec.Struct, frozen=True):
     model: str
     load: int
     bootstrap: str | None = None
+    max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
 
 
 encode = msgspec.json.encode

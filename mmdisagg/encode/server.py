@@ -85,7 +85,7 @@ class EncodeServer:
 
     def info(self) -> ServerInfo:
         return ServerInfo("encode", self.settings.model.name, self.scheduler.load,
-                          self.manager.bootstrap_address)
+                          self.manager.bootstrap_address, self.half.max_model_len)
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         try:

@@ -54,6 +54,10 @@ class Backend(Protocol):
     def model(self) -> str | None: ...
 
     @property
+    def max_model_len(self) -> int | None:
+        """Most tokens a request may hold, prompt and output (None: not known yet)."""
+
+    @property
     def healthy(self) -> bool: ...
 
     def server_health(self) -> dict[str, tuple[int, int]]:
@@ -101,6 +105,15 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     except InputError as exc:
         raise ApiError(exc.status, exc.message, "messages") from None
     return chat
+
+
+def check_length(chat: ChatCompletionRequest, max_model_len: int | None) -> None:
+    """Refuse output that could never fit the model (the prompt takes tokens too)."""
+    asked = chat.max_tokens or chat.max_completion_tokens
+    if asked and max_model_len and asked >= max_model_len:
+        field = "max_tokens" if chat.max_tokens else "max_completion_tokens"
+        raise ApiError(400, f"{field}: {asked} is too large; this model takes fewer than "
+                            f"{max_model_len} tokens, prompt and output together", field)
 
 
 def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
@@ -155,6 +168,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         if chat.model != model:
             raise ApiError(404, f"the model '{chat.model}' does not exist; this server serves "
                                 f"'{model}'", "model")
+        check_length(chat, backend.max_model_len)
         completion = Completion(model, chat.return_token_ids)
         events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
                                   uuid.uuid4().hex)

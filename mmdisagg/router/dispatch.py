@@ -132,6 +132,12 @@ class Dispatcher:
         return None
 
     @property
+    def max_model_len(self) -> int | None:
+        lengths = [s.info.max_model_len for s in self.languages.servers + self.encoders.servers
+                   if s.healthy and s.info is not None and s.info.max_model_len]
+        return min(lengths, default=None)
+
+    @property
     def healthy(self) -> bool:
         return (any(s.healthy for s in self.encoders.servers)
                 and any(s.healthy for s in self.languages.servers))

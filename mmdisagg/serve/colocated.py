@@ -82,6 +82,7 @@ class ColocatedBackend:
         self.service = GenerationService(language, source, LanguageServerSettings(
             engine=settings.engine, model=model))
         self.model = model.name
+        self.max_model_len = language.max_model_len
         self.healthy = True
 
     @property
