@@ -339,6 +339,10 @@ class ImageSettings:
     allowed_local_media_dirs: tuple[str, ...] = knob(
         (), "folders file:// image URLs may read from; none = file:// refused",
         check=absolute_paths)
+    deny_private_image_urls: bool = knob(
+        False, "refuse http(s) image URLs whose host is not a public address (loopback, "
+               "private, link-local, ...), redirects included; turn on in production, where "
+               "a client must not make the server fetch from its own network")
     image_cache_bytes: int = knob(
         256 * 1024 * 1024, "bytes of vision embeddings the encode server keeps in its LRU image "
         "cache; 0 = no cache", check=non_negative)
