@@ -14,7 +14,8 @@ from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.serve.launcher import free_port
 from tests.faults.harness import FaultCluster
 from tests.faults.proxy import ChunkProxy
-from tests.models.fixtures import tiny, tiny_checkpoints, tiny_models
+from tests.faults.served import Served
+from tests.models.fixtures import png_bytes, tiny, tiny_checkpoints, tiny_models
 
 __all__ = ["tiny", "tiny_checkpoints", "tiny_models"]
 
@@ -23,6 +24,7 @@ __all__ = ["tiny", "tiny_checkpoints", "tiny_models"]
 BIG_IMAGE_PIXELS = 2048 * 2048
 MAX_MODEL_LEN = 16384
 HIDDEN, DTYPE = 128, "float32"  # the tiny checkpoint's embeddings
+MAX_REQUEST_BYTES = 16 << 20
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +69,24 @@ def fault_cluster(proxied):
             cluster.restart(child.name)
     cluster.wait_router_sees_all()
     cluster.assert_serving_and_clean()
+
+
+@pytest.fixture(scope="package")
+def media_dir(tmp_path_factory) -> Path:
+    """The one folder file:// image URLs may read."""
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "ok.png").write_bytes(png_bytes(40, 40))
+    return folder
+
+
+@pytest.fixture(scope="package")
+def served(tiny_checkpoints, tmp_path_factory, media_dir):
+    """``mmdisagg serve`` over tcp with an auth token and an API key in its environment,
+    debug logs in a file, image fetches bounded to 2 s."""
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    served = Served(tiny_checkpoints["qwen2_vl"], log, "--transfer-backend", "tcp",
+                    "--log-level", "debug", "--image-fetch-timeout", "2",
+                    "--allowed-local-media-dirs", str(media_dir),
+                    "--max-request-bytes", str(MAX_REQUEST_BYTES))
+    yield served
+    served.stop()
