@@ -262,6 +262,9 @@ class TransferSettings:
     control_port: int = knob(0, "ZeroMQ control port (0 = any free port)", check=any_port)
     data_port: int = knob(0, "tcp data plane: receiving port (0 = any free port)",
                           check=any_port)
+    advertise_data_port: int = knob(
+        0, "tcp data plane: port senders are told to connect to (0 = the receiving port; set "
+           "it when a NAT, port forward or proxy sits in front of --data-port)", check=any_port)
     window_blocks: int = knob(0, "most blocks a language server offers in one window after "
                                  "the first (0 = the whole rest of the prompt)",
                               check=non_negative)
@@ -336,6 +339,10 @@ class ImageSettings:
     allowed_local_media_dirs: tuple[str, ...] = knob(
         (), "folders file:// image URLs may read from; none = file:// refused",
         check=absolute_paths)
+    deny_private_image_urls: bool = knob(
+        False, "refuse http(s) image URLs whose host is not a public address (loopback, "
+               "private, link-local, ...), redirects included; turn on in production, where "
+               "a client must not make the server fetch from its own network")
     image_cache_bytes: int = knob(
         256 * 1024 * 1024, "bytes of vision embeddings the encode server keeps in its LRU image "
         "cache; 0 = no cache", check=non_negative)
@@ -412,7 +419,8 @@ class RouterSettings:
     api_key: str = knob("", "key clients must send as 'Authorization: Bearer KEY' (empty: none)",
                         secret=True)
     health_interval: float = knob(2.0, "seconds between health checks of each server")
-    encode_retries: int = knob(2, "other encoders tried when one fails before sending",
+    encode_retries: int = knob(2, "other servers tried when an encoder fails before sending "
+                                  "or a language server refuses the connection",
                                check=non_negative)
     request_timeout: float = knob(600.0, "seconds a request may take end to end")
     max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")

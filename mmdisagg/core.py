@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,23 @@ class EncodedPrompt:
     @property
     def total_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+
+class RecentRooms:
+    """The last ``size`` rooms added, for membership tests; the oldest are forgotten."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._order: deque[int] = deque(maxlen=size)
+        self._members: set[int] = set()
+
+    def add(self, room: int) -> None:
+        if len(self._order) == self._order.maxlen:
+            self._members.discard(self._order[0])
+        self._order.append(room)
+        self._members.add(room)
+
+    def __contains__(self, room: object) -> bool:
+        return room in self._members
 
 
 class LoopThread:

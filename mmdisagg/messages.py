@@ -49,8 +49,12 @@ class TokenEvent(msgspec.Struct, frozen=True, tag="token", tag_field="event"):
     completion_tokens: int
 
 
+TRANSFER_FAILED = "transfer_failed"
+
+
 class ErrorEvent(msgspec.Struct, frozen=True, tag="error", tag_field="event"):
-    """The request failed; ``status`` is the HTTP status a client should see."""
+    """The request failed; ``status`` is the HTTP status a client should see. ``type``
+    TRANSFER_FAILED: the prompt never arrived (nothing was generated)."""
 
     message: str
     status: int
@@ -67,6 +71,7 @@ class ServerInfo(msgspec.Struct, frozen=True):
     model: str
     load: int
     bootstrap: str | None = None
+    max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
 
 
 encode = msgspec.json.encode

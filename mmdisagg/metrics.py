@@ -27,6 +27,16 @@ def outcome_metrics(role: str, outcomes: Mapping[str, int]) -> Iterator[Metric]:
     yield family
 
 
+def server_metrics(health: Mapping[str, tuple[int, int]]) -> Iterator[Metric]:
+    """The router's view of its servers: how many of each role answer health checks."""
+    family = GaugeMetricFamily("mmdisagg_router_servers", "Servers by role and health",
+                               labels=["role", "state"])
+    for role, (healthy, total) in sorted(health.items()):
+        family.add_metric([role, "healthy"], healthy)
+        family.add_metric([role, "unhealthy"], total - healthy)
+    yield family
+
+
 def queue_metrics(queues: Mapping[str, int]) -> Iterator[Metric]:
     family = GaugeMetricFamily("mmdisagg_queue_length", "Requests in each queue",
                                labels=["queue"])

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mmdisagg.core import EncodedPrompt, LoopThread
+from mmdisagg.core import EncodedPrompt, LoopThread, RecentRooms
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedPrompt
@@ -90,6 +90,7 @@ class EncodeScheduler(LoopThread):
         self.outcomes: Counter[str] = Counter()
         self._inbox: deque[EncodeJob] = deque()
         self._aborts: deque[int] = deque()
+        self._aborted_early = RecentRooms()
         self._vision = ThreadPoolExecutor(1, thread_name_prefix="vision")
         self._vision_run: Future | None = None
 
@@ -129,16 +130,25 @@ class EncodeScheduler(LoopThread):
 
     def _receive(self) -> None:
         while self._inbox:
-            self.waiting.append(self._inbox.popleft())
+            job = self._inbox.popleft()
+            if job.room in self._aborted_early:
+                self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
+            else:
+                self.waiting.append(job)
         while self._aborts:
             room = self._aborts.popleft()
+            found = False
             for queue in (self.waiting, self.admitted, self.sending):
                 for job in [job for job in queue if job.room == room]:
                     queue.remove(job)
                     self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
+                    found = True
             for job in self.encoding:  # answered now, dropped when its forward ends
                 if job.room == room:
                     self._fail(job, ErrorEvent("aborted", 499), outcome="aborted")
+                    found = True
+            if not found:  # NOTE: its request may still be preparing (fetching, decoding)
+                self._aborted_early.add(room)
 
     def _admit(self) -> None:
         """First come, first served among requests the language server already offered a

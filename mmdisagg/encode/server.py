@@ -63,6 +63,7 @@ class EncodeServer:
         yield from outcome_metrics("encode", self.scheduler.outcomes)
         yield from queue_metrics({"waiting": len(self.scheduler.waiting),
                                   "admitted": len(self.scheduler.admitted),
+                                  "encoding": len(self.scheduler.encoding),
                                   "sending": len(self.scheduler.sending)})
         yield from pool_metrics(self.pool)
         yield from transfer_metrics(self.manager.stats)
@@ -84,7 +85,7 @@ class EncodeServer:
 
     def info(self) -> ServerInfo:
         return ServerInfo("encode", self.settings.model.name, self.scheduler.load,
-                          self.manager.bootstrap_address)
+                          self.manager.bootstrap_address, self.half.max_model_len)
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         try:

@@ -19,7 +19,7 @@ from typing import Protocol
 from mmdisagg.config import LanguageServerSettings
 from mmdisagg.core import EncodedPrompt, LoopThread, SamplingParams
 from mmdisagg.language.engine import Engine, StepOutput
-from mmdisagg.messages import ErrorEvent, Event, TokenEvent
+from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
 from mmdisagg.models.base import PreparedPrompt
 from mmdisagg.models.errors import InputError
 from mmdisagg.transfer.protocol import Poll
@@ -83,7 +83,7 @@ class TransferSource:
             request = self.prealloc[0]
             if request.receiver.poll() == Poll.Failed:
                 self.prealloc.popleft()
-                done.append((request, ErrorEvent(request.receiver.failure, 503)))
+                done.append((request, ErrorEvent(request.receiver.failure, 503, TRANSFER_FAILED)))
                 continue
             allocation = allocator.alloc_default()
             if allocation is None:
@@ -98,7 +98,7 @@ class TransferSource:
             elif state == Poll.Failed:
                 self.transfer.remove(request)
                 done.append((request, ErrorEvent(f"transfer failed: {request.receiver.failure}",
-                                                 503)))
+                                                 503, TRANSFER_FAILED)))
         return done
 
     def abort(self, request: GenerationRequest) -> bool:

@@ -121,7 +121,8 @@ class LanguageServer:
         self.service.scheduler.abort(room)
 
     def info(self) -> ServerInfo:
-        return ServerInfo("language", self.settings.model.name, self.service.scheduler.load)
+        return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
+                          max_model_len=self.service.half.max_model_len)
 
 
 def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:

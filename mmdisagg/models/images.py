@@ -10,6 +10,8 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +111,11 @@ def _read_local_file(url: str, settings: ImageSettings) -> bytes:
 def _download(url: str, settings: ImageSettings) -> bytes:
     timeout = settings.image_fetch_timeout
     deadline = time.monotonic() + timeout
+    hooks = {"request": [_public_host], "response": [_public_peer]} \
+        if settings.deny_private_image_urls else {}
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+        with httpx.Client(timeout=timeout, follow_redirects=True, event_hooks=hooks) as client, \
+                client.stream("GET", url) as response:
             if response.status_code != httpx.codes.OK:
                 raise InputError(f"fetching the image failed: HTTP {response.status_code}")
             declared = response.headers.get("content-length", "")
@@ -128,6 +133,33 @@ def _download(url: str, settings: ImageSettings) -> bytes:
         raise InputError(_too_slow(timeout)) from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise InputError(f"could not fetch the image ({type(exc).__name__})") from None
+
+
+def _public_host(request: httpx.Request) -> None:
+    """Before each request (a redirect too): every address the host resolves to is public."""
+    host = request.url.host
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, request.url.port or 80,
+                                                               type=socket.SOCK_STREAM)}
+    except OSError:
+        raise InputError("could not fetch the image (its host does not resolve)") from None
+    if not all(_is_public(address) for address in addresses):
+        raise InputError(f"image URL host {host!r} is not a public address; this server does "
+                         "not fetch from private networks")
+
+
+def _public_peer(response: httpx.Response) -> None:
+    """After connecting: the address actually reached is public (the host may resolve
+    differently the second time: DNS rebinding)."""
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if peer is None or not _is_public(peer[0]):
+        raise InputError(f"image URL host {response.request.url.host!r} is not a public "
+                         "address; this server does not fetch from private networks")
+
+
+def _is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%", 1)[0]).is_global
 
 
 def _too_slow(timeout: float) -> str:

@@ -19,6 +19,19 @@ class ChatPrompt:
     messages: list[dict[str, Any]]
     image_urls: list[str]
 
+    @property
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of all the text the messages carry."""
+        return sum(len(text.encode()) for text in self._texts())
+
+    def _texts(self):
+        for message in self.messages:
+            content = message["content"]
+            if isinstance(content, str):
+                yield content
+            else:
+                yield from (part["text"] for part in content if part["type"] == "text")
+
 
 def parse_messages(messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
     """Check the messages' shape and pull out their images; InputError names what is wrong."""

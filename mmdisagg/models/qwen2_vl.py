@@ -127,6 +127,18 @@ def _compute_buffers(model: PreTrainedModel, device: torch.device) -> None:
             model._init_weights(module)
 
 
+# NOTE: normalization may shrink text before tokenizing (NFC composes up to 3 bytes into 1);
+# with this slack, text refused by its size alone could never have fit.
+TEXT_SLACK = 4
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 bytes of the longest text one token stands for (special tokens included), so
+    that n tokens never hold more than n times this."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    return max(len(text.encode()) for text in texts)
+
+
 class QwenVLEncoderHalf(EncoderHalf):
     def __init__(self, *, checkpoint: Checkpoint, vision_tower: nn.Module,
                  embed_tokens: nn.Embedding, loaded_weights: dict[str, torch.Tensor],
@@ -147,6 +159,7 @@ class QwenVLEncoderHalf(EncoderHalf):
         self.merge_size = config.vision_config.spatial_merge_size
         self.image_settings = image_settings
         self.max_model_len = max_model_len
+        self.max_text_bytes = max_model_len * longest_token_bytes(self.tokenizer) * TEXT_SLACK
         self._loaded_weights = loaded_weights
 
     @classmethod
@@ -172,6 +185,10 @@ class QwenVLEncoderHalf(EncoderHalf):
 
     def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
         chat = parse_messages(messages)
+        if chat.text_bytes > self.max_text_bytes:  # seconds of tokenizing, spared
+            raise InputError(f"the prompt's text is {chat.text_bytes} bytes; this model takes "
+                             f"fewer than {self.max_model_len} tokens (prompt and output "
+                             f"together), which cannot hold more than {self.max_text_bytes}")
         limit = self.image_settings.max_images_per_request
         if len(chat.image_urls) > limit:
             raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")

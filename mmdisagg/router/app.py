@@ -34,7 +34,7 @@ from mmdisagg.httpapp import (
     serve,
 )
 from mmdisagg.messages import TokenEvent
-from mmdisagg.metrics import latency_histogram, outcome_metrics
+from mmdisagg.metrics import latency_histogram, outcome_metrics, server_metrics
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.prompts import parse_messages
 from mmdisagg.router.dispatch import Dispatcher
@@ -54,7 +54,14 @@ class Backend(Protocol):
     def model(self) -> str | None: ...
 
     @property
+    def max_model_len(self) -> int | None:
+        """Most tokens a request may hold, prompt and output (None: not known yet)."""
+
+    @property
     def healthy(self) -> bool: ...
+
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        """Role -> (healthy servers, servers) as this backend last saw them."""
 
     async def start(self) -> None: ...
 
@@ -82,6 +89,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
@@ -100,6 +109,15 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     return chat
 
 
+def check_length(chat: ChatCompletionRequest, max_model_len: int | None) -> None:
+    """Refuse output that could never fit the model (the prompt takes tokens too)."""
+    asked = chat.max_tokens or chat.max_completion_tokens
+    if asked and max_model_len and asked >= max_model_len:
+        field = "max_tokens" if chat.max_tokens else "max_completion_tokens"
+        raise ApiError(400, f"{field}: {asked} is too large; this model takes fewer than "
+                            f"{max_model_len} tokens, prompt and output together", field)
+
+
 def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
               max_request_bytes: int) -> FastAPI:
     registry = CollectorRegistry()
@@ -111,6 +129,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
 
     def collect():
         yield from outcome_metrics("router", outcomes + backend.outcomes)
+        yield from server_metrics(backend.server_health())
 
     registry.register(StatsCollector(collect))
     started = int(time.time())
@@ -151,11 +170,16 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         if chat.model != model:
             raise ApiError(404, f"the model '{chat.model}' does not exist; this server serves "
                                 f"'{model}'", "model")
+        check_length(chat, backend.max_model_len)
         completion = Completion(model, chat.return_token_ids)
         events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
                                   uuid.uuid4().hex)
+        waiting = asyncio.ensure_future(anext(events))
+        if not await unless_gone(request, waiting):
+            outcomes["aborted"] += 1
+            return Response(status_code=499)
         try:
-            first = await anext(events)
+            first = waiting.result()
         except ApiError:
             outcomes["failed"] += 1
             raise
@@ -171,12 +195,9 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
                 _sse(completion, first, events, include_usage, finished, outcomes),
                 media_type="text/event-stream")
         collected = asyncio.create_task(_collect(first, events))
-        while not collected.done():
-            await asyncio.wait({collected}, timeout=DISCONNECT_POLL_S)
-            if not collected.done() and await request.is_disconnected():
-                collected.cancel()
-                outcomes["aborted"] += 1
-                return Response(status_code=499)
+        if not await unless_gone(request, collected):
+            outcomes["aborted"] += 1
+            return Response(status_code=499)
         try:
             result = collected.result()
         except ApiError:
@@ -186,6 +207,17 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         return JSONResponse(completion.whole(result))
 
     return app
+
+
+async def unless_gone(request: Request, work: asyncio.Future) -> bool:
+    """Wait for ``work`` while the client stays; if it leaves first, cancel ``work`` (which
+    aborts the request on every server) and return False."""
+    while not work.done():
+        await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if not work.done() and await request.is_disconnected():
+            work.cancel()
+            return False
+    return True
 
 
 async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:

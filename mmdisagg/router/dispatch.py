@@ -25,6 +25,7 @@ from mmdisagg.config import RouterSettings
 from mmdisagg.core import SamplingParams
 from mmdisagg.httpapp import ApiError
 from mmdisagg.messages import (
+    TRANSFER_FAILED,
     AbortRequest,
     EncodeRequest,
     ErrorEvent,
@@ -85,6 +86,11 @@ class EncoderFailed(Exception):
     """The encoder failed before the language server had the prompt: worth another encoder."""
 
 
+class LanguageUnreachable(Exception):
+    """The language server refused the connection, so it never saw the request: worth
+    another language server."""
+
+
 class Dispatcher:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
@@ -126,9 +132,19 @@ class Dispatcher:
         return None
 
     @property
+    def max_model_len(self) -> int | None:
+        lengths = [s.info.max_model_len for s in self.languages.servers + self.encoders.servers
+                   if s.healthy and s.info is not None and s.info.max_model_len]
+        return min(lengths, default=None)
+
+    @property
     def healthy(self) -> bool:
         return (any(s.healthy for s in self.encoders.servers)
                 and any(s.healthy for s in self.languages.servers))
+
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        return {group.role: (sum(s.healthy for s in group.servers), len(group.servers))
+                for group in (self.encoders, self.languages)}
 
     async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
@@ -137,20 +153,22 @@ class Dispatcher:
         last = ""
         for attempt in range(self.settings.encode_retries + 1):
             encoder = self.encoders.pick(tried)
-            language = self.languages.pick(set())
+            language = self.languages.pick(tried)
             try:
                 async for event in self._attempt(encoder, language, messages, params,
                                                  request_id):
                     yield event
                 return
-            except EncoderFailed as exc:
-                tried.add(encoder.url)
-                self.outcomes["encoder_retries"] += 1
-                log.warning("request %s: encoder %s failed before sending (%s); attempt %d of "
-                            "%d", request_id, encoder.url, exc, attempt + 1,
+            except (EncoderFailed, LanguageUnreachable) as exc:
+                failed, counter = ((encoder, "encoder_retries") if isinstance(exc, EncoderFailed)
+                                   else (language, "language_retries"))
+                tried.add(failed.url)
+                self.outcomes[counter] += 1
+                log.warning("request %s: %s server %s failed before sending (%s); attempt %d "
+                            "of %d", request_id, failed.role, failed.url, exc, attempt + 1,
                             self.settings.encode_retries + 1)
                 last = str(exc)
-        raise ApiError(503, f"every encoder tried failed; last: {last}")
+        raise ApiError(503, f"every attempt failed; last: {last}")
 
     async def _attempt(self, encoder: Server, language: Server, messages: list[dict[str, Any]],
                        params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
@@ -173,6 +191,10 @@ class Dispatcher:
                     await asyncio.wait({encoding}, timeout=ENCODER_VERDICT_S)
                     if encoding.done() and encoding.exception() is not None:
                         encoding.result()
+                    if event.type == TRANSFER_FAILED and not encoding.done():
+                        # No prompt arrived and the encoder says nothing: it hangs.
+                        raise EncoderFailed(f"{encoder.url} is silent; the language server "
+                                            f"says: {event.message}")
                     raise ApiError(event.status, event.message)
                 yield event
                 if event.finish_reason is not None:
@@ -225,6 +247,9 @@ class Dispatcher:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             yield ErrorEvent(f"language server {server.url} sent a bad event: {exc}", 502)
             return
+        except httpx.ConnectError as exc:
+            server.healthy = False
+            raise LanguageUnreachable(f"{server.url} unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:
             yield ErrorEvent(f"language server {server.url} failed: {exc!r}", 503)
             return

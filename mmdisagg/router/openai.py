@@ -7,7 +7,6 @@ vLLM-style extension) adds the generated token ids to each choice.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Any, Literal
@@ -35,8 +34,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=-1)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
@@ -49,13 +48,6 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Literal[0, 0.0] = 0
     logprobs: Literal[False] = False
     user: str | None = None
-
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     @field_validator("stop")
     @classmethod

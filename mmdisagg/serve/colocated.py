@@ -82,11 +82,15 @@ class ColocatedBackend:
         self.service = GenerationService(language, source, LanguageServerSettings(
             engine=settings.engine, model=model))
         self.model = model.name
+        self.max_model_len = language.max_model_len
         self.healthy = True
 
     @property
     def outcomes(self) -> Counter[str]:
         return self.service.scheduler.outcomes
+
+    def server_health(self) -> dict[str, tuple[int, int]]:
+        return {}
 
     async def start(self) -> None:
         pass

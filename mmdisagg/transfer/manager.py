@@ -95,6 +95,7 @@ class TransferManager:
         self._recent: deque[int] = deque(maxlen=RECENT_ROOMS)
         self._recent_set: set[int] = set()
         self._next_heartbeat = 0.0
+        self.last_turn = time.monotonic()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{self.role}-loop", daemon=True)
 
@@ -113,7 +114,12 @@ class TransferManager:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            for source, message in self.control.receive(TICK_S):
+            received = self.control.receive(TICK_S)
+            with self._lock:
+                now = time.monotonic()
+                self._turned(now - self.last_turn)
+                self.last_turn = now
+            for source, message in received:
                 with self._lock:
                     peer = self._peers.get(source)
                     if peer is not None:
@@ -125,6 +131,12 @@ class TransferManager:
                 self._tick(now)
                 self._check_peers(now)
 
+    def _declare_dead(self, peer: Peer, reason: str) -> None:
+        self.stats.peers_lost += 1
+        del self._peers[peer.id]
+        self.control.forget(peer.endpoint)
+        self._peer_lost(peer, reason)
+
     def _check_peers(self, now: float) -> None:
         heartbeat = now >= self._next_heartbeat
         if heartbeat:
@@ -132,13 +144,10 @@ class TransferManager:
         for peer in list(self._peers.values()):
             silent = now - peer.last_heard
             if silent > self.settings.heartbeat_timeout:
-                self.stats.peers_lost += 1
                 log.warning("peer %s (%s) silent for %.1fs: declaring it dead", peer.id,
                             peer.endpoint, silent)
-                del self._peers[peer.id]
-                self.control.forget(peer.endpoint)
-                self._peer_lost(peer, f"peer {peer.id} stopped answering (no heartbeat for "
-                                      f"{silent:.1f}s)")
+                self._declare_dead(peer, f"peer {peer.id} stopped answering (no heartbeat for "
+                                         f"{silent:.1f}s)")
             elif heartbeat:
                 self.control.send(peer.endpoint, Heartbeat())
 
@@ -149,6 +158,10 @@ class TransferManager:
 
     def _tick(self, now: float) -> None:
         raise NotImplementedError
+
+    def _turned(self, gap: float) -> None:
+        """The loop turns again, ``gap`` seconds after its last turn, before it reads what
+        arrived meanwhile."""
 
     def _peer_lost(self, peer: Peer, reason: str) -> None:
         raise NotImplementedError

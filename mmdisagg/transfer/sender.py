@@ -109,7 +109,13 @@ class _PeerWriter:
             started = time.perf_counter()
             error = None
             try:
-                self.link.write(sender.source.blocks, window.start_token, window.blocks, notice)
+                if sender.state == Poll.Failed:
+                    error = "the room failed before its write"
+                elif self._manager.stalled():
+                    error = "this encode server stalled; its peers may have given up on it"
+                else:
+                    self.link.write(sender.source.blocks, window.start_token, window.blocks,
+                                    notice)
             except PlaneError as exc:
                 error = str(exc)
             except Exception as exc:  # a bug must fail the room, never kill the writer
@@ -413,6 +419,28 @@ class SenderManager(TransferManager):
         self._finished(sender.room)
 
     # -- time -----------------------------------------------------------------------------
+
+    def stalled(self) -> bool:
+        """This process has not run its loop for so long (stopped, swapped out, starved) that
+        a receiver may have declared it dead and taken its windows back: writing into them
+        now could overwrite another room's data."""
+        return time.monotonic() - self.last_turn > self._stall_limit
+
+    @property
+    def _stall_limit(self) -> float:
+        # NOTE: a running loop sends a heartbeat at least every interval, so a receiver may
+        # declare this sender dead once its loop has been still for timeout - interval.
+        return self.settings.heartbeat_timeout - self.settings.heartbeat_interval
+
+    def _turned(self, gap: float) -> None:
+        """After a stall, messages that waited in the socket (heartbeats too) would make the
+        receivers look alive: they have given this sender up. So do we, before reading them."""
+        if gap <= self._stall_limit or not self._peers:
+            return
+        log.warning("this encode server did not run for %.1fs (stopped, swapped out or "
+                    "starved): its receivers have given it up; dropping them", gap)
+        for peer in list(self._peers.values()):
+            self._declare_dead(peer, f"this encode server stalled for {gap:.1f}s")
 
     def _tick(self, now: float) -> None:
         timeout = self.settings

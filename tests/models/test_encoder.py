@@ -84,6 +84,21 @@ def test_prompt_longer_than_the_model_takes(tiny: TinyModel) -> None:
         encoder.prepare(user(CAT))
 
 
+def test_text_too_large_for_the_model_is_refused_before_tokenizing(tiny: TinyModel) -> None:
+    """Megabytes of text are refused by their size alone (tokenizing 10 MB takes seconds);
+    text under that bound is tokenized and refused by its count: the bound never refuses a
+    prompt that could fit."""
+    encoder = EncoderHalf.from_pretrained(tiny.path, max_model_len=64)
+    limit = encoder.max_text_bytes
+    text = "a fox, " * (limit // 7 + 1)
+    with pytest.raises(InputError, match=f"text is {len(text)} bytes; .* more than {limit}"):
+        encoder.prepare(user(text_part(text)))
+    with pytest.raises(InputError, match="tokens; this model takes fewer than 64"):
+        encoder.prepare(user(text_part(text[:limit])))
+    tokens = len(encoder.tokenizer.encode(text[:limit]))
+    assert tokens >= limit / (encoder.max_text_bytes / encoder.max_model_len)
+
+
 def test_image_url_as_plain_string_and_null_content(tiny: TinyModel) -> None:
     url = CAT["image_url"]["url"]
     messages = [{"role": "system", "content": None},

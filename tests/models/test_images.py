@@ -151,6 +151,32 @@ def test_unreachable_host() -> None:
     assert "could not fetch" in refused(f"http://127.0.0.1:{free_port()}/image.png").message
 
 
+PUBLIC = replace(FAST, deny_private_image_urls=True)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_private_hosts_refused_when_asked(http_base: str, host: str) -> None:
+    url = http_base.replace("127.0.0.1", host) + "/image.png"
+    assert load_image(url, FAST).image.size == (64, 48)  # the default: local development
+    assert "not a public address" in refused(url, PUBLIC).message
+
+
+def test_private_peer_refused_though_the_host_first_resolved_public(
+        http_base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the check's lookup says public, the connection's lands on loopback."""
+    real = socket.getaddrinfo
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]])
+
+    def rebinding(host, *args, **kwargs):
+        if host == "images.example":
+            return next(answers, None) or real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = http_base.replace("127.0.0.1", "images.example") + "/image.png"
+    assert "not a public address" in refused(url, PUBLIC).message
+
+
 def test_local_files_only_inside_allowed_folders(media_dir: Path, tmp_path: Path) -> None:
     allowed = replace(FAST, allowed_local_media_dirs=(str(media_dir),))
     assert load_image(f"file://{media_dir}/ok.png", allowed).image.size == (64, 48)

@@ -158,6 +158,7 @@ def main() -> None:
                       "total_blocks": stats.total_blocks, "live": stats.live_allocations,
                       "refused": manager.stats.refused, "spills": manager.stats.spills,
                       "resumes": manager.stats.resumes, "windows": manager.stats.windows,
+                      "chunks": manager.stats.chunks,
                       "rejected": manager.control.rejected})
         for room, task in list(tasks.items()):
             if isinstance(task, RecvTask) and task.cmd.get("hold") and (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -154,6 +156,24 @@ def test_sender_killed_mid_transfer(start, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_killed_mid_transfer(start, backend):
+    """The sender frees the room's blocks once the receiver's heartbeats stop (tcp and
+    mooncake may see their connection break first; shm has none)."""
+    sender = start("sender", backend, 256, hidden=1024)
+    receiver = start("receiver", backend, 4, hidden=1024, default_blocks=1,
+                     transfer={"window_blocks": 1})
+    receiver.command(op="recv", room=48, encoder=sender.bootstrap)
+    sender.command(op="send", room=48, total=20000)
+    receiver.wait(lambda e: e["event"] == "transferring", 60)
+    receiver.proc.kill()
+    result = sender.done([48], 30)[48]
+    assert result["state"] == "Failed", result
+    if backend == "shm":
+        assert "stopped answering" in result["failure"], result
+    assert sender.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_encoder_killed_while_encoding(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 64, default_blocks=2)
@@ -164,6 +184,32 @@ def test_encoder_killed_while_encoding(start, backend):
     result = receiver.done([42], 30)[42]
     assert result["state"] == "Failed" and "stopped answering" in result["failure"]
     assert receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_hung_then_resumed_writes_nothing(start, backend):
+    """SIGSTOP a sender whose room waits for its vision work: the receiver declares it dead and
+    takes the room's blocks back. On SIGCONT the sender must not write into them (a one-sided
+    write would land in whatever room has them now), though messages queued while it was
+    stopped make its peer look alive; it drops its peers and serves a new room afresh."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 8, default_blocks=8)
+    receiver.command(op="recv", room=45, encoder=sender.bootstrap)
+    sender.command(op="send", room=45, total=500, delay=1.0)  # 1 s of "vision work"
+    time.sleep(0.5)
+    os.kill(sender.proc.pid, signal.SIGSTOP)
+    try:
+        result = receiver.done([45], 30)[45]
+        assert result["state"] == "Failed" and "stopped answering" in result["failure"]
+        assert receiver.wait_pool_full()["live"] == 0
+    finally:
+        os.kill(sender.proc.pid, signal.SIGCONT)
+    assert sender.done([45], 30)[45]["state"] == "Failed"
+    assert sender.stats()["chunks"] == 0
+    assert sender.wait_pool_full()["live"] == 0
+    receiver.command(op="recv", room=46, encoder=sender.bootstrap)
+    sender.command(op="send", room=46, total=700)
+    assert_exact(receiver.done([46]), {46: 700})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import msgspec
 
+from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes.base import ChunkRefused, ChunkSink, DataPlane, Link, PlaneError
 from mmdisagg.transfer.protocol import ChunkDone
 
@@ -60,15 +62,23 @@ def _tune(sock: socket.socket) -> None:
 
 
 class TcpLink(Link):
+    """One stream to a receiver's data port. Once it breaks (a cut connection, a receiver that
+    closed it), the next write opens a new one: the receiver takes any number of streams."""
+
     def __init__(self, plane: TcpPlane, address: tuple[str, int]) -> None:
         self.plane = plane
-        try:
-            self.sock = socket.create_connection(address, timeout=plane.timeout_s)
-        except OSError as exc:
-            raise PlaneError(f"cannot connect to tcp data port {address[0]}:{address[1]}: "
-                             f"{exc}") from exc
-        _tune(self.sock)
+        self.address = address
+        self.sock: socket.socket | None = self._connect()
         self.view = memoryview(plane.pool.arrays.buffer.numpy())
+
+    def _connect(self) -> socket.socket:
+        host, port = self.address
+        try:
+            sock = socket.create_connection(self.address, timeout=self.plane.timeout_s)
+        except OSError as exc:
+            raise PlaneError(f"cannot connect to tcp data port {host}:{port}: {exc}") from exc
+        _tune(sock)
+        return sock
 
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
@@ -76,20 +86,37 @@ class TcpLink(Link):
         used = -(-notice.num_tokens // layout.block_size)
         header = _header_encoder.encode(ChunkHeader(
             self.plane.auth_token, self.plane.source, notice, list(dst_blocks[:used])))
+        if self.sock is None:
+            self.sock = self._connect()
         try:
             self.sock.sendall(PREFIX.pack(MAGIC, len(header)) + header)
             for offset, size in layout.byte_ranges(src_blocks, src_start, notice.num_tokens):
                 self.sock.sendall(self.view[offset: offset + size])
         except OSError as exc:
+            self.close()
             raise PlaneError(f"tcp data stream broke: {exc}") from exc
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class TcpPlane(DataPlane):
     name = "tcp"
     notifies_in_band = True
+
+    def __init__(self, pool: EmbeddingPool, host: str, advertise_host: str, port: int,
+                 auth_token: str, source: str, timeout_s: float, advertise_port: int = 0) -> None:
+        super().__init__(pool, host, advertise_host, port, auth_token, source, timeout_s)
+        self.advertise_port = advertise_port
+
+    @classmethod
+    def create(cls, pool: EmbeddingPool, transfer: TransferSettings, network: NetworkSettings,
+               source: str) -> TcpPlane:
+        return cls(pool, network.host, network.reachable_host, transfer.data_port,
+                   network.auth_token, source, transfer.transfer_timeout,
+                   transfer.advertise_data_port)
 
     def listen(self, sink: ChunkSink) -> dict:
         self._sink = sink
@@ -97,7 +124,8 @@ class TcpPlane(DataPlane):
         self._server = socket.create_server((self.host, self.port), backlog=128)
         self._connections: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="tcp-accept", daemon=True).start()
-        return {"host": self.advertise_host, "port": self._server.getsockname()[1]}
+        return {"host": self.advertise_host,
+                "port": self.advertise_port or self._server.getsockname()[1]}
 
     def connect(self, description: dict, peer_layout: dict) -> Link:
         try:

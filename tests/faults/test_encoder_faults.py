@@ -1,0 +1,141 @@
+"""An encode server killed during vision work, in the middle of a chunk, and between the windows
+of a resumed transfer; an encode server hung (SIGSTOP) and resumed; a data connection cut
+mid-chunk. Each time the request in flight is retried on the other encoder (or fails cleanly),
+nothing waits forever, every pool returns to fully free, and the cluster serves again (the
+fixture checks that after each test)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from tests.faults.harness import FaultCluster, ask, image, wait_until
+from tests.models.fixtures import text_part, user
+
+ENCODERS = ("encode-0", "encode-1")
+BIG = 2048  # pixels a side: ~5,400 prompt tokens, seconds of vision work
+
+
+def big_request(seed: int = 0) -> list[dict]:
+    return user(image(BIG, BIG, seed), text_part("What is in this big picture?"))
+
+
+def busy_encoder(cluster: FaultCluster, queue: str, timeout: float = 60) -> str:
+    """The encode server with a request in ``queue`` (polled until one has)."""
+    found: list[str] = []
+
+    def look() -> bool:
+        found[:] = [name for name in ENCODERS if cluster.queue(name, queue) >= 1]
+        return bool(found)
+
+    wait_until(look, timeout, f"an encode server with a request in {queue}")
+    return found[0]
+
+
+def retries(cluster: FaultCluster) -> float:
+    return cluster.sample("router", 'mmdisagg_requests_total{outcome="encoder_retries",'
+                                    'role="router"}')
+
+
+def serves_again(cluster: FaultCluster, name: str, tries: int = 40) -> None:
+    """``name`` completes transfers again: ask (text) until it has served two more rooms."""
+    client = cluster.client()
+    before = cluster.rooms(name, "succeeded")
+    for i in range(tries):
+        client.chat.completions.create(model="tiny-model", messages=user(text_part(f"n{i}")),
+                                       max_tokens=2, temperature=0)
+        if cluster.rooms(name, "succeeded") >= before + 2:
+            return
+    raise AssertionError(f"{name} served no transfer in {tries} requests")
+
+
+def run_with_fault(cluster: FaultCluster, inject) -> tuple[str | int, float]:
+    """Send one big request, call ``inject()`` (in a thread; it waits for its moment), and
+    return the request's outcome and how long after the fault it came."""
+    async def scenario():
+        client = cluster.async_client()
+        request = asyncio.create_task(ask(client, big_request()))
+        await asyncio.to_thread(inject)
+        injected = time.monotonic()
+        outcome = await request
+        await client.close()
+        return outcome, time.monotonic() - injected
+
+    return asyncio.run(scenario())
+
+
+def test_encoder_killed_during_vision_work(fault_cluster):
+    cluster, _ = fault_cluster
+    before = retries(cluster)
+    outcome, _ = run_with_fault(cluster, lambda: cluster.kill(busy_encoder(cluster, "encoding")))
+    assert outcome == "ok"  # retried on the other encoder
+    assert retries(cluster) == before + 1
+
+
+def test_encoder_killed_mid_chunk(fault_cluster):
+    cluster, proxy = fault_cluster
+    proxy.arm("hold", "mid")
+
+    def inject():
+        wait_until(proxy.fired.is_set, 60, "a chunk half forwarded")
+        cluster.kill(busy_encoder(cluster, "sending"))
+        proxy.release()  # what the dead encoder had sent goes on, then its stream ends
+
+    outcome, _ = run_with_fault(cluster, inject)
+    assert outcome == "ok"
+
+
+def test_encoder_killed_between_windows_of_a_resumed_transfer(fault_cluster):
+    cluster, proxy = fault_cluster
+    resumes = cluster.sample("language-0", "mmdisagg_transfer_resumes_total")
+    proxy.arm("hold", "before", lambda notice: notice.start_token > 0)
+
+    def inject():
+        wait_until(proxy.fired.is_set, 60, "the first window landed, the next held")
+        cluster.kill(busy_encoder(cluster, "sending"))
+        proxy.release()
+
+    outcome, _ = run_with_fault(cluster, inject)
+    assert outcome == "ok"
+    assert proxy.fired_on.start_token > 0
+    assert cluster.sample("language-0", "mmdisagg_transfer_resumes_total") > resumes
+
+
+def test_encoder_hung_then_resumed(fault_cluster):
+    """SIGSTOP during vision work: heartbeats declare it dead, the request goes to the other
+    encoder; SIGCONT: the hung encoder finds its peers gone, frees what it held, and serves
+    again."""
+    cluster, _ = fault_cluster
+    victim: list[str] = []
+
+    def inject():
+        victim.append(busy_encoder(cluster, "encoding"))
+        cluster.signal(victim[0], signal.SIGSTOP)
+
+    try:
+        outcome, after = run_with_fault(cluster, inject)
+        assert outcome == "ok", outcome
+        assert after < 60
+        wait_until(lambda: cluster.healthy_in_router("encode") == 1, 30,
+                   "the router stops using the hung encoder")
+    finally:
+        if victim:
+            cluster.signal(victim[0], signal.SIGCONT)
+    assert cluster.child(victim[0]).process.poll() is None, "the resumed encoder died"
+    cluster.wait_router_sees_all()
+    wait_until(lambda: cluster.used_blocks(victim[0]) == 0, 60, "the resumed encoder's pool free")
+    serves_again(cluster, victim[0])
+
+
+def test_data_connection_cut_mid_chunk(fault_cluster):
+    cluster, proxy = fault_cluster
+    failed = {name: cluster.rooms(name, "failed") for name in ENCODERS}
+    proxy.arm("cut", "mid")
+    outcome, _ = run_with_fault(cluster, lambda: wait_until(proxy.fired.is_set, 60,
+                                                            "a chunk cut"))
+    assert outcome == "ok"
+    cut = [name for name in ENCODERS if cluster.rooms(name, "failed") > failed[name]]
+    assert cut, "no encoder saw its transfer fail"
+    assert cluster.sample("language-0", 'mmdisagg_transfer_rooms_total{outcome="failed"}') >= 1
+    serves_again(cluster, cut[0])

@@ -1,0 +1,84 @@
+"""A language server killed mid-decode, beside another that keeps serving: its clients get an
+error promptly, streamed or not; new requests go to the other server; the encode server gives
+up the room it was encoding for it (heartbeat loss); requests on the other language server
+finish whole; the killed server, started again, serves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.faults.conftest import MAX_MODEL_LEN
+from tests.faults.harness import FaultCluster, ask, image, wait_until
+from tests.models.fixtures import text_part, user
+
+LONG = 8000  # tokens: still decoding when the kill comes
+PROMPT_S = 20  # an error within this of the kill is prompt (request timeout: 600 s)
+
+
+@pytest.fixture
+def cluster(big_image_checkpoint):
+    cluster = FaultCluster(big_image_checkpoint, encoders=1, language_servers=2,
+                           torch_threads=1, max_model_len=MAX_MODEL_LEN, image_cache_bytes=0,
+                           heartbeat_interval=0.5, heartbeat_timeout=3.0)
+    yield cluster
+    cluster.close()
+
+
+def running(cluster: FaultCluster, name: str) -> float:
+    return cluster.queue(name, "running")
+
+
+def test_language_server_killed_mid_decode(cluster):
+    names = ("language-0", "language-1")
+
+    async def timed(request) -> tuple[str | int, float]:
+        outcome = await request
+        return outcome, time.monotonic()
+
+    async def scenario():
+        client = cluster.async_client()
+        decoding = []
+        for each, stream in enumerate((True, False), start=1):  # least-loaded: one of each
+            decoding += [asyncio.create_task(timed(ask(client, user(text_part(f"Story {i}.")),
+                                                       LONG, stream))) for i in range(2)]
+            await asyncio.to_thread(
+                wait_until, lambda each=each: all(running(cluster, n) >= each for n in names),
+                60, "requests decoding on both language servers")
+        big = asyncio.create_task(timed(ask(client, user(image(2048, 2048), text_part("Hi")))))
+        await asyncio.to_thread(wait_until, lambda: cluster.queue("encode-0", "encoding") >= 1,
+                                60, "the encode server working for the next request")
+        victim = next(n for n in names if cluster.queue(n, "transfer") >= 1)
+        assert cluster.used_blocks("encode-0") > 0
+        killed = time.monotonic()
+        cluster.kill(victim)
+        # The router has not noticed yet, and the victim looks least loaded: these go there
+        # first, find it gone, and go to the other server.
+        after = await asyncio.gather(*(ask(client, user(text_part(f"After {i}.")))
+                                       for i in range(2)))
+        outcomes = await asyncio.gather(*decoding, big)
+        await client.close()
+        return victim, killed, outcomes, after
+
+    victim, killed, outcomes, after = asyncio.run(scenario())
+    assert after == ["ok", "ok"]
+    results = [outcome for outcome, _ in outcomes]
+    assert results.count("ok") == 2, results  # the other server's requests, whole
+    failed = [(outcome, at) for outcome, at in outcomes if outcome != "ok"]
+    assert sorted(map(str, (outcome for outcome, _ in failed))) == [
+        "503", "503", "stream-error"], results  # the victim's: 1 whole, 1 streamed, the big one
+    assert all(at - killed < PROMPT_S for _, at in failed), outcomes
+    survivor = next(n for n in ("language-0", "language-1") if n != victim)
+    assert cluster.sample(survivor, 'mmdisagg_requests_total{outcome="ok",role="language"}') == 4
+    assert cluster.sample("router", 'mmdisagg_requests_total{outcome="language_retries",'
+                                    'role="router"}') >= 1
+    wait_until(lambda: cluster.sample("encode-0", "mmdisagg_transfer_peers_lost_total") >= 1,
+               30, "the encode server declares the killed language server dead")
+    wait_until(lambda: cluster.used_blocks("encode-0") == 0, 30, "the encode pool free")
+    wait_until(lambda: cluster.healthy_in_router("language") == 1, 30,
+               "the router stops using the killed server")
+    cluster.restart(victim)
+    cluster.wait_router_sees_all()
+    cluster.assert_serving_and_clean()
