@@ -152,8 +152,13 @@ class Dispatcher:
         tried: set[str] = set()
         last = ""
         for attempt in range(self.settings.encode_retries + 1):
-            encoder = self.encoders.pick(tried)
-            language = self.languages.pick(tried)
+            try:
+                encoder = self.encoders.pick(tried)
+                language = self.languages.pick(tried)
+            except ApiError as exc:
+                if not last:
+                    raise
+                raise ApiError(503, f"{exc.message} to retry on; last failure: {last}") from None
             try:
                 async for event in self._attempt(encoder, language, messages, params,
                                                  request_id):
