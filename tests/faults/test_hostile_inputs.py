@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import openai
@@ -209,7 +210,7 @@ def test_official_client_sees_the_message(served: Served) -> None:
             image_url(data_url(b"not a png"))))
 
 
-def test_servers_healthy_and_clean_after_the_corpus(served: Served) -> None:
+def test_servers_healthy_and_clean_after_the_corpus(served: Served, media_dir) -> None:
     servers = served.servers()
     assert sorted(servers) == ["encode-0", "language-0", "router"]
 
@@ -220,15 +221,15 @@ def test_servers_healthy_and_clean_after_the_corpus(served: Served) -> None:
     wait_until(pools_free, 30, "every pool free")
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(model="tiny-model", max_tokens=4, messages=user(
-        image_url(f"file://{served_media(servers)}"), text_part("fine?")))
+        image_url(f"file://{media_dir}/ok.png"), text_part("fine?")))
     assert reply.choices[0].finish_reason in ("length", "stop")
 
 
-def served_media(servers: dict[str, str]) -> str:
-    """The allowed media file, read back from the encode server's command line."""
-    import psutil
-    for process in psutil.process_iter(["cmdline"]):
-        line = process.info["cmdline"] or []
-        if "--allowed-local-media-dirs" in line and "encode" in line:
-            return line[line.index("--allowed-local-media-dirs") + 1] + "/ok.png"
-    raise AssertionError("no encode server with an allowed media folder")
+def test_reliability_doc_lists_every_case() -> None:
+    """docs/reliability.md's table of hostile inputs is this corpus, row for row."""
+    doc = (Path(__file__).parents[2] / "docs" / "reliability.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines()
+            if line.startswith("| ") and line.count("|") == 4}
+    for case in CASES:
+        assert case.what in rows, f"docs/reliability.md lacks the hostile input {case.what!r}"
+        assert f"| {case.status} |" in rows[case.what], (case.what, rows[case.what])
