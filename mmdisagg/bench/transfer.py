@@ -65,7 +65,6 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
     """Runs commands from the parent until told to stop; see the parent's methods."""
     torch.set_num_threads(1)
     sock = zsock = manager = pool = prompt = None
-    write_seconds: list[float] = []  # the sender's cumulative write time, at each new room
     senders: dict[int, tuple] = {}
     while True:
         if senders:
@@ -102,8 +101,6 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
             save_file(prompt, path)
             conn.send("written")
         elif op == "plane-close":
-            writes = [b - a for a, b in itertools.pairwise(write_seconds)]
-            conn.send(sorted(writes)[len(writes) // 2] if writes else 0.0)
             manager.close()
             pool.close()
             manager = pool = None
@@ -112,10 +109,8 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
             pool = EmbeddingPool(replace(layout, num_blocks=2 * args[1]))  # room n + 1 may start
             # before room n's blocks are back
             manager = SenderManager(pool, transfer, NetworkSettings())
-            write_seconds.clear()
             conn.send(manager.bootstrap_address)
         elif op == "room":
-            write_seconds.append(manager.stats.seconds)
             room, tokens, announce_early = args
             sender = manager.create_sender(room)
             source = pool.allocator.alloc(tokens)
@@ -231,9 +226,9 @@ class Bench:
             os.unlink(path)
 
     def plane(self, backend: str, tokens: int, first_window_blocks: int | None = None,
-              announce_early: bool = True) -> tuple[float, float]:
+              announce_early: bool = True) -> float:
         """One room per run; the first window is the whole prompt unless given in blocks.
-        Returns (median seconds, median seconds the sender spent inside the plane's writes)."""
+        Returns the median seconds."""
         blocks = -(-tokens // self.layout.block_size)
         layout = replace(self.layout, num_blocks=blocks)
         pool = EmbeddingPool(layout, backing=plane_class(backend).receiver_backing)
@@ -267,7 +262,7 @@ class Bench:
             self.conn.send(("plane-close",))
             manager.close()
             pool.close()
-        return seconds, self.conn.recv()
+        return seconds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
                 if method in BASELINES:
                     seconds = getattr(bench, method)(tokens)
                 else:
-                    seconds, write_s = bench.plane(method, tokens)
-                    row[f"{method}_write_ms"] = write_s * 1e3
+                    seconds = bench.plane(method, tokens)
                 row[f"{method}_ms"] = seconds * 1e3
                 row[f"{method}_GBps"] = gbps(num_bytes, seconds)
                 print(f"  {tokens} tokens, {method}: {seconds * 1e3:.3f} ms", flush=True)
@@ -296,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
         resume_rows = []
         for backend in args.backends:
             tokens = args.resume_tokens
-            single, _ = bench.plane(backend, tokens)
-            early, _ = bench.plane(backend, tokens, first_window_blocks=8)
-            late, _ = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
+            single = bench.plane(backend, tokens)
+            early = bench.plane(backend, tokens, first_window_blocks=8)
+            late = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
             resume_rows.append({
                 "backend": backend, "tokens": tokens, "single_window_ms": single * 1e3,
                 "resume_announced_ms": early * 1e3, "resume_announced_at_send_ms": late * 1e3,
@@ -311,8 +305,8 @@ def run(args: argparse.Namespace) -> int:
         columns += [f"{method}_ms", f"{method}_GBps"]
     print_table(rows, columns)
     print()
-    print_table(rows, ["payload_MB"] + [f"{b}_write_ms" for b in args.backends]
-                + [f"{b}_vs_{m}" for b in args.backends for m in ("memcpy", "socket")])
+    print_table(rows, ["payload_MB"] + [f"{b}_vs_{m}" for b in args.backends
+                                        for m in ("memcpy", "socket")])
     print()
     print_table(resume_rows, list(resume_rows[0]))
     save_json(args.json, {"bench": "transfer", "args": vars(args), "rows": rows,
