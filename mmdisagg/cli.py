@@ -26,6 +26,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                          "load generator against any OpenAI-compatible endpoint"),
     ("bench", "compare"): ("mmdisagg.bench.compare",
                            "disaggregated vs colocated vs transformers serve, same requests"),
+    ("bench", "soak"): ("mmdisagg.bench.soak",
+                        "mixed load with random faults: nothing lost or leaked, memory flat"),
     ("bench", "model-memory"): ("mmdisagg.bench.model_memory",
                                 "resident memory of each model half vs the whole model"),
 }

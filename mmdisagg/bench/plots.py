@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from mmdisagg.bench.metrics import RequestRecord
@@ -58,6 +59,41 @@ def throughput_curves(series: Mapping[str, Sequence[tuple[float, float, float]]]
     axes[-1].legend(fontsize="small")
     figure.suptitle(title)
     return _save(figure, path)
+
+
+def rss_over_time(lives: Mapping[tuple[str, int], Sequence[tuple[float, float]]],
+                  events: Sequence[tuple[float, str]], warmup_s: float, path: Path,
+                  title: str) -> Path:
+    """Resident memory of each server process over time, ``(t, MiB)`` per (server, pid): one
+    colour per server, a new line when it was started again; a dashed line per event (a
+    fault) coloured by its kind, and the warm-up shaded."""
+    figure = Figure(figsize=(12, 4.5))
+    axis = figure.subplots()
+    servers = sorted({server for server, _ in lives})
+    colours = dict(zip(servers, _palette(len(servers)), strict=True))
+    for (server, _), points in lives.items():
+        axis.plot([t for t, _ in points], [mb for _, mb in points], color=colours[server],
+                  linewidth=1.2, label=server)
+    kinds = sorted({kind for _, kind in events})
+    kind_colours = dict(zip(kinds, _palette(len(kinds), "Dark2"), strict=True))
+    for t, kind in events:
+        axis.axvline(t, color=kind_colours[kind], linestyle="--", linewidth=0.9, label=kind)
+    axis.axvspan(0, warmup_s, color="grey", alpha=0.12, label="warm-up")
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per server and per kind
+    axis.legend(unique.values(), unique.keys(), fontsize="small", loc="center left",
+                bbox_to_anchor=(1.01, 0.5))
+    axis.set_xlabel("seconds since start")
+    axis.set_ylabel("resident memory (MiB)")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _palette(count: int, name: str = "tab10") -> list:
+    cmap = colormaps[name]
+    return [cmap(i % cmap.N) for i in range(count)]
 
 
 def _save(figure: Figure, path: Path) -> Path:

@@ -48,6 +48,7 @@ class Child:
     name: str
     url: str
     process: subprocess.Popen
+    env: dict[str, str]  # the process's environment, to start it again as it was
 
 
 def free_port(host: str) -> int:
@@ -93,8 +94,9 @@ class Launcher:
     def spawn(self, name: str, command: str, port: int, args: list[str],
               env: dict[str, str] | None = None) -> Child:
         argv = [sys.executable, "-m", "mmdisagg.cli", command, "--port", str(port), *args]
-        process = subprocess.Popen(argv, env=env or self.env, start_new_session=True)
-        child = Child(name, f"http://{self.host}:{port}", process)
+        env = env or self.env
+        process = subprocess.Popen(argv, env=env, start_new_session=True)
+        child = Child(name, f"http://{self.host}:{port}", process, env)
         self.children.append(child)
         return child
 
@@ -115,6 +117,15 @@ class Launcher:
             *flags[RouterSettings]])
         self.wait_healthy([router])
         return router.url
+
+    def restart(self, child: Child) -> None:
+        """Start a dead ``child`` again with the same command line, port and environment, and
+        wait until it answers (a fault test or a soak brings a killed server back)."""
+        if child.process.poll() is None:
+            raise RuntimeError(f"{child.name} (pid {child.process.pid}) is still running")
+        child.process = subprocess.Popen(child.process.args, env=child.env,
+                                         start_new_session=True)
+        self.wait_healthy([child])
 
     def wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout

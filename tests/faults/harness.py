@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -17,10 +16,9 @@ import numpy as np
 import openai
 from PIL import Image
 
-from mmdisagg.pool.pool import with_fast_copies
 from tests.conftest import SPAWNED
 from tests.models.fixtures import text_part, user
-from tests.servers.cluster import Cluster, metrics
+from tests.servers.cluster import Cluster, metrics, wait_pools_free
 
 ANSWER_DEADLINE_S = 90
 
@@ -66,12 +64,10 @@ class FaultCluster(Cluster):
         """Start a dead server again with the same command line, port and environment, and
         wait until it answers."""
         child = self.child(name)
-        assert child.process.poll() is not None, f"{name} is still running"
-        env = with_fast_copies(self.launcher.env) if name.startswith("encode") else \
-            self.launcher.env
-        child.process = subprocess.Popen(child.process.args, env=env, start_new_session=True)
-        SPAWNED.add(child.process.pid)
-        self.launcher.wait_healthy([child])
+        try:
+            self.launcher.restart(child)
+        finally:
+            SPAWNED.add(child.process.pid)
 
     def wait_router_sees_all(self, timeout: float = 30) -> None:
         """The router's health checks found every server (after a restart)."""
@@ -83,7 +79,6 @@ class FaultCluster(Cluster):
     def assert_serving_and_clean(self) -> None:
         """The invariant after every fault: each pool back to fully free, and a new request
         (text and image) answered."""
-        from tests.servers.cluster import wait_pools_free
         used = wait_pools_free(self, timeout=60)
         assert not any(used.values()), f"blocks still used after the fault: {used}"
         client = self.client()

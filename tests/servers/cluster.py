@@ -3,17 +3,18 @@ ports, with metrics read back from every server."""
 
 from __future__ import annotations
 
-import re
-import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 from openai import AsyncOpenAI, OpenAI
 
 from mmdisagg.config import ServeSettings, load
+from mmdisagg.serve import probe
 from mmdisagg.serve.launcher import Child, Launcher, free_port
+from mmdisagg.serve.probe import metrics
 from tests.conftest import SPAWNED, segments_of
+
+__all__ = ["Cluster", "metrics", "wait_pools_free"]
 
 TOKEN = "test-token"
 
@@ -54,24 +55,6 @@ class Cluster:
         assert not left, f"stopped servers left shared memory behind: {sorted(left)}"
 
 
-def metrics(url: str) -> dict[str, float]:
-    """Every sample of a server's /metrics, keyed by name plus labels."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-        if match:
-            samples[match.group(1)] = float(match.group(2))
-    return samples
-
-
 def wait_pools_free(cluster: Cluster, timeout: float = 30) -> dict[str, float]:
     """Every live server's pool back to fully free (bounded wait); returns used blocks each."""
-    deadline = time.monotonic() + timeout
-    while True:
-        used = {c.name: metrics(c.url)['mmdisagg_pool_blocks{state="used"}']
-                for c in cluster.servers if c.process.poll() is None}
-        if not any(used.values()) or time.monotonic() > deadline:
-            return used
-        time.sleep(0.2)
+    return probe.wait_pools_free(cluster.servers, timeout)
