@@ -219,6 +219,9 @@ class SenderManager(TransferManager):
                     return self._refuse(f"room {room} already has windows from {early.peer.id}")
                 early.windows.append(message)
         elif isinstance(message, Received):
+            if sender is None and room in self._recent_set:  # aborted as it arrived
+                log.debug("Received for finished room %d ignored", room)
+                return
             if sender is None or sender.peer is not peer:
                 return self._refuse(f"Received for room {room} not sent to {source}")
             sender.acked = True
