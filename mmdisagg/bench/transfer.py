@@ -34,6 +34,8 @@ from mmdisagg.transfer.receiver import ReceiverManager
 from mmdisagg.transfer.sender import SenderManager
 
 DEFAULT_TOKENS = (140, 2000, 14000)
+BLOCK_SIZE = 128
+FIRST_WINDOW_BLOCKS = 8  # of the resume comparison
 BASELINES = ("memcpy", "socket", "zmq", "safetensors")
 
 
@@ -45,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=["shm", "tcp"])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--resume-tokens", type=int, default=2000,
-                        help="prompt of the resume comparison (first window: 8 blocks)")
+                        help="prompt of the resume comparison (first window: "
+                        f"{FIRST_WINDOW_BLOCKS} blocks; the prompt must be longer)")
     parser.add_argument("--json", help="also write the results here")
 
 
@@ -140,7 +143,7 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.layout = PoolLayout(1, 128, args.hidden_size, args.dtype)
+        self.layout = PoolLayout(1, BLOCK_SIZE, args.hidden_size, args.dtype)
         context = mp.get_context("spawn")
         # The child sends, as an encode server started by `mmdisagg serve` does: with
         # non-temporal memmove (it inherits this environment).
@@ -266,10 +269,15 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> int:
+    first_window = FIRST_WINDOW_BLOCKS * BLOCK_SIZE
+    if args.resume_tokens <= first_window:
+        raise SystemExit(f"--resume-tokens {args.resume_tokens}: the resume comparison needs a "
+                         f"prompt longer than its first window ({first_window} tokens)")
     torch.set_num_threads(1)
     bench = Bench(args)
-    print(f"bench transfer: hidden {args.hidden_size} {args.dtype}, block 128, receiver here, "
-          f"sender in a child process, median of {args.repeat} (a quarter above 50 MB)")
+    print(f"bench transfer: hidden {args.hidden_size} {args.dtype}, block {BLOCK_SIZE}, "
+          f"receiver here, sender in a child process, median of {args.repeat} (a quarter above "
+          "50 MB)")
     rows = []
     try:
         for tokens in args.tokens:
@@ -291,8 +299,9 @@ def run(args: argparse.Namespace) -> int:
         for backend in args.backends:
             tokens = args.resume_tokens
             single = bench.plane(backend, tokens)
-            early = bench.plane(backend, tokens, first_window_blocks=8)
-            late = bench.plane(backend, tokens, first_window_blocks=8, announce_early=False)
+            early = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS)
+            late = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS,
+                               announce_early=False)
             resume_rows.append({
                 "backend": backend, "tokens": tokens, "single_window_ms": single * 1e3,
                 "resume_announced_ms": early * 1e3, "resume_announced_at_send_ms": late * 1e3,

@@ -38,3 +38,11 @@ def test_bench_transfer_times_every_plane(tmp_path: Path) -> None:
     assert [r["backend"] for r in result["resume"]] == ["shm", "tcp"]
     for resume in result["resume"]:
         assert measured(resume["resume_announced_ms"]), resume
+
+
+def test_bench_transfer_refuses_a_resume_prompt_within_one_window() -> None:
+    """A prompt that fits the first window would wait forever for a window it cannot get."""
+    done = subprocess.run([sys.executable, "-m", "mmdisagg.cli", "bench", "transfer",
+                           "--resume-tokens", "300"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "longer than its first window (1024 tokens)" in done.stderr
