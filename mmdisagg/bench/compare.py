@@ -33,10 +33,9 @@ from mmdisagg.bench.serve import (
     run_json,
     slo_from,
     summary_row,
-    write_json,
 )
 from mmdisagg.bench.systems import RunningServer, ServerFailed
-from mmdisagg.bench.timing import print_table
+from mmdisagg.bench.timing import print_table, write_json
 from mmdisagg.bench.workload import build_requests, warmup_workload
 
 BENCH_MODEL = "bench-small-qwen2-vl"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from mmdisagg.bench import plots
 from mmdisagg.bench.client import Endpoint, EndpointError, connect
 from mmdisagg.bench.load import Load, Run, Stream, measure, warm_up
 from mmdisagg.bench.metrics import Summary, parse_slo
-from mmdisagg.bench.timing import print_table
+from mmdisagg.bench.timing import print_table, write_json
 from mmdisagg.bench.workload import (
     Workload,
     build_requests,
@@ -137,23 +136,6 @@ def run_json(run: Run, slo: dict[str, float]) -> dict:
             "summary": run.summary(slo).to_dict(),
             "groups": {group: summary.to_dict()
                        for group, summary in run.group_summaries(slo).items()}}
-
-
-def finite(value):
-    """``value`` with NaN and infinities as None, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(item) for item in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite(payload), indent=2, allow_nan=False, default=str))
-    return path
 
 
 def plot_runs(runs: Sequence[Run], out: Path, title: str) -> list[Path]:

@@ -31,7 +31,7 @@ from openai import AsyncOpenAI
 
 from mmdisagg.bench import plots
 from mmdisagg.bench.rss import FlatLimit, RssSample, RssSampler, growth, lives, write_csv
-from mmdisagg.bench.serve import UsageError, write_json
+from mmdisagg.bench.serve import UsageError
 from mmdisagg.bench.soak_faults import HANG_S, KINDS, RECOVERY_TIMEOUT_S, Injector
 from mmdisagg.bench.soak_load import (
     Client,
@@ -43,6 +43,7 @@ from mmdisagg.bench.soak_load import (
     messages_for,
 )
 from mmdisagg.bench.soak_report import SoakPlan, SoakReport
+from mmdisagg.bench.timing import write_json
 from mmdisagg.config import ServeSettings, load
 from mmdisagg.serve.launcher import Launcher, free_port, tiny_model
 from mmdisagg.serve.probe import wait_pools_free

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,8 +39,24 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
         print("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
 
 
+def finite(value):
+    """``value`` with NaN and infinities as None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(payload), indent=2, allow_nan=False, default=str))
+    return path
+
+
 def save_json(path: str | None, payload: dict) -> None:
+    """``--json PATH`` of the micro-benchmarks: written only when asked."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2))
-        print(f"wrote {path}")
+        print(f"wrote {write_json(Path(path), payload)}")

@@ -12,10 +12,10 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.core import RecentRooms
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.control import ControlChannel
 from mmdisagg.transfer.planes import plane_class
@@ -92,8 +92,7 @@ class TransferManager:
         self.stats = TransferStats()
         self._lock = threading.RLock()
         self._peers: dict[str, Peer] = {}
-        self._recent: deque[int] = deque(maxlen=RECENT_ROOMS)
-        self._recent_set: set[int] = set()
+        self._recent = RecentRooms(RECENT_ROOMS)
         self._next_heartbeat = 0.0
         self.last_turn = time.monotonic()
         self._stopping = threading.Event()
@@ -168,10 +167,7 @@ class TransferManager:
 
     def _finished(self, room: int) -> None:
         """Remember a finished room for a while, so late messages for it are not alarming."""
-        if len(self._recent) == self._recent.maxlen:
-            self._recent_set.discard(self._recent[0])
-        self._recent.append(room)
-        self._recent_set.add(room)
+        self._recent.add(room)
 
     def _refuse(self, what: str) -> None:
         self.stats.refused += 1

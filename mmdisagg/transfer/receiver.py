@@ -120,7 +120,7 @@ class ReceiverManager(TransferManager):
         """A receiver for ``room``, whose embeddings the encode server whose bootstrap
         endpoint is ``encoder`` (``host:port``) will send."""
         with self._lock:
-            if room in self._receivers or room in self._recent_set or room in self._quarantine:
+            if room in self._receivers or room in self._recent or room in self._quarantine:
                 raise ValueError(f"duplicate room {room}")
             receiver = EmbeddingReceiver(self, room, encoder)
             self._receivers[room] = receiver
@@ -301,7 +301,7 @@ class ReceiverManager(TransferManager):
             return
         receiver = self._receivers.get(room)
         if receiver is None or receiver.peer is not peer:
-            if room not in self._recent_set:
+            if room not in self._recent:
                 self._refuse(f"{type(message).__name__} for room {room} that {source} does "
                              "not serve here")
             return
@@ -334,7 +334,7 @@ class ReceiverManager(TransferManager):
             if receiver is None or receiver.peer is None or receiver.peer.id != source:
                 self.stats.refused += 1
                 raise ChunkRefused(f"chunk for room {notice.room}, which {source} does not "
-                                   "serve here", drain=notice.room in self._recent_set)
+                                   "serve here", drain=notice.room in self._recent)
             try:
                 window = self._check_chunk(receiver, notice, blocks)
             except ChunkRefused:

@@ -147,7 +147,7 @@ class SenderManager(TransferManager):
 
     def create_sender(self, room: int) -> EmbeddingSender:
         with self._lock:
-            if room in self._senders or room in self._recent_set:
+            if room in self._senders or room in self._recent:
                 raise ValueError(f"duplicate room {room}")
             sender = EmbeddingSender(self, room)
             self._senders[room] = sender
@@ -211,7 +211,7 @@ class SenderManager(TransferManager):
         if isinstance(message, Window):
             if sender is not None:
                 self._bind_window(sender, peer, message)
-            elif room in self._recent_set:
+            elif room in self._recent:
                 log.debug("window for finished room %d ignored", room)
             else:
                 early = self._early.setdefault(room, _EarlyWindows(peer, time.monotonic()))
@@ -219,7 +219,7 @@ class SenderManager(TransferManager):
                     return self._refuse(f"room {room} already has windows from {early.peer.id}")
                 early.windows.append(message)
         elif isinstance(message, Received):
-            if sender is None and room in self._recent_set:  # aborted as it arrived
+            if sender is None and room in self._recent:  # aborted as it arrived
                 log.debug("Received for finished room %d ignored", room)
                 return
             if sender is None or sender.peer is not peer:
