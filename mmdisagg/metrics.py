@@ -65,6 +65,7 @@ def transfer_metrics(stats: TransferStats) -> Iterator[Metric]:
         ("chunks", "Chunks moved"), ("windows", "Windows offered"),
         ("resumes", "Windows offered after a request's first"),
         ("spills", "Filled windows copied out to free blocks"),
+        ("cached_tokens", "Prompt tokens not sent: the receiver's prefix cache held them"),
         ("refused", "Control messages or chunks refused"),
         ("peers_lost", "Peers declared dead for missing heartbeats"),
     ):

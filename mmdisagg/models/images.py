@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -27,15 +25,9 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 TOO_LARGE = 413
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    image: Image.Image  # RGB, fully decoded
-    content_hash: str  # sha256 of the encoded bytes
-
-
-def load_image(url: str, settings: ImageSettings) -> LoadedImage:
-    data = fetch_image_bytes(url, settings)
-    return LoadedImage(decode_image(data, settings), hashlib.sha256(data).hexdigest())
+def load_image(url: str, settings: ImageSettings) -> Image.Image:
+    """The image at ``url``, fetched, checked and decoded to RGB."""
+    return decode_image(fetch_image_bytes(url, settings), settings)
 
 
 def fetch_image_bytes(url: str, settings: ImageSettings) -> bytes:

@@ -37,6 +37,7 @@ from mmdisagg.models.base import (
     LanguageHalf,
     PreparedImage,
     PreparedPrompt,
+    pixel_hash,
 )
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.images import load_image
@@ -201,39 +202,46 @@ class QwenVLEncoderHalf(EncoderHalf):
             raise InputError("message text may not contain the image placeholder token")
         pending = iter(images)
         token_ids: list[int] = []
+        image_starts: list[int] = []
         for token_id in template_ids:
-            repeat = next(pending).num_tokens if token_id == self.image_token_id else 1
+            repeat = 1
+            if token_id == self.image_token_id:
+                image_starts.append(len(token_ids))
+                repeat = next(pending).num_tokens
             token_ids.extend([token_id] * repeat)
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
-        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images)
+        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images, image_starts)
 
     def _prepare_image(self, number: int, url: str) -> PreparedImage:
         try:
-            loaded = load_image(url, self.image_settings)
-            features = self.image_processor(images=[loaded.image], return_tensors="pt")
+            image = load_image(url, self.image_settings)
+            features = self.image_processor(images=[image], return_tensors="pt")
         except InputError as exc:
             raise InputError(f"image {number}: {exc.message}", exc.status) from None
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
             raise InputError(f"image {number}: {exc}") from None
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
         return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
-                             content_hash=loaded.content_hash,
+                             content_hash=pixel_hash(features["pixel_values"], grid),
                              num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2)
 
     @torch.no_grad()
-    def encode(self, batch: Sequence[PreparedPrompt],
-               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
-        features = self._image_features(batch, cache)
-        return [self._merge(prompt, features) for prompt in batch]
+    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
+               cached_tokens: Sequence[int] | None = None) -> list[EncodedPrompt]:
+        skips = cached_tokens or [0] * len(batch)
+        needed = [prompt.images_after(skip) for prompt, skip in zip(batch, skips, strict=True)]
+        features = self._image_features([image for images in needed for image in images], cache)
+        return [self._merge(prompt, images, features)
+                for prompt, images in zip(batch, needed, strict=True)]
 
-    def _image_features(self, batch: Sequence[PreparedPrompt],
+    def _image_features(self, images: Sequence[PreparedImage],
                         cache: ImageFeatureCache | None) -> dict[str, torch.Tensor]:
-        """Features of every distinct image in the batch: cached, or from one vision forward."""
+        """Features of every distinct image: cached, or from one vision forward."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
-        for image in (image for prompt in batch for image in prompt.images):
+        for image in images:
             key = image.content_hash
             if key in found or key in missing:
                 continue
@@ -247,6 +255,7 @@ class QwenVLEncoderHalf(EncoderHalf):
             grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
             merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
                                        grid_thw=grids).pooler_output
+            self.images_encoded += len(missing)
             pieces = merged.split([image.num_tokens for image in missing.values()])
             for key, piece in zip(missing, pieces, strict=True):
                 found[key] = piece.clone()
@@ -254,13 +263,15 @@ class QwenVLEncoderHalf(EncoderHalf):
                     cache.put(key, found[key])
         return found
 
-    def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
+    def _merge(self, prompt: PreparedPrompt, needed: Sequence[PreparedImage],
+               features: dict[str, torch.Tensor]) -> EncodedPrompt:
+        """Token embeddings with the ``needed`` images' features in place; the rows of the
+        other images (inside a cached prefix) are left zero."""
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
-        if prompt.images:
-            image_rows = token_ids == self.image_token_id
-            embeddings[image_rows] = torch.cat([features[image.content_hash]
-                                                for image in prompt.images])
+        for image, start in zip(prompt.images, prompt.image_starts, strict=True):
+            rows = slice(start, start + image.num_tokens)
+            embeddings[rows] = features[image.content_hash] if image in needed else 0
         positions, mrope_delta = mrope_positions(
             prompt.token_ids, self.image_token_id, [image.grid_thw for image in prompt.images],
             self.merge_size)

@@ -42,7 +42,7 @@ class LocalEncodeSource:
 
     def ready(self) -> list[Ready]:
         done: list[Ready] = []
-        for batch in take_batches(self.pending, lambda request: request.prepared, self.cache,
+        for batch in take_batches(self.pending, lambda request: request.prepared.images, self.cache,
                                   self.max_batch, self.max_patches):
             if not batch:
                 continue

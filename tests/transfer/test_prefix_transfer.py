@@ -1,0 +1,83 @@
+"""Prefix-aware transfer: a receiver whose prefix cache holds the start of a prompt is sent only
+the rest, over every data plane, between real processes."""
+
+from __future__ import annotations
+
+import pytest
+from backends import BACKENDS
+from peers import Peer
+from test_transfer import assert_exact, layout, transfer
+
+TOKEN_BYTES = 256 * 2 + 4 + 12  # hidden 256 in bfloat16, one token id, three positions
+
+
+@pytest.fixture
+def pair():
+    started: list[Peer] = []
+
+    def start_pair(backend: str, **receiver_kwargs) -> tuple[Peer, Peer]:
+        sender = Peer("sender", backend, layout(64))
+        started.append(sender)
+        receiver = Peer("receiver", backend, layout(64), prefix_cache=True, **receiver_kwargs)
+        started.append(receiver)
+        return sender, receiver
+
+    yield start_pair
+    for peer in started:
+        peer.close()
+
+
+def cache(receiver: Peer, room: int, total: int, tokens: int) -> None:
+    receiver.command(op="cache", room=room, total=total, tokens=tokens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_uncached_suffix_crosses(pair, backend):
+    sender, receiver = pair(backend)
+    cache(receiver, 41, 2000, 1024)
+    received, sent = transfer(sender, receiver, {41: 2000})
+    assert_exact(received, {41: 2000})
+    assert received[41]["cached"] == 1024 and sent[41]["state"] == "Success"
+    receiver_stats, sender_stats = receiver.wait_pool_full(), sender.wait_pool_full()
+    assert receiver_stats["bytes"] == sender_stats["bytes"] == (2000 - 1024) * TOKEN_BYTES
+    assert receiver_stats["cached_tokens"] == 1024 and receiver_stats["pinned"] == 0
+    assert receiver_stats["live"] == sender_stats["live"] == 0
+
+
+@pytest.mark.parametrize("total, held, cached", [
+    (1024, 1024, 896),  # all of it held: the last block is sent, so prefill has a token to run
+    (1000, 1024, 896),
+    (2000, 0, 0),  # a receiver with a cache that holds nothing of it
+    (100, 0, 0),  # shorter than a block: nothing to hash
+    (3000, 256, 256),  # the first window (8 blocks) is dropped; later ones start at 256
+])
+def test_how_much_is_skipped(pair, total, held, cached):
+    sender, receiver = pair("shm")
+    room = 50 + total + held
+    if held:
+        cache(receiver, room, total, held)
+    received, _ = transfer(sender, receiver, {room: total})
+    assert_exact(received, {room: total})
+    assert received[room]["cached"] == cached
+    stats = receiver.wait_pool_full()
+    assert stats["bytes"] == (total - cached) * TOKEN_BYTES and stats["pinned"] == 0
+
+
+def test_a_cache_of_another_prompt_does_not_hit(pair):
+    sender, receiver = pair("shm")
+    cache(receiver, 60, 2000, 1024)  # room 60's prompt; room 61's differs from its first token
+    received, _ = transfer(sender, receiver, {61: 2000})
+    assert_exact(received, {61: 2000})
+    assert received[61]["cached"] == 0
+
+
+def test_a_hit_is_released_when_the_sender_dies(pair):
+    sender, receiver = pair("tcp")
+    cache(receiver, 70, 3000, 1024)
+    receiver.command(op="recv", room=70, encoder=sender.bootstrap)
+    sender.command(op="send", room=70, total=3000, kill_after_tokens=1024)
+    sender.wait(lambda event: event["event"] == "killing", 60)
+    failed = receiver.done([70])[70]
+    assert failed["state"] == "Failed"
+    stats = receiver.wait_pool_full()
+    assert stats["pinned"] == 0 and stats["live"] == 0
