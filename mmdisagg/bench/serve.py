@@ -51,6 +51,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     group.add_argument("--seed", type=int, default=0,
                        help="run n of a sweep uses seed + n (no image-cache hits across runs)")
+    group.add_argument("--turns", type=int, default=1,
+                       help="requests per conversation: each turn resends the earlier ones, "
+                            "their images and answers (results per turn)")
+    group.add_argument("--system-prompt-words", type=int, default=0,
+                       help="words of a system prompt shared by every conversation")
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +91,8 @@ def workload_from(args: argparse.Namespace) -> Workload:
         return Workload(num_requests=args.num_requests, images=parse_range(args.images),
                         image_sizes=tuple(parse_size(s) for s in args.image_sizes),
                         repeat_images=args.repeat_images, prompt_words=args.prompt_words,
-                        max_tokens=args.max_tokens, seed=args.seed)
+                        max_tokens=args.max_tokens, seed=args.seed, turns=args.turns,
+                        system_prompt_words=args.system_prompt_words)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
