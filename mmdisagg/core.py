@@ -67,6 +67,14 @@ class EncodedPrompt:
         """Tokens of the whole prompt, the cached ones included."""
         return self.cached_tokens + self.total_tokens
 
+    def after(self, prefix: PrefixHit | None) -> EncodedPrompt:
+        """This whole prompt without the ``prefix`` a language server holds."""
+        if prefix is None:
+            return self
+        rows = slice(prefix.tokens, None)
+        return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
+                             self.mrope_delta, prefix, self.block_hashes)
+
 
 @dataclass(eq=False)
 class PrefixHit:

@@ -48,8 +48,10 @@ class GenerationService:
                  settings: LanguageServerSettings) -> None:
         self.half = half
         self.settings = settings
+        chunk = settings.pool.block_size if settings.engine.prefix_cache else 0
         self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
-                             settings.max_running_requests)
+                             settings.max_running_requests, prefix_chunk_tokens=chunk)
+        source.attach(self.engine.blocks if chunk else None)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",

@@ -122,9 +122,7 @@ class ReceiverManager(TransferManager):
         self._pending: dict[int, EmbeddingReceiver] = {}
         self._encoders: dict[str, _EncoderLink] = {}
         self._bootstrapper = ThreadPoolExecutor(4, thread_name_prefix="bootstrap")
-        self._registration = Registration(
-            self.id, self.control.endpoint, self.plane.name, pool.layout.to_dict(),
-            self.plane.listen(self), prefix_cache=prefix_cache is not None)
+        self._plane_info = self.plane.listen(self)
         self.start()
 
     def create_receiver(self, room: int, encoder: str) -> EmbeddingReceiver:
@@ -152,6 +150,12 @@ class ReceiverManager(TransferManager):
                 self._fail(receiver, "language server shutting down", notify=True)
         super().close()
         self._bootstrapper.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _registration(self) -> Registration:
+        return Registration(self.id, self.control.endpoint, self.plane.name,
+                            self.pool.layout.to_dict(), self._plane_info,
+                            prefix_cache=self.prefix_cache is not None)
 
     @property
     def live_rooms(self) -> int:
