@@ -48,10 +48,12 @@ class EncodedPrompt:
     token_ids: torch.Tensor
     positions: torch.Tensor
     mrope_delta: int = 0
-    # Set when the language side already holds the prompt's first ``prefix.tokens`` tokens
-    # (prefix cache): then the three tensors above hold only the tokens after them.
+    # Set when a language server already holds the prompt's first ``prefix.tokens`` tokens
+    # (prefix cache). The tensors above then start at token ``first_token`` (<= those: the
+    # rows between are never used), not at token 0.
     prefix: PrefixHit | None = None
-    block_hashes: list[bytes] = field(default_factory=list)  # of the whole prompt's full blocks
+    first_token: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # core.block_hashes of the prompt
 
     @property
     def total_tokens(self) -> int:
@@ -65,7 +67,7 @@ class EncodedPrompt:
     @property
     def prompt_tokens(self) -> int:
         """Tokens of the whole prompt, the cached ones included."""
-        return self.cached_tokens + self.total_tokens
+        return self.first_token + self.total_tokens
 
     def after(self, prefix: PrefixHit | None) -> EncodedPrompt:
         """This whole prompt without the ``prefix`` a language server holds."""
@@ -73,7 +75,7 @@ class EncodedPrompt:
             return self
         rows = slice(prefix.tokens, None)
         return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
-                             self.mrope_delta, prefix, self.block_hashes)
+                             self.mrope_delta, prefix, prefix.tokens, self.block_hashes)
 
 
 @dataclass(eq=False)
@@ -95,6 +97,11 @@ class PrefixCache(Protocol):
         """Unpin what ``match`` pinned, when its request ends without using it."""
 
 
+# Tokens per prompt hash (``block_hashes``): the granularity at which prefixes are found again;
+# a KV block size must be a multiple of it.
+HASH_BLOCK_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class ImageSpan:
     """Tokens ``[start, end)`` of a prompt are one image's placeholders; ``key`` names the
@@ -105,20 +112,20 @@ class ImageSpan:
     key: str
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, images: Sequence[ImageSpan] = (),
-                 parent: bytes = b"", first_token: int = 0) -> list[bytes]:
-    """Chain hashes of the full ``block_size``-token blocks of ``token_ids`` (which start at
-    token ``first_token`` of the sequence; ``parent`` is the hash of the block before).
+def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = ()) -> list[bytes]:
+    """Chain hashes of a prompt's whole ``HASH_BLOCK_TOKENS``-token blocks.
 
     NOTE: a block's hash covers every token before its end, and an image's placeholder tokens
     count by the image's ``key``, not their (shared) id: equal hashes mean equal prefixes, so
     equal KV. Encode and language servers must hash alike; this is the one place that does.
     """
-    hashes = []
-    for block_start in range(0, len(token_ids) - block_size + 1, block_size):
-        start, end = first_token + block_start, first_token + block_start + block_size
+    hashes: list[bytes] = []
+    parent = b""
+    size = HASH_BLOCK_TOKENS
+    for start in range(0, len(token_ids) - size + 1, size):
+        end = start + size
         digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(array("q", token_ids[block_start:block_start + block_size]).tobytes())
+        digest.update(array("q", token_ids[start:end]).tobytes())
         for image in images:
             if image.start < end and image.end > start:
                 digest.update(f"|{image.key}@{image.start}-{image.end}".encode())

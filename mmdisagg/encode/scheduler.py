@@ -113,8 +113,7 @@ class EncodeScheduler(LoopThread):
                reply: Callable[[EncodeResult | ErrorEvent], None]) -> None:
         """Any thread. Announces the prompt's length at once. ValueError: duplicate room."""
         sender = self.manager.create_sender(room)
-        sender.announce(prepared.total_tokens,
-                        prepared.block_hashes(self.pool.layout.block_size))
+        sender.announce(prepared.total_tokens, prepared.block_hashes())
         self._inbox.append(EncodeJob(room, prepared, sender, reply))
         self.wake()
 
@@ -225,9 +224,9 @@ class EncodeScheduler(LoopThread):
             if isinstance(result, Exception):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
-            prompt, skip = result[i], job.cached_tokens
-            self.pool.write(job.allocation, skip, prompt.embeddings[skip:],
-                            prompt.token_ids[skip:], prompt.positions[skip:])
+            prompt, first = result[i], job.sender.first_token
+            self.pool.write(job.allocation, first, prompt.embeddings[first:],
+                            prompt.token_ids[first:], prompt.positions[first:])
             allocation, job.allocation = job.allocation, None
             job.sender.send(allocation, prompt.mrope_delta)  # the sender owns the blocks now
             self.sending.append(job)

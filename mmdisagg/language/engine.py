@@ -56,13 +56,11 @@ class Engine:
 
     def __init__(self, half: LanguageHalf, cache: PagedKVCache,
                  settings: EngineSettings | None = None, max_running: int = 64,
-                 prefix_chunk_tokens: int = 0) -> None:
-        """``prefix_chunk_tokens``: tokens each of a prompt's block hashes covers (the
-        embedding pool's block size); 0 turns the prefix cache off."""
+                 prefix_cache: bool = False) -> None:
         self.half = half
         self.settings = settings or EngineSettings()
         self.max_running = max_running
-        self.blocks = KVBlockManager(cache.num_blocks, cache.block_size, prefix_chunk_tokens)
+        self.blocks = KVBlockManager(cache.num_blocks, cache.block_size, prefix_cache)
         self.runner = ModelRunner(half, cache)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -167,7 +165,7 @@ class Engine:
             req = self.waiting[0]
             if not req.block_table:
                 self._find_prefix(req)
-            if req.num_computed < req.prompt.cached_tokens:
+            if req.num_computed < req.prompt.first_token:
                 self.waiting.popleft()
                 failed.append(self._fail(req, "its prompt's cached prefix was evicted while it "
                                               "waited (preempted); send it again", running=False))
@@ -196,11 +194,9 @@ class Engine:
     def _find_prefix(self, req: Req) -> None:
         """Start ``req`` from the longest cached prefix of its prompt, short of its last
         token (whose logits its prefill must compute)."""
-        chunk = self.blocks.chunk_tokens
-        if not chunk or not req.prompt.block_hashes:
+        if not req.prompt.block_hashes:
             return
-        hit = self.blocks.match(req.prompt.block_hashes,
-                                (req.prompt_tokens - 1) // chunk * chunk)
+        hit = self.blocks.match(req.prompt.block_hashes, req.prompt_tokens - 1)
         if hit is not None:
             self.blocks.adopt(req, hit)
 

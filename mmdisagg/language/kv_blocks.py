@@ -4,11 +4,11 @@ Block ids come from the project's ``BlockAllocator``, one block per allocation s
 go back on its own. A request is admitted with blocks for all its known tokens plus one, and
 grows by a block when its next token would not fit.
 
-Prefix cache: once a request has computed a whole hashed chunk of its prompt (the embedding
-pool's block: ``chunk_tokens`` tokens, several KV blocks), those KV blocks are indexed by
-``(chunk hash, index in chunk)``. A block counts its references (requests whose table holds
-it, and pins of ``match``); at zero an indexed block is kept, least recently used first to go,
-until a new allocation needs it. NOTE: a block is never rewritten while referenced, and never
+Prefix cache: once a request has computed its prompt, each of its whole KV blocks is indexed
+by the chain hash of the prompt's tokens up to the block's end (``core.block_hashes``, every
+``HASH_BLOCK_TOKENS``). A block counts its references (requests whose table holds it, and
+pins of ``match``); at zero an indexed block is kept, least recently used first to go, until
+a new allocation needs it. NOTE: a block is never rewritten while referenced, and never
 found again once handed out anew (its index entry goes first).
 
 NOTE: pins held by requests that are not running (a hit found when the prompt was announced,
@@ -26,11 +26,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmdisagg.core import PrefixHit
+from mmdisagg.core import HASH_BLOCK_TOKENS, PrefixHit
 from mmdisagg.language.request import Req
 from mmdisagg.pool.allocator import Allocation, BlockAllocator
-
-Key = tuple[bytes, int]  # (chunk hash, KV block within the chunk)
 
 
 @dataclass(frozen=True)
@@ -46,26 +44,22 @@ class KVStats:
 
 
 class KVBlockManager:
-    def __init__(self, num_blocks: int, block_size: int, chunk_tokens: int = 0) -> None:
-        """``chunk_tokens``: tokens one prompt hash covers (0: no prefix cache)."""
-        if chunk_tokens % block_size:
-            raise ValueError(f"the prefix cache needs the KV block size ({block_size}) to "
-                             f"divide the embedding pool's block size ({chunk_tokens})")
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = False) -> None:
+        if prefix_cache and block_size % HASH_BLOCK_TOKENS:
+            raise ValueError(f"the prefix cache needs a KV block size that is a multiple of "
+                             f"{HASH_BLOCK_TOKENS} (got --kv-block-size {block_size}); or "
+                             "--no-prefix-cache")
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.block_size = block_size
-        self.chunk_tokens = chunk_tokens
-        self.pin_limit = num_blocks // 4 if chunk_tokens else 0
+        self.prefix_caching = prefix_cache
+        self.pin_limit = num_blocks // 4 if prefix_cache else 0
         self._pinned = 0  # blocks pinned by requests that are not running
         self._lock = threading.RLock()
         self._refs: dict[int, int] = {}
         self._allocations: dict[int, Allocation] = {}
-        self._index: dict[Key, int] = {}
-        self._key_of: dict[int, Key] = {}
+        self._index: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    @property
-    def prefix_caching(self) -> bool:
-        return self.chunk_tokens > 0
 
     @property
     def num_blocks(self) -> int:
@@ -132,18 +126,17 @@ class KVBlockManager:
     # -- the prefix cache -----------------------------------------------------------------
 
     def match(self, hashes: Sequence[bytes], max_tokens: int) -> PrefixHit | None:
-        """Pin the blocks of the longest indexed prefix of ``hashes``, at most ``max_tokens``
-        tokens long (whole chunks)."""
+        """Pin the blocks of the longest indexed prefix of a prompt whose ``block_hashes``
+        these are, at most ``max_tokens`` tokens long (whole KV blocks)."""
         if not self.prefix_caching:
             return None
-        per_chunk = self.chunk_tokens // self.block_size
         with self._lock:
             blocks: list[int] = []
-            for chunk_hash in hashes[: max_tokens // self.chunk_tokens]:
-                chunk = [self._index.get((chunk_hash, i)) for i in range(per_chunk)]
-                if None in chunk or self._pinned + len(blocks) + per_chunk > self.pin_limit:
+            for key in self._keys(hashes, max_tokens // self.block_size):
+                block = self._index.get(key)
+                if block is None or self._pinned + len(blocks) >= self.pin_limit:
                     break
-                blocks += chunk
+                blocks.append(block)
             if not blocks:
                 return None
             for block in blocks:
@@ -167,19 +160,21 @@ class KVBlockManager:
         req.num_computed = hit.tokens
 
     def index(self, req: Req, hashes: Sequence[bytes]) -> None:
-        """Index the chunks ``req`` has computed; chunks already indexed keep their blocks."""
+        """Index the whole blocks ``req`` has computed of the prompt these ``hashes`` are of;
+        a key already indexed keeps its block."""
         if not self.prefix_caching:
             return
-        per_chunk = self.chunk_tokens // self.block_size
-        done = min(len(hashes), req.num_computed // self.chunk_tokens)
         with self._lock:
-            for number in range(done):
-                for i in range(per_chunk):
-                    key = (hashes[number], i)
-                    block = req.block_table[number * per_chunk + i]
-                    if key not in self._index and block not in self._key_of:
-                        self._index[key] = block
-                        self._key_of[block] = key
+            keys = self._keys(hashes, req.num_computed // self.block_size)
+            for key, block in zip(keys, req.block_table, strict=False):
+                if key not in self._index and block not in self._key_of:
+                    self._index[key] = block
+                    self._key_of[block] = key
+
+    def _keys(self, hashes: Sequence[bytes], num_blocks: int) -> list[bytes]:
+        """The key of each of the first ``num_blocks`` KV blocks: the hash ending with it."""
+        per_block = self.block_size // HASH_BLOCK_TOKENS
+        return list(hashes[per_block - 1::per_block][:num_blocks])
 
     # -- bookkeeping ----------------------------------------------------------------------
 

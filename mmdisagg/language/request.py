@@ -88,11 +88,11 @@ class Req:
         assert self.prompt is not None
         start, end = self.num_computed, self.num_computed + count
         length = self.prompt_tokens
-        cached = self.prompt.cached_tokens  # NOTE: rows hold the tokens after these only
-        if start < cached:
+        first = self.prompt.first_token  # NOTE: the rows start at this token
+        if start < first:
             raise ValueError(f"request {self.request_id}: token {start} is in its cached "
-                             f"prefix of {cached}, whose embeddings never came")
-        prompt_part = slice(start - cached, min(end, length) - cached)
+                             f"prefix, whose embeddings never came (they start at {first})")
+        prompt_part = slice(start - first, min(end, length) - first)
         if end <= length:
             return self.prompt.embeddings[prompt_part], self.prompt.positions[prompt_part]
         first = max(start, length)

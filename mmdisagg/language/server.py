@@ -48,10 +48,10 @@ class GenerationService:
                  settings: LanguageServerSettings) -> None:
         self.half = half
         self.settings = settings
-        chunk = settings.pool.block_size if settings.engine.prefix_cache else 0
+        cached = settings.engine.prefix_cache
         self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
-                             settings.max_running_requests, prefix_chunk_tokens=chunk)
-        source.attach(self.engine.blocks if chunk else None)
+                             settings.max_running_requests, prefix_cache=cached)
+        source.attach(self.engine.blocks if cached else None)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",

@@ -73,9 +73,9 @@ class PreparedPrompt:
         return [ImageSpan(start, start + image.num_tokens, image.content_hash)
                 for image, start in zip(self.images, self.image_starts, strict=True)]
 
-    def block_hashes(self, block_size: int) -> list[bytes]:
-        """Chain hashes of its full blocks, the prefix cache's keys (``core.block_hashes``)."""
-        return block_hashes(self.token_ids.tolist(), block_size, self.image_spans())
+    def block_hashes(self) -> list[bytes]:
+        """The prefix cache's keys (``core.block_hashes``)."""
+        return block_hashes(self.token_ids.tolist(), self.image_spans())
 
     def images_after(self, token: int) -> list[PreparedImage]:
         """The images not wholly inside the first ``token`` tokens: those a prompt whose

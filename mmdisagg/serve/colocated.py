@@ -49,10 +49,8 @@ class LocalEncodeSource:
         """Looks the prompt up in the prefix cache at once: cached images are not encoded."""
         hit = None
         if self.prefix_cache is not None:
-            chunk = self.prefix_cache.chunk_tokens
-            hashes = self._hashes[request] = request.prepared.block_hashes(chunk)
-            hit = self.prefix_cache.match(hashes,
-                                          (request.prepared.total_tokens - 1) // chunk * chunk)
+            hashes = self._hashes[request] = request.prepared.block_hashes()
+            hit = self.prefix_cache.match(hashes, request.prepared.total_tokens - 1)
         self._hits[request] = hit
         self.pending.append(request)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import EncodedPrompt, PrefixCache, PrefixHit
+from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixCache, PrefixHit
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
 from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
@@ -70,6 +70,7 @@ class EmbeddingReceiver(RoomTransfer):
         self.total_tokens: int | None = None
         self.block_hashes: list[bytes] = []
         self.prefix: PrefixHit | None = None  # pinned in the prefix cache until taken or failed
+        self.first_token = 0  # the first token sent: the start of the block the hit ends in
         self.mrope_delta = 0
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
@@ -78,9 +79,6 @@ class EmbeddingReceiver(RoomTransfer):
         self.release_by: float | None = None  # set while quarantined
         self.started = False  # its first window is offered
 
-    @property
-    def cached_tokens(self) -> int:
-        return self.prefix.tokens if self.prefix is not None else 0
 
     def init(self, allocation: Allocation) -> None:
         """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on.
@@ -242,7 +240,8 @@ class ReceiverManager(TransferManager):
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
         return EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
-                             receiver.mrope_delta, prefix, receiver.block_hashes)
+                             receiver.mrope_delta, prefix, receiver.first_token,
+                             receiver.block_hashes)
 
     # -- offering windows -----------------------------------------------------------------
 
@@ -344,31 +343,33 @@ class ReceiverManager(TransferManager):
         first = receiver.total_tokens is None
         receiver.total_tokens = total_tokens
         if first and self.prefix_cache is not None:
-            receiver.block_hashes = block_hashes[: total_tokens // self.pool.layout.block_size]
+            receiver.block_hashes = block_hashes[: total_tokens // HASH_BLOCK_TOKENS]
             self._skip_cached(receiver)
         self._trim(receiver)
         self._offer_more(receiver)
 
     def _skip_cached(self, receiver: EmbeddingReceiver) -> None:
-        """Pin the longest prefix the cache holds (block-aligned, and short of the last token,
-        whose logits prefill must compute), tell the sender, and offer windows after it only.
-        NOTE: the sender writes nothing before this answer, so no offered window is filled."""
-        block_size = self.pool.layout.block_size
-        limit = (receiver.total_tokens - 1) // block_size * block_size
-        hit = self.prefix_cache.match(receiver.block_hashes, limit) if limit else None
-        if hit is not None and (hit.tokens % block_size or not 0 < hit.tokens <= limit):
+        """Pin the longest prefix the cache holds (short of the last token, whose logits
+        prefill must compute), tell the sender, and take only what follows, from the start
+        of the block the hit ends in. NOTE: the sender writes nothing before this answer, so
+        no offered window is filled yet."""
+        limit = receiver.total_tokens - 1
+        hit = self.prefix_cache.match(receiver.block_hashes, limit)
+        if hit is not None and not 0 < hit.tokens <= limit:
             self.prefix_cache.release(hit)
             hit = None
-        tokens = hit.tokens if hit is not None else 0
-        self.control.send(receiver.peer.endpoint, Cached(receiver.room, tokens))
+        self.control.send(receiver.peer.endpoint,
+                          Cached(receiver.room, hit.tokens if hit is not None else 0))
         if hit is None:
             return
         receiver.prefix = hit
-        receiver.sent_tokens = tokens
-        for window in receiver.windows:
-            self.pool.allocator.free(window.allocation)
-        receiver.windows = []
-        self.stats.cached_tokens += tokens
+        block_size = self.pool.layout.block_size
+        first = receiver.first_token = receiver.sent_tokens = hit.tokens // block_size * block_size
+        self.stats.cached_tokens += first
+        if first:
+            for window in receiver.windows:
+                self.pool.allocator.free(window.allocation)
+            receiver.windows = []
 
     def begin_chunk(self, source: str, notice: ChunkDone, blocks: Sequence[int]) -> None:
         """In-band planes (tcp), before a byte lands: check the chunk and mark it landing."""
@@ -466,15 +467,15 @@ class ReceiverManager(TransferManager):
         self.stats.spills += 1
 
     def _new_buffer(self, receiver: EmbeddingReceiver) -> Gathered:
-        """Room for the tokens after the cached prefix."""
-        total = receiver.total_tokens - receiver.cached_tokens
+        """Room for the tokens sent (after the cached prefix)."""
+        total = receiver.total_tokens - receiver.first_token
         return Gathered(
             torch.empty(total, self.pool.layout.hidden_size, dtype=self.pool.layout.torch_dtype),
             torch.empty(total, dtype=torch.int32), torch.empty(total, 3, dtype=torch.int32))
 
     def _copy_out(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                   out: Gathered) -> None:
-        start = window.start - receiver.cached_tokens
+        start = window.start - receiver.first_token
         span = slice(start, start + window.filled)
         self.pool.arrays.read(window.allocation.blocks, window.filled, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))

@@ -48,8 +48,9 @@ class EmbeddingSender(RoomTransfer):
         self.total_tokens: int | None = None
         self.block_hashes: list[bytes] = []
         # Tokens the receiver already holds (its prefix cache): None until it said; nothing is
-        # written before.
+        # written before. Sending starts at the block holding the first token it lacks.
         self.cached_tokens: int | None = None
+        self.first_token = 0
         self.sent_tokens = 0
         self.mrope_delta = 0
         self.peer: Peer | None = None
@@ -343,26 +344,26 @@ class SenderManager(TransferManager):
                                                              sender.block_hashes))
 
     def _cached(self, sender: EmbeddingSender, tokens: int) -> None:
-        """The receiver holds the first ``tokens`` tokens: start at the first it lacks. Its
-        windows before that were never written (nothing is before this answer); forget them."""
+        """The receiver holds the first ``tokens`` tokens: send from the start of the block that
+        holds the first it lacks. Its windows before that were never written (nothing is
+        before this answer); forget them."""
         if sender.state in (Poll.Success, Poll.Failed):
             return
-        block_size = self.pool.layout.block_size
         problem = None
         if sender.cached_tokens is not None:
             problem = "said twice"
         elif sender.total_tokens is None or not 0 <= tokens < sender.total_tokens:
             problem = f"{tokens} tokens of a {sender.total_tokens}-token prompt"
-        elif tokens % block_size:
-            problem = f"{tokens} tokens is not a multiple of the block size {block_size}"
         if problem:
             return self._fail(sender, f"bad Cached for room {sender.room}: {problem}",
                               notify=True)
-        skipped = [window for start, window in sender.windows.items() if start < tokens]
+        first = tokens // self.pool.layout.block_size * self.pool.layout.block_size
+        skipped = [window for start, window in sender.windows.items() if start < first]
         self._unclaim(sender, skipped)
         for window in skipped:
             del sender.windows[window.start_token]
-        sender.cached_tokens = sender.sent_tokens = tokens
+        sender.cached_tokens, sender.first_token = tokens, first
+        sender.sent_tokens = first
         self._pump(sender)
 
     def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int) -> None:

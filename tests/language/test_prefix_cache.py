@@ -23,20 +23,21 @@ from tests.models.fixtures import (
     user,
 )
 
-CHUNK = 32  # tokens per prompt hash here (the embedding pool's block size in a server)
+BLOCK = 32  # tokens per KV block here: two hash blocks
 MAX_TOKENS = 10
 
 
-def engine(tiny: TinyModel, kv_tokens: int = 4096, chunk: int = CHUNK) -> Engine:
-    cache = PagedKVCache(tiny.language.kv_layout, kv_tokens // 16, 16, tiny.language.device)
+def engine(tiny: TinyModel, kv_tokens: int = 4096, cached: bool = True) -> Engine:
+    cache = PagedKVCache(tiny.language.kv_layout, kv_tokens // BLOCK, BLOCK,
+                         tiny.language.device)
     return Engine(tiny.language, cache, EngineSettings(max_prefill_tokens=2048),
-                  prefix_chunk_tokens=chunk)
+                  prefix_cache=cached)
 
 
 def encoded(tiny: TinyModel, messages: list[dict[str, Any]]) -> EncodedPrompt:
     prepared = tiny.encoder.prepare(messages)
     prompt = tiny.encoder.encode([prepared])[0]
-    prompt.block_hashes = prepared.block_hashes(CHUNK)
+    prompt.block_hashes = prepared.block_hashes()
     return prompt
 
 
@@ -55,7 +56,7 @@ def next_turn(tiny: TinyModel, messages: list[dict[str, Any]], tokens: list[int]
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
 def test_later_turns_of_a_chat_match_generate(tiny: TinyModel, cached: bool) -> None:
-    server = engine(tiny, chunk=CHUNK if cached else 0)
+    server = engine(tiny, cached=cached)
     turn = user(text_part("Look:"), image_part(112, 84, seed=41), text_part("What is it?"))
     hits = []
     for question in ("And the colours?", "Anything else?"):
@@ -66,7 +67,7 @@ def test_later_turns_of_a_chat_match_generate(tiny: TinyModel, cached: bool) -> 
     assert_same_tokens(answer(tiny, server, turn), generate_greedy(tiny, turn, MAX_TOKENS))
     if cached:
         assert 0 < hits[1] < server.prefix_hit_tokens  # turns 2 and 3 each found turn 1's KV
-        assert server.prefix_hit_tokens % CHUNK == 0
+        assert server.prefix_hit_tokens % BLOCK == 0
     else:
         assert server.prefix_hit_tokens == 0 and server.blocks.stats().cached_blocks == 0
 
@@ -79,7 +80,7 @@ def test_two_images_of_one_size_never_hit_each_other(tiny: TinyModel) -> None:
     image_start = tiny.encoder.prepare(second).image_starts[0]
     before = server.prefix_hit_tokens
     assert_same_tokens(answer(tiny, server, second), generate_greedy(tiny, second, MAX_TOKENS))
-    assert server.prefix_hit_tokens - before == image_start // CHUNK * CHUNK
+    assert server.prefix_hit_tokens - before == image_start // BLOCK * BLOCK
 
 
 def test_the_same_image_elsewhere_does_not_hit_a_wrong_prefix(tiny: TinyModel) -> None:
@@ -93,7 +94,7 @@ def test_the_same_image_elsewhere_does_not_hit_a_wrong_prefix(tiny: TinyModel) -
     common = next(i for i, (a, b) in enumerate(zip(
         tiny.encoder.prepare(user(image, text_part("x"))).token_ids.tolist(),
         first.token_ids.tolist(), strict=False)) if a != b)
-    assert server.prefix_hit_tokens - before <= common // CHUNK * CHUNK
+    assert server.prefix_hit_tokens - before <= common // BLOCK * BLOCK
 
 
 def test_eviction_under_a_small_cache_keeps_answers_correct(tiny: TinyModel) -> None:
@@ -117,8 +118,8 @@ def test_a_prefix_found_at_announce_is_never_sent_and_still_matches(tiny: TinyMo
     tokens = answer(tiny, server, turn)
     turn = next_turn(tiny, turn, tokens, "Really?")
     whole = encoded(tiny, turn)
-    hit = server.blocks.match(whole.block_hashes, (whole.total_tokens - 1) // CHUNK * CHUNK)
-    assert hit is not None and hit.tokens >= CHUNK
+    hit = server.blocks.match(whole.block_hashes, whole.total_tokens - 1)
+    assert hit is not None and hit.tokens >= BLOCK
     sent = whole.after(hit)
     assert sent.total_tokens == whole.total_tokens - hit.tokens
     out = run_engine(server, [Req("r", SamplingParams(max_tokens=MAX_TOKENS), sent)])["r"]
@@ -141,26 +142,31 @@ def owner(name: str = "r") -> Req:
     return Req(name, SamplingParams())
 
 
+def keys(*names: str) -> list[bytes]:
+    """Block hashes for a manager of 16-token blocks: one per block."""
+    return [name.encode() for name in names]
+
+
 def test_blocks_are_found_pinned_and_evicted_oldest_first() -> None:
-    blocks = KVBlockManager(num_blocks=16, block_size=4, chunk_tokens=8)
+    blocks = KVBlockManager(num_blocks=16, block_size=16, prefix_cache=True)
     first, second = owner("a"), owner("b")
-    assert blocks.allocate(first, 16) and blocks.allocate(second, 8)
-    first.num_computed, second.num_computed = 16, 8
-    blocks.index(first, [b"A", b"B"])
-    blocks.index(second, [b"C"])
+    assert blocks.allocate(first, 16 * 4) and blocks.allocate(second, 16 * 2)
+    first.num_computed, second.num_computed = 16 * 4, 16 * 2
+    blocks.index(first, keys("A", "B", "C", "D"))
+    blocks.index(second, keys("E", "F"))
     blocks.free(second)
     blocks.free(first)
     assert blocks.stats().cached_blocks == 6 and blocks.stats().used_blocks == 0
-    hit = blocks.match([b"A", b"B", b"X"], max_tokens=100)
-    assert hit.tokens == 16 and blocks.stats().cached_blocks == 2  # A and B pinned; C not
-    assert blocks.match([b"C"], 100) is None  # pins are capped at a quarter: 4 blocks
+    hit = blocks.match(keys("A", "B", "C", "D", "X"), max_tokens=1000)
+    assert hit.tokens == 64 and blocks.stats().cached_blocks == 2  # A-D pinned; E, F not
+    assert blocks.match(keys("E"), 1000) is None  # pins are capped at a quarter: 4 blocks
     taker = owner("t")
-    assert blocks.allocate(taker, 4 * 12)  # 12 blocks: the 10 free, then C's 2 evicted
-    assert not blocks.can_allocate(owner("u"), 4)
+    assert blocks.allocate(taker, 16 * 12)  # 12 blocks: the 10 free, then E's and F's
+    assert not blocks.can_allocate(owner("u"), 16)
     blocks.release(hit)
-    assert blocks.stats().cached_blocks == 4  # A's and B's, unreferenced but still found
-    again = blocks.match([b"A"], 100)
-    assert again.blocks == hit.blocks[:2]
+    assert blocks.stats().cached_blocks == 4  # A-D, unreferenced but still found
+    again = blocks.match(keys("A", "B"), max_tokens=31)  # whole blocks within the limit
+    assert again.blocks == hit.blocks[:1]
     blocks.release(again)
     blocks.free(taker)
     blocks.check()
@@ -168,14 +174,14 @@ def test_blocks_are_found_pinned_and_evicted_oldest_first() -> None:
 
 
 def test_a_referenced_block_is_never_taken() -> None:
-    blocks = KVBlockManager(num_blocks=8, block_size=4, chunk_tokens=8)
+    blocks = KVBlockManager(num_blocks=8, block_size=32, prefix_cache=True)
     holder = owner()
-    assert blocks.allocate(holder, 8)
-    holder.num_computed = 8
-    blocks.index(holder, [b"A"])
-    hit = blocks.match([b"A"], 8)
-    assert hit is not None
+    assert blocks.allocate(holder, 64)
+    holder.num_computed = 64
+    blocks.index(holder, keys("a", "A", "b", "B"))  # a 32-token block: the second hash is its key
+    hit = blocks.match(keys("a", "A", "b", "B"), 64)
+    assert hit is not None and hit.tokens == 64
     blocks.free(holder)  # still pinned by the hit
-    assert not blocks.allocate(owner("x"), 4 * 7)
-    assert blocks.allocate(owner("y"), 4 * 6)
+    assert not blocks.allocate(owner("x"), 32 * 7)
+    assert blocks.allocate(owner("y"), 32 * 6)
     blocks.check()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from mmdisagg.core import HASH_BLOCK_TOKENS
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
@@ -126,10 +127,10 @@ def test_images_inside_a_cached_prefix_skip_the_vision_tower(tiny: TinyModel,
 def test_block_hashes_key_images_by_their_pixels(tiny: TinyModel) -> None:
     """Two images of one size have the same placeholder tokens, but never the same hashes; the
     same image gives the same hashes, and elsewhere in the prompt it changes what follows."""
-    size = 16
+    size = HASH_BLOCK_TOKENS
 
     def hashes(*parts) -> list[bytes]:
-        return tiny.encoder.prepare(user(*parts)).block_hashes(size)
+        return tiny.encoder.prepare(user(*parts)).block_hashes()
 
     cat, other_cat = hashes(CAT, text_part("x")), hashes(image_part(84, 84, seed=99),
                                                           text_part("x"))

@@ -17,7 +17,7 @@ import time
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import PrefixHit, block_hashes
+from mmdisagg.core import HASH_BLOCK_TOKENS, PrefixHit, block_hashes
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -36,29 +36,28 @@ def make_prompt(room: int, total: int, hidden: int, dtype: torch.dtype):
             int(torch.randint(-1000, 1000, (1,), generator=gen)))
 
 
-def prompt_hashes(room: int, total: int, block_size: int) -> list[bytes]:
+def prompt_hashes(room: int, total: int) -> list[bytes]:
     _, ids, _, _ = make_prompt(room, total, 1, torch.float32)
-    return block_hashes(ids.tolist(), block_size)
+    return block_hashes(ids.tolist())
 
 
 class HeldPrefixes:
     """A prefix cache holding the blocks it is told of (``op: cache``): no KV behind them, but
     the transfer layer's side of the protocol is the real one."""
 
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
+    def __init__(self) -> None:
         self.held: set[bytes] = set()
         self.pinned = 0
 
     def match(self, hashes: list[bytes], max_tokens: int) -> PrefixHit | None:
         blocks = 0
         while (blocks < len(hashes) and hashes[blocks] in self.held
-               and (blocks + 1) * self.block_size <= max_tokens):
+               and (blocks + 1) * HASH_BLOCK_TOKENS <= max_tokens):
             blocks += 1
         if blocks == 0:
             return None
         self.pinned += 1
-        return PrefixHit(blocks * self.block_size, [])
+        return PrefixHit(blocks * HASH_BLOCK_TOKENS, [])
 
     def release(self, hit: PrefixHit) -> None:
         self.pinned -= 1
@@ -75,8 +74,7 @@ class SendTask:
         self.room = cmd["room"]
         self.sender = manager.create_sender(self.room)
         self.total = cmd["total"]
-        self.sender.announce(self.total, prompt_hashes(self.room, self.total,
-                                                       manager.pool.layout.block_size))
+        self.sender.announce(self.total, prompt_hashes(self.room, self.total))
         self.send_at = time.monotonic() + cmd.get("delay", 0.0)
         self.sent = False
 
@@ -138,13 +136,13 @@ class RecvTask:
         got = self.receiver.take()
         emb, ids, pos, delta = make_prompt(self.room, got.prompt_tokens, layout.hidden_size,
                                            layout.torch_dtype)
-        skip = got.cached_tokens
+        skip = got.first_token
         exact = (torch.equal(got.embeddings, emb[skip:]) and torch.equal(got.token_ids, ids[skip:])
                  and torch.equal(got.positions, pos[skip:]) and got.mrope_delta == delta)
         if got.prefix is not None:
             self.manager.prefix_cache.release(got.prefix)
         emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
-              "total": got.prompt_tokens, "cached": skip,
+              "total": got.prompt_tokens, "cached": got.cached_tokens, "first": skip,
               "expected_total": self.cmd.get("total")})
 
 
@@ -160,7 +158,7 @@ def main() -> None:
     if role == "sender":
         manager = SenderManager(pool, transfer, network)
     else:
-        cache = HeldPrefixes(layout.block_size) if config.get("prefix_cache") else None
+        cache = HeldPrefixes() if config.get("prefix_cache") else None
         manager = ReceiverManager(pool, transfer, network, prefix_cache=cache)
     emit({"event": "ready", "id": manager.id, "control": manager.control.endpoint,
           "bootstrap": getattr(manager, "bootstrap_address", None)})
@@ -190,8 +188,8 @@ def main() -> None:
             elif op == "release":
                 held.pop(cmd["room"]).finish()
             elif op == "cache":
-                hashes = prompt_hashes(cmd["room"], cmd["total"], layout.block_size)
-                manager.prefix_cache.held.update(hashes[: cmd["tokens"] // layout.block_size])
+                hashes = prompt_hashes(cmd["room"], cmd["total"])
+                manager.prefix_cache.held.update(hashes[: cmd["tokens"] // HASH_BLOCK_TOKENS])
             elif op == "stats":
                 stats = pool.allocator.stats()
                 emit({"event": "stats", "free_blocks": stats.free_blocks,
