@@ -11,10 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import base64
 import io
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,31 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 def image_part(width: int, height: int, seed: int = 0) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": data_url(png_bytes(width, height, seed))}}
+
+
+def video_bytes(frames: int, width: int, height: int, fps: int = 4, seed: int = 0,
+                container: str = "mp4") -> bytes:
+    """A small video of random frames, encoded locally with PyAV (mp4/mov: MPEG-4 part 2 with
+    the index first, as web videos are; webm: VP8)."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"video.{container}"
+        options = {} if container == "webm" else {"movflags": "faststart"}
+        with av.open(str(path), "w", options=options) as output:
+            stream = output.add_stream("libvpx" if container == "webm" else "mpeg4", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for _ in range(frames):
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            output.mux(stream.encode())
+        return path.read_bytes()
+
+
+def video_part(frames: int, width: int, height: int, fps: int = 4, seed: int = 0,
+               container: str = "mp4") -> dict[str, Any]:
+    mime = "video/webm" if container == "webm" else f"video/{container}"
+    return {"type": "video_url", "video_url": {
+        "url": data_url(video_bytes(frames, width, height, fps, seed, container), mime)}}
 
 
 def text_part(text: str) -> dict[str, Any]:

@@ -1,0 +1,225 @@
+"""Videos: mmdisagg's own frame sampling and processing (no torchvision) equals transformers' video
+processor bit for bit, and greedy tokens of EncoderHalf -> LanguageHalf equal the unsplit
+model's generate() fed by that processor.
+
+transformers' video processors need torchvision, which mmdisagg's venv does not have: the
+reference runs in the peer venv (torch 2.14.1 + torchvision, created on first use by
+mmdisagg/bench/peer_venv.py, a few minutes once) through tests/models/video_reference.py, and
+hands its tensors back in files; generate() then runs here, on the same model as the halves.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from mmdisagg.bench.peer_venv import DEFAULT_PATH, ensure_peer_venv
+from mmdisagg.config import ImageSettings
+from mmdisagg.models.base import EncoderHalf
+from mmdisagg.models.errors import InputError
+from mmdisagg.models.videos import VideoRules, load_video
+from tests.models.fixtures import (
+    FAMILIES,
+    TinyModel,
+    data_url,
+    image_part,
+    png_bytes,
+    split_greedy,
+    text_part,
+    user,
+    video_bytes,
+    video_part,
+)
+
+NEW_TOKENS = 12
+DEFAULTS = ImageSettings()
+
+
+@dataclass(frozen=True)
+class Case:
+    messages: list[dict[str, Any]]
+    max_video_frames: int = DEFAULTS.max_video_frames
+
+
+CASES = {
+    "short video": Case(user(video_part(8, 64, 48, fps=4, seed=1),
+                             text_part("What happens in the video?"))),
+    "video and image": Case(user(text_part("Compare"), image_part(56, 56, seed=2),
+                                 text_part("with"), video_part(12, 100, 60, fps=6, seed=3),
+                                 text_part("please."))),
+    "webm, downscaled": Case(user(video_part(10, 320, 240, fps=5, seed=4, container="webm"),
+                                  text_part("Describe it."))),
+    "long video, sampled sparsely": Case(user(text_part("Summarize:"),
+                                              video_part(30, 56, 84, fps=3, seed=5)),
+                                         max_video_frames=6),
+}
+
+
+def _parts(messages: list[dict[str, Any]], kind: str) -> list[bytes]:
+    return [base64.b64decode(part[kind]["url"].split(",", 1)[1])
+            for message in messages if not isinstance(message["content"], str)
+            for part in message["content"] if part["type"] == kind]
+
+
+def _template_text(path: Path, messages: list[dict[str, Any]]) -> str:
+    placeholders = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
+    template_messages = [message if isinstance(message["content"], str) else {
+        "role": message["role"],
+        "content": [placeholders.get(part["type"], part) for part in message["content"]]}
+        for message in messages]
+    return AutoTokenizer.from_pretrained(path).apply_chat_template(
+        template_messages, tokenize=False, add_generation_prompt=True)
+
+
+def _all_frames(data: bytes) -> tuple[np.ndarray, float]:
+    """Every frame, decoded independently of mmdisagg, and the frame rate."""
+    with av.open(io.BytesIO(data)) as container:
+        fps = float(container.streams.video[0].average_rate)
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return np.stack(frames), fps
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoints: dict[str, Path], tmp_path_factory) -> dict[str, dict]:
+    """(family, case) -> the tensors transformers' processor makes of it: one run of the peer
+    venv for all of them."""
+    python = ensure_peer_venv(DEFAULT_PATH).parent / "python"
+    folder = tmp_path_factory.mktemp("video-reference")
+    jobs = []
+    for family in FAMILIES:
+        for number, case in enumerate(CASES.values()):
+            tag = f"{family}-{number}"
+            images = []
+            for index, png in enumerate(_parts(case.messages, "image_url")):
+                images.append(str(folder / f"{tag}-image{index}.png"))
+                Path(images[-1]).write_bytes(png)
+            videos = []
+            for index, data in enumerate(_parts(case.messages, "video_url")):
+                frames, fps = _all_frames(data)
+                videos.append({"frames": str(folder / f"{tag}-video{index}.npy"), "fps": fps,
+                               "max_frames": case.max_video_frames})
+                np.save(videos[-1]["frames"], frames)
+            jobs.append({"name": tag, "family": family,
+                         "checkpoint": str(tiny_checkpoints[family]),
+                         "text": _template_text(tiny_checkpoints[family], case.messages),
+                         "images": images, "videos": videos})
+    (folder / "cases.json").write_text(json.dumps(jobs))
+    script = Path(__file__).with_name("video_reference.py")
+    result = subprocess.run([str(python), str(script), str(folder / "cases.json"), str(folder)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {(family, name): load_file(folder / f"{family}-{number}.safetensors")
+            for family in FAMILIES for number, name in enumerate(CASES)}
+
+
+def _encoder(tiny: TinyModel, case: Case) -> EncoderHalf:
+    if case.max_video_frames == DEFAULTS.max_video_frames:
+        return tiny.encoder
+    return EncoderHalf.from_pretrained(
+        tiny.path, image_settings=replace(DEFAULTS, max_video_frames=case.max_video_frames))
+
+
+def _generate(tiny: TinyModel, inputs: dict[str, torch.Tensor]) -> list[int]:
+    """The unsplit model's greedy tokens on the processor's tensors."""
+    config = tiny.reference.config
+    ids = inputs["input_ids"]
+    kinds = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+    with torch.no_grad():
+        output = tiny.reference.generate(**{**inputs, "mm_token_type_ids": kinds},
+                                         max_new_tokens=NEW_TOKENS, do_sample=False)
+    return output[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.timeout(900)  # the first run creates the peer venv
+@pytest.mark.parametrize("name", CASES)
+def test_prepare_matches_transformers_video_processor(tiny: TinyModel, references,
+                                                      name: str) -> None:
+    reference = references[tiny.family, name]
+    prepared = _encoder(tiny, CASES[name]).prepare(CASES[name].messages)
+    assert prepared.token_ids.tolist() == reference["input_ids"][0].tolist()
+    videos = [v for v in prepared.images if v.placeholder_id == tiny.encoder.video_token_id]
+    images = [v for v in prepared.images if v.placeholder_id == tiny.encoder.image_token_id]
+    assert torch.equal(torch.cat([video.pixel_values for video in videos]),
+                       reference["pixel_values_videos"])
+    assert [list(video.grid_thw) for video in videos] == reference["video_grid_thw"].tolist()
+    if images:
+        assert torch.equal(torch.cat([image.pixel_values for image in images]),
+                           reference["pixel_values"])
+    if "second_per_grid_ts" in reference:  # Qwen2.5-VL: the timestamps in the positions
+        tokens_per_second = tiny.reference.config.vision_config.tokens_per_second
+        assert [video.time_step for video in videos] == \
+            (reference["second_per_grid_ts"] * tokens_per_second).tolist()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_split_halves_match_generate_on_videos(tiny: TinyModel, references, name: str) -> None:
+    prompt = _encoder(tiny, CASES[name]).encode(
+        [_encoder(tiny, CASES[name]).prepare(CASES[name].messages)])[0]
+    expected = _generate(tiny, references[tiny.family, name])
+    assert split_greedy(tiny, prompt, NEW_TOKENS) == expected
+
+
+def test_negative_control_untimed_video_positions_change_tokens(tiny_models, references) -> None:
+    """Qwen2.5-VL: a video's temporal patches spaced by one (Qwen2-VL's rule) instead of by
+    their timestamps give other tokens."""
+    tiny = tiny_models["qwen2_5_vl"]
+    prepared = tiny.encoder.prepare(CASES["short video"].messages)
+    assert prepared.images[0].time_step != 1.0
+    prepared.images[0].time_step = 1.0
+    prompt = tiny.encoder.encode([prepared])[0]
+    expected = _generate(tiny, references["qwen2_5_vl", "short video"])
+    assert split_greedy(tiny, prompt, NEW_TOKENS) != expected
+
+
+def _refused(url: str, settings: ImageSettings = DEFAULTS, max_tokens: int = 4096
+             ) -> InputError:
+    rules = VideoRules(min_pixels=3136, max_pixels=12544, patch_size=14, temporal_patch_size=2,
+                       merge_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+                       rescale_factor=1 / 255, fps=2.0, min_frames=4, max_frames=768,
+                       cap_pixels_per_frame=False, max_video_tokens=128000)
+    with pytest.raises(InputError) as caught:
+        load_video(url, settings, rules, max_tokens)
+    return caught.value
+
+
+MP4 = video_bytes(8, 64, 48)
+WEBM = video_bytes(8, 64, 48, container="webm")
+# webm's first Cluster (its frames) starts at this element id: cut there, the header is all.
+NO_FRAMES_WEBM = WEBM[:WEBM.index(bytes.fromhex("1f43b675"))]
+
+
+@pytest.mark.parametrize("url, settings, status, words", [
+    (data_url(b"hello, not a video", "video/mp4"), DEFAULTS, 400, "not a video"),
+    (data_url(MP4[:len(MP4) // 2], "video/mp4"), DEFAULTS, 400, "truncated or corrupt"),
+    (data_url(NO_FRAMES_WEBM, "video/webm"), DEFAULTS, 400, "not a video"),
+    (data_url(png_bytes(32, 32), "video/mp4"), DEFAULTS, 400, "not a video"),
+    (data_url(MP4, "image/png"), DEFAULTS, 400, "of type image/png; send images as image_url"),
+    (data_url(video_bytes(1, 64, 48), "video/mp4"), DEFAULTS, 400, "has 1 frame(s)"),
+    (data_url(video_bytes(8, 64, 48), "video/mp4"), replace(DEFAULTS, max_video_seconds=1.0),
+     413, "2.0 s long; the limit is 1 s"),
+    (data_url(video_bytes(2, 640, 480), "video/mp4"), replace(DEFAULTS, max_image_pixels=10**5),
+     413, "640x480 = 307200 pixels"),
+    (data_url(MP4, "video/mp4"), replace(DEFAULTS, max_video_bytes=1000), 413,
+     "video is larger than 1000 bytes"),
+])
+def test_bad_videos_are_refused_readably(url: str, settings: ImageSettings, status: int,
+                                         words: str) -> None:
+    error = _refused(url, settings)
+    assert (error.status, words in error.message) == (status, True), error.message
+
+
+def test_a_video_too_long_for_the_model_is_refused_before_decoding() -> None:
+    error = _refused(data_url(MP4, "video/mp4"), max_tokens=8)
+    assert error.status == 413 and "fewer than 8" in error.message
