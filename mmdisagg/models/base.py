@@ -120,11 +120,13 @@ class EncoderHalf(ABC):
         longer than the model takes."""
 
     @abstractmethod
-    def encode(self, batch: Sequence[PreparedPrompt],
-               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
-        """Run the vision tower once for every image in ``batch`` not found in ``cache`` (and
-        store the new features there), merge the image features into the token embeddings and
-        compute each prompt's M-RoPE positions and ``mrope_delta``."""
+    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
+               max_patches: int = 0) -> list[EncodedPrompt]:
+        """Run the vision tower over every image and video in ``batch`` not found in ``cache``
+        (and store the new features there), in forwards of at most ``max_patches`` patches
+        (0: one forward; a video is cut between its temporal patches, an image larger than
+        the bound goes alone), merge the features into the token embeddings and compute each
+        prompt's M-RoPE positions and ``mrope_delta``."""
 
     @property
     @abstractmethod

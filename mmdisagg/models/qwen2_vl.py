@@ -259,14 +259,15 @@ class QwenVLEncoderHalf(EncoderHalf):
                              placeholder_id=self.video_token_id, time_step=time_step)
 
     @torch.no_grad()
-    def encode(self, batch: Sequence[PreparedPrompt],
-               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
-        features = self._image_features(batch, cache)
+    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
+               max_patches: int = 0) -> list[EncodedPrompt]:
+        features = self._image_features(batch, cache, max_patches)
         return [self._merge(prompt, features) for prompt in batch]
 
-    def _image_features(self, batch: Sequence[PreparedPrompt],
-                        cache: ImageFeatureCache | None) -> dict[str, torch.Tensor]:
-        """Features of every distinct image in the batch: cached, or from one vision forward."""
+    def _image_features(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None,
+                        max_patches: int) -> dict[str, torch.Tensor]:
+        """Features of every distinct image and video in the batch: cached, or from vision
+        forwards of at most ``max_patches`` patches."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
         for image in (image for prompt in batch for image in prompt.images):
@@ -278,16 +279,19 @@ class QwenVLEncoderHalf(EncoderHalf):
                 missing[key] = image
             else:
                 found[key] = cached
-        if missing:
-            pixel_values = torch.cat([image.pixel_values for image in missing.values()])
-            grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
+        pieces: dict[str, list[torch.Tensor]] = {key: [] for key in missing}
+        for forward in _forwards(missing, max_patches):
+            pixel_values = torch.cat([piece.pixel_values for piece in forward])
+            grids = torch.tensor([piece.grid_thw for piece in forward], device=self.device)
             merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
                                        grid_thw=grids).pooler_output
-            pieces = merged.split([image.num_tokens for image in missing.values()])
-            for key, piece in zip(missing, pieces, strict=True):
-                found[key] = piece.clone()
-                if cache is not None:
-                    cache.put(key, found[key])
+            sizes = [piece.pixel_values.shape[0] // self.merge_size**2 for piece in forward]
+            for piece, rows in zip(forward, merged.split(sizes), strict=True):
+                pieces[piece.key].append(rows)
+        for key, rows in pieces.items():
+            found[key] = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+            if cache is not None:
+                cache.put(key, found[key])
         return found
 
     def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
@@ -300,6 +304,39 @@ class QwenVLEncoderHalf(EncoderHalf):
         positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
                                                  self.merge_size)
         return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Whole temporal patches of one image or video: what one vision forward may take of it."""
+
+    key: str
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+
+def _forwards(images: Mapping[str, PreparedImage], max_patches: int) -> list[list[Piece]]:
+    """``images`` packed into vision forwards of at most ``max_patches`` patches (0: one).
+
+    NOTE: the vision tower attends within one temporal patch at a time (Qwen2-VL's and
+    Qwen2.5-VL's ``cu_seqlens`` restart at every one; rotary positions are spatial), so a video
+    cut between temporal patches gives the same features as whole."""
+    pieces = []
+    for key, image in images.items():
+        t, h, w = image.grid_thw
+        step = t if not max_patches else max(1, min(t, max_patches // (h * w)))
+        pieces += [Piece(key, image.pixel_values[start * h * w:(start + n) * h * w], (n, h, w))
+                   for start in range(0, t, step) for n in [min(step, t - start)]]
+    forwards: list[list[Piece]] = []
+    patches = 0
+    for piece in pieces:
+        size = piece.pixel_values.shape[0]
+        if not forwards or (max_patches and patches + size > max_patches):
+            forwards.append([])
+            patches = 0
+        forwards[-1].append(piece)
+        patches += size
+    return forwards
 
 
 class QwenVLLanguageHalf(LanguageHalf):

@@ -223,3 +223,24 @@ def test_bad_videos_are_refused_readably(url: str, settings: ImageSettings, stat
 def test_a_video_too_long_for_the_model_is_refused_before_decoding() -> None:
     error = _refused(data_url(MP4, "video/mp4"), max_tokens=8)
     assert error.status == 413 and "fewer than 8" in error.message
+
+
+def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, references) -> None:
+    """--max-encode-patches bounds every vision forward: a video is cut between its temporal
+    patches, and the tokens still equal generate()'s."""
+    name = "video and image"
+    prepared = tiny.encoder.prepare(CASES[name].messages)
+    video = next(v for v in prepared.images if v.placeholder_id == tiny.encoder.video_token_id)
+    image = next(v for v in prepared.images if v.placeholder_id == tiny.encoder.image_token_id)
+    t, h, w = video.grid_thw
+    assert t >= 2
+    calls: list[int] = []
+    hook = tiny.encoder.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        prompt = tiny.encoder.encode([prepared], max_patches=h * w)[0]
+    finally:
+        hook.remove()
+    assert max(calls) <= h * w < sum(calls) == t * h * w + image.pixel_values.shape[0]
+    assert split_greedy(tiny, prompt, NEW_TOKENS) == _generate(tiny, references[tiny.family,
+                                                                                 name])
