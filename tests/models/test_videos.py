@@ -10,34 +10,26 @@ hands its tensors back in files; generate() then runs here, on the same model as
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-from mmdisagg.bench.peer_venv import DEFAULT_PATH, ensure_peer_venv
 from mmdisagg.config import ImageSettings
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.videos import VideoRules, load_video
 from tests.models.fixtures import (
-    FAMILIES,
     TinyModel,
     data_url,
+    generate_on,
     image_part,
     png_bytes,
     split_greedy,
     text_part,
+    transformers_inputs,
     user,
     video_bytes,
     video_part,
@@ -67,61 +59,13 @@ CASES = {
 }
 
 
-def _parts(messages: list[dict[str, Any]], kind: str) -> list[bytes]:
-    return [base64.b64decode(part[kind]["url"].split(",", 1)[1])
-            for message in messages if not isinstance(message["content"], str)
-            for part in message["content"] if part["type"] == kind]
-
-
-def _template_text(path: Path, messages: list[dict[str, Any]]) -> str:
-    placeholders = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
-    template_messages = [message if isinstance(message["content"], str) else {
-        "role": message["role"],
-        "content": [placeholders.get(part["type"], part) for part in message["content"]]}
-        for message in messages]
-    return AutoTokenizer.from_pretrained(path).apply_chat_template(
-        template_messages, tokenize=False, add_generation_prompt=True)
-
-
-def _all_frames(data: bytes) -> tuple[np.ndarray, float]:
-    """Every frame, decoded independently of mmdisagg, and the frame rate."""
-    with av.open(io.BytesIO(data)) as container:
-        fps = float(container.streams.video[0].average_rate)
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    return np.stack(frames), fps
-
-
 @pytest.fixture(scope="module")
-def references(tiny_checkpoints: dict[str, Path], tmp_path_factory) -> dict[str, dict]:
-    """(family, case) -> the tensors transformers' processor makes of it: one run of the peer
-    venv for all of them."""
-    python = ensure_peer_venv(DEFAULT_PATH).parent / "python"
-    folder = tmp_path_factory.mktemp("video-reference")
-    jobs = []
-    for family in FAMILIES:
-        for number, case in enumerate(CASES.values()):
-            tag = f"{family}-{number}"
-            images = []
-            for index, png in enumerate(_parts(case.messages, "image_url")):
-                images.append(str(folder / f"{tag}-image{index}.png"))
-                Path(images[-1]).write_bytes(png)
-            videos = []
-            for index, data in enumerate(_parts(case.messages, "video_url")):
-                frames, fps = _all_frames(data)
-                videos.append({"frames": str(folder / f"{tag}-video{index}.npy"), "fps": fps,
-                               "max_frames": case.max_video_frames})
-                np.save(videos[-1]["frames"], frames)
-            jobs.append({"name": tag, "family": family,
-                         "checkpoint": str(tiny_checkpoints[family]),
-                         "text": _template_text(tiny_checkpoints[family], case.messages),
-                         "images": images, "videos": videos})
-    (folder / "cases.json").write_text(json.dumps(jobs))
-    script = Path(__file__).with_name("video_reference.py")
-    result = subprocess.run([str(python), str(script), str(folder / "cases.json"), str(folder)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {(family, name): load_file(folder / f"{family}-{number}.safetensors")
-            for family in FAMILIES for number, name in enumerate(CASES)}
+def references(tiny_checkpoints: dict[str, Path], tmp_path_factory) -> dict[tuple, dict]:
+    """(family, case) -> the tensors transformers' processor makes of it."""
+    return transformers_inputs(
+        tiny_checkpoints, {name: (case.messages, case.max_video_frames)
+                           for name, case in CASES.items()},
+        tmp_path_factory.mktemp("video-reference"))
 
 
 def _encoder(tiny: TinyModel, case: Case) -> EncoderHalf:
@@ -129,17 +73,6 @@ def _encoder(tiny: TinyModel, case: Case) -> EncoderHalf:
         return tiny.encoder
     return EncoderHalf.from_pretrained(
         tiny.path, image_settings=replace(DEFAULTS, max_video_frames=case.max_video_frames))
-
-
-def _generate(tiny: TinyModel, inputs: dict[str, torch.Tensor]) -> list[int]:
-    """The unsplit model's greedy tokens on the processor's tensors."""
-    config = tiny.reference.config
-    ids = inputs["input_ids"]
-    kinds = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
-    with torch.no_grad():
-        output = tiny.reference.generate(**{**inputs, "mm_token_type_ids": kinds},
-                                         max_new_tokens=NEW_TOKENS, do_sample=False)
-    return output[0, ids.shape[1]:].tolist()
 
 
 @pytest.mark.timeout(900)  # the first run creates the peer venv
@@ -167,7 +100,7 @@ def test_prepare_matches_transformers_video_processor(tiny: TinyModel, reference
 def test_split_halves_match_generate_on_videos(tiny: TinyModel, references, name: str) -> None:
     prompt = _encoder(tiny, CASES[name]).encode(
         [_encoder(tiny, CASES[name]).prepare(CASES[name].messages)])[0]
-    expected = _generate(tiny, references[tiny.family, name])
+    expected = generate_on(tiny, references[tiny.family, name], NEW_TOKENS)
     assert split_greedy(tiny, prompt, NEW_TOKENS) == expected
 
 
@@ -179,7 +112,7 @@ def test_negative_control_untimed_video_positions_change_tokens(tiny_models, ref
     assert prepared.images[0].time_step != 1.0
     prepared.images[0].time_step = 1.0
     prompt = tiny.encoder.encode([prepared])[0]
-    expected = _generate(tiny, references["qwen2_5_vl", "short video"])
+    expected = generate_on(tiny, references["qwen2_5_vl", "short video"], NEW_TOKENS)
     assert split_greedy(tiny, prompt, NEW_TOKENS) != expected
 
 
@@ -242,5 +175,5 @@ def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, refer
     finally:
         hook.remove()
     assert max(calls) <= h * w < sum(calls) == t * h * w + image.pixel_values.shape[0]
-    assert split_greedy(tiny, prompt, NEW_TOKENS) == _generate(tiny, references[tiny.family,
-                                                                                 name])
+    assert split_greedy(tiny, prompt, NEW_TOKENS) == generate_on(
+        tiny, references[tiny.family, name], NEW_TOKENS)
