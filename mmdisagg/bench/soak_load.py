@@ -23,7 +23,7 @@ LEAVE_SHARE = 0.06  # of requests, for each way of leaving
 LEAVE_WITHIN_S = (0.01, 0.4)  # how soon a client leaving before its first token gives up
 REPEAT_IMAGE_SHARE = 0.3  # images drawn again from a small set: image-cache hits
 VIDEO_SHARE = 0.1  # of the requests that stay: one short video added
-VIDEO_FRAMES, VIDEO_SIZE = 8, (112, 84)
+VIDEO_FRAMES, VIDEO_SIZE = 4, (64, 48)
 MESSAGE_CHARS = 300
 ERROR_BACKOFF_S = 0.5  # a client waits this long after an error (no busy loop on a dead router)
 # NOTE: the outcomes a request can have; "left" is a client leaving on purpose

@@ -10,7 +10,9 @@ hands its tensors back in files; generate() then runs here, on the same model as
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from mmdisagg.config import ImageSettings
+from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.videos import VideoRules, load_video
@@ -177,3 +180,47 @@ def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, refer
     assert max(calls) <= h * w < sum(calls) == t * h * w + image.pixel_values.shape[0]
     assert split_greedy(tiny, prompt, NEW_TOKENS) == generate_on(
         tiny, references[tiny.family, name], NEW_TOKENS)
+
+
+def test_a_repeated_video_hits_the_image_cache(tiny: TinyModel) -> None:
+    cache = ImageCache(max_bytes=10**8)
+    messages = CASES["short video"].messages
+    first = tiny.encoder.encode([tiny.encoder.prepare(messages)], cache)[0]
+    calls: list[int] = []
+    hook = tiny.encoder.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        again = tiny.encoder.encode([tiny.encoder.prepare(messages)], cache)[0]
+    finally:
+        hook.remove()
+    assert calls == [] and cache.hits == 1
+    assert torch.equal(again.embeddings, first.embeddings)
+
+
+class VideoHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path != "/clip.mp4":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(MP4)))
+        self.end_headers()
+        self.wfile.write(MP4)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_videos_over_http() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), VideoHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        rules = VideoRules.from_checkpoint(Path("/nonexistent"))  # the processor's defaults
+        patient = replace(DEFAULTS, image_fetch_timeout=30)
+        assert load_video(f"{base}/clip.mp4", patient, rules, 10**6).grid_thw[0] == 2
+        assert "fetching the video failed: HTTP 404" in _refused(f"{base}/gone.mp4",
+                                                                 patient).message
+    finally:
+        server.shutdown()
+        server.server_close()
