@@ -40,6 +40,7 @@ from tests.models.fixtures import (
 
 NEW_TOKENS = 12
 DEFAULTS = ImageSettings()
+pytestmark = pytest.mark.timeout(900)  # whichever test runs first may create the peer venv
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,6 @@ def _encoder(tiny: TinyModel, case: Case) -> EncoderHalf:
         tiny.path, image_settings=replace(DEFAULTS, max_video_frames=case.max_video_frames))
 
 
-@pytest.mark.timeout(900)  # the first run creates the peer venv
 @pytest.mark.parametrize("name", CASES)
 def test_prepare_matches_transformers_video_processor(tiny: TinyModel, references,
                                                       name: str) -> None:
@@ -209,6 +209,14 @@ class VideoHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+@pytest.mark.parametrize("container", ["mp4", "mov", "webm"])
+def test_each_accepted_container_loads(container: str) -> None:
+    data = video_bytes(8, 64, 48, container=container)
+    rules = VideoRules.from_checkpoint(Path("/nonexistent"))  # the processor's defaults
+    video = load_video(data_url(data, f"video/{container}"), DEFAULTS, rules, 10**6)
+    assert video.grid_thw[0] == 2 and video.seconds_per_grid == 1.0  # 4 of 8 frames at 4 fps
 
 
 def test_videos_over_http() -> None:
