@@ -210,7 +210,7 @@ class EncodeScheduler(LoopThread):
     def _forward(self, batch: list[EncodeJob]) -> list[EncodedPrompt] | Exception:
         try:
             return self.half.encode([job.prepared for job in batch], self.cache,
-                                    [job.cached_tokens for job in batch])
+                                    self.max_patches, [job.cached_tokens for job in batch])
         except Exception as exc:  # a model failure fails these requests, not the server
             log.exception("encoding failed for rooms %s", [job.room for job in batch])
             return exc

@@ -45,21 +45,25 @@ def family_module(path: str | Path) -> Any:
 
 @dataclass(eq=False)
 class PreparedImage:
-    """One image after the image processor, before the vision tower."""
+    """One image or video after its processor, before the vision tower (a video is a stack of
+    frames: more patches along time)."""
 
     pixel_values: torch.Tensor  # [patches, channels * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]  # patches along time, height, width
     content_hash: str  # of the pixels the vision tower sees: image-cache and prefix-cache key
     num_tokens: int  # placeholder tokens it fills in the prompt (patches / merge_size**2)
+    placeholder_id: int  # the token it fills: the image or the video placeholder
+    time_step: float = 1.0  # M-RoPE time position per temporal patch (Qwen2.5-VL videos: more)
 
 
 @dataclass(eq=False)
 class PreparedPrompt:
-    """A tokenized request with its images processed: everything but the vision forward."""
+    """A tokenized request with its images and videos processed: everything but the vision
+    forward."""
 
-    token_ids: torch.Tensor  # [L], each image placeholder already expanded to its num_tokens
-    images: list[PreparedImage]
-    image_starts: list[int]  # the token each image's placeholders start at
+    token_ids: torch.Tensor  # [L], each placeholder already expanded to its num_tokens
+    images: list[PreparedImage]  # images and videos, in prompt order
+    image_starts: list[int]  # the token each one's placeholders start at
 
     def __post_init__(self) -> None:
         if len(self.image_starts) != len(self.images):
@@ -84,9 +88,11 @@ class PreparedPrompt:
                 if start + image.num_tokens > token]
 
 
-def pixel_hash(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> str:
-    """Content key of a processed image: equal keys, equal vision features."""
-    digest = hashlib.blake2b(str(grid_thw).encode(), digest_size=16)
+def pixel_hash(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int],
+               time_step: float = 1.0) -> str:
+    """Content key of a processed image or video: equal keys, equal vision features and
+    positions."""
+    digest = hashlib.blake2b(f"{grid_thw}/{time_step!r}".encode(), digest_size=16)
     digest.update(pixel_values.contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -179,14 +185,17 @@ class EncoderHalf(ABC):
 
     @abstractmethod
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
-               cached_tokens: Sequence[int] | None = None) -> list[EncodedPrompt]:
-        """Run the vision tower once for every image in ``batch`` not found in ``cache`` (and
-        store the new features there), merge the image features into the token embeddings and
-        compute each prompt's M-RoPE positions and ``mrope_delta``.
+               max_patches: int = 0, cached_tokens: Sequence[int] | None = None
+               ) -> list[EncodedPrompt]:
+        """Run the vision tower over every image and video in ``batch`` not found in ``cache``
+        (and store the new features there), in forwards of at most ``max_patches`` patches
+        (0: one forward; a video is cut between its temporal patches, an image larger than
+        the bound goes alone), merge the features into the token embeddings and compute each
+        prompt's M-RoPE positions and ``mrope_delta``.
 
-        ``cached_tokens[i]``: the language side holds prompt i's first tokens; images wholly
-        inside them skip the vision tower and their embedding rows are left zero (they are
-        never sent)."""
+        ``cached_tokens[i]``: the language side holds prompt i's first tokens; images and
+        videos wholly inside them skip the vision tower and their embedding rows are left
+        zero (they are never used)."""
 
     @property
     @abstractmethod

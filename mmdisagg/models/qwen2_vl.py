@@ -47,6 +47,7 @@ from mmdisagg.models.images import load_image
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
 from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.videos import VideoRules, load_video
 from mmdisagg.models.weights import CheckpointWeights
 
 
@@ -159,7 +160,11 @@ class QwenVLEncoderHalf(EncoderHalf):
             checkpoint.path, local_files_only=True, backend="pil")
         self.vision_tower = vision_tower
         self.embed_tokens = embed_tokens
+        self.video_rules = VideoRules.from_checkpoint(checkpoint.path)
         self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
+        # Qwen2.5-VL spaces a video's temporal patches by their timestamps; Qwen2-VL by one.
+        self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
         self.merge_size = config.vision_config.spatial_merge_size
         self.image_settings = image_settings
         self.max_model_len = max_model_len
@@ -196,26 +201,39 @@ class QwenVLEncoderHalf(EncoderHalf):
         limit = self.image_settings.max_images_per_request
         if len(chat.image_urls) > limit:
             raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")
-        images = [self._prepare_image(number, url)
-                  for number, url in enumerate(chat.image_urls, start=1)]
+        limit = self.image_settings.max_videos_per_request
+        if len(chat.video_urls) > limit:
+            raise InputError(f"{len(chat.video_urls)} videos in one request; the limit is {limit}")
         text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False,
                                                   add_generation_prompt=True)
         template_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if template_ids.count(self.image_token_id) != len(images):
+        placed = template_ids.count(self.video_token_id)
+        if chat.video_urls and not placed:
+            raise InputError("this model's chat template has no place for videos")
+        if placed != len(chat.video_urls):
+            raise InputError("message text may not contain the video placeholder token")
+        if template_ids.count(self.image_token_id) != len(chat.image_urls):
             raise InputError("message text may not contain the image placeholder token")
-        pending = iter(images)
+        pending = {
+            self.image_token_id: iter([self._prepare_image(number, url)
+                                       for number, url in enumerate(chat.image_urls, start=1)]),
+            self.video_token_id: iter([self._prepare_video(number, url)
+                                       for number, url in enumerate(chat.video_urls, start=1)]),
+        }
         token_ids: list[int] = []
         image_starts: list[int] = []
+        visuals: list[PreparedImage] = []
         for token_id in template_ids:
-            repeat = 1
-            if token_id == self.image_token_id:
+            if token_id in pending:
+                visuals.append(next(pending[token_id]))
                 image_starts.append(len(token_ids))
-                repeat = next(pending).num_tokens
-            token_ids.extend([token_id] * repeat)
+                token_ids.extend([token_id] * visuals[-1].num_tokens)
+            else:
+                token_ids.append(token_id)
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
-        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images, image_starts)
+        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), visuals, image_starts)
 
     def _prepare_image(self, number: int, url: str) -> PreparedImage:
         try:
@@ -228,20 +246,40 @@ class QwenVLEncoderHalf(EncoderHalf):
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
         return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
                              content_hash=pixel_hash(features["pixel_values"], grid),
-                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2)
+                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
+                             placeholder_id=self.image_token_id)
+
+    def _prepare_video(self, number: int, url: str) -> PreparedImage:
+        try:
+            video = load_video(url, self.image_settings, self.video_rules, self.max_model_len)
+        except InputError as exc:
+            raise InputError(f"video {number}: {exc.message}", exc.status) from None
+        time_step = 1.0
+        if self.tokens_per_second is not None:  # NOTE: float32, as generate() computes it
+            time_step = float(torch.tensor(video.seconds_per_grid, dtype=torch.float32)
+                              * self.tokens_per_second)
+        t, h, w = video.grid_thw
+        return PreparedImage(pixel_values=video.pixel_values, grid_thw=video.grid_thw,
+                             content_hash=pixel_hash(video.pixel_values, video.grid_thw,
+                                                     time_step),
+                             num_tokens=t * h * w // self.merge_size**2,
+                             placeholder_id=self.video_token_id, time_step=time_step)
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
-               cached_tokens: Sequence[int] | None = None) -> list[EncodedPrompt]:
+               max_patches: int = 0, cached_tokens: Sequence[int] | None = None
+               ) -> list[EncodedPrompt]:
         skips = cached_tokens or [0] * len(batch)
         needed = [prompt.images_after(skip) for prompt, skip in zip(batch, skips, strict=True)]
-        features = self._image_features([image for images in needed for image in images], cache)
+        features = self._image_features([image for images in needed for image in images], cache,
+                                        max_patches)
         return [self._merge(prompt, images, features)
                 for prompt, images in zip(batch, needed, strict=True)]
 
-    def _image_features(self, images: Sequence[PreparedImage],
-                        cache: ImageFeatureCache | None) -> dict[str, torch.Tensor]:
-        """Features of every distinct image: cached, or from one vision forward."""
+    def _image_features(self, images: Sequence[PreparedImage], cache: ImageFeatureCache | None,
+                        max_patches: int) -> dict[str, torch.Tensor]:
+        """Features of every distinct image and video: cached, or from vision forwards of at
+        most ``max_patches`` patches."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
         for image in images:
@@ -253,17 +291,20 @@ class QwenVLEncoderHalf(EncoderHalf):
                 missing[key] = image
             else:
                 found[key] = cached
-        if missing:
-            pixel_values = torch.cat([image.pixel_values for image in missing.values()])
-            grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
+        self.images_encoded += len(missing)
+        pieces: dict[str, list[torch.Tensor]] = {key: [] for key in missing}
+        for forward in _forwards(missing, max_patches):
+            pixel_values = torch.cat([piece.pixel_values for piece in forward])
+            grids = torch.tensor([piece.grid_thw for piece in forward], device=self.device)
             merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
                                        grid_thw=grids).pooler_output
-            self.images_encoded += len(missing)
-            pieces = merged.split([image.num_tokens for image in missing.values()])
-            for key, piece in zip(missing, pieces, strict=True):
-                found[key] = piece.clone()
-                if cache is not None:
-                    cache.put(key, found[key])
+            sizes = [piece.pixel_values.shape[0] // self.merge_size**2 for piece in forward]
+            for piece, rows in zip(forward, merged.split(sizes), strict=True):
+                pieces[piece.key].append(rows)
+        for key, rows in pieces.items():
+            found[key] = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+            if cache is not None:
+                cache.put(key, found[key])
         return found
 
     def _merge(self, prompt: PreparedPrompt, needed: Sequence[PreparedImage],
@@ -275,10 +316,42 @@ class QwenVLEncoderHalf(EncoderHalf):
         for image, start in zip(prompt.images, prompt.image_starts, strict=True):
             rows = slice(start, start + image.num_tokens)
             embeddings[rows] = features[image.content_hash] if image in needed else 0
-        positions, mrope_delta = mrope_positions(
-            prompt.token_ids, self.image_token_id, [image.grid_thw for image in prompt.images],
-            self.merge_size)
+        positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
+                                                 self.merge_size)
         return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Whole temporal patches of one image or video: what one vision forward may take of it."""
+
+    key: str
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+
+def _forwards(images: Mapping[str, PreparedImage], max_patches: int) -> list[list[Piece]]:
+    """``images`` packed into vision forwards of at most ``max_patches`` patches (0: one).
+
+    NOTE: the vision tower attends within one temporal patch at a time (Qwen2-VL's and
+    Qwen2.5-VL's ``cu_seqlens`` restart at every one; rotary positions are spatial), so a video
+    cut between temporal patches gives the same features as whole."""
+    pieces = []
+    for key, image in images.items():
+        t, h, w = image.grid_thw
+        step = t if not max_patches else max(1, min(t, max_patches // (h * w)))
+        pieces += [Piece(key, image.pixel_values[start * h * w:(start + n) * h * w], (n, h, w))
+                   for start in range(0, t, step) for n in [min(step, t - start)]]
+    forwards: list[list[Piece]] = []
+    patches = 0
+    for piece in pieces:
+        size = piece.pixel_values.shape[0]
+        if not forwards or (max_patches and patches + size > max_patches):
+            forwards.append([])
+            patches = 0
+        forwards[-1].append(piece)
+        patches += size
+    return forwards
 
 
 class QwenVLLanguageHalf(LanguageHalf):

@@ -72,6 +72,7 @@ class LocalEncodeSource:
                 continue
             try:
                 encoded = self.half.encode([request.prepared for request in batch], self.cache,
+                                           self.max_patches,
                                            [self._cached_tokens(request) for request in batch])
             except Exception as exc:  # a model failure fails these requests, not the server
                 done += [(request, ErrorEvent(f"encoding failed: {exc!r}", 500))
