@@ -37,7 +37,7 @@ def test_goals_from_measured_ratios():
         "cold": {"disagg-1+1": summary(0.104, 0.01),
                  "disagg-1+1-no-prefix-cache": summary(0.1, 0.01)},
     }
-    latency, throughput, burst, resume, video, chat, chat_system, cold = evaluate(results)
+    latency, throughput, burst, resume, chat, chat_system, cold, video = evaluate(results)
     assert latency.ratio == pytest.approx(1.05) and latency.met is True
     assert throughput.ratio == pytest.approx(0.32 / 0.12) and throughput.met is True
     assert burst.ratio == pytest.approx(2.0) and burst.met is False
