@@ -65,13 +65,15 @@ Event = TokenEvent | ErrorEvent
 
 
 class ServerInfo(msgspec.Struct, frozen=True):
-    """``GET /info`` of an encode or language server."""
+    """``GET /info`` of an encode or language server: what the router routes by."""
 
     role: str
     model: str
-    load: int
+    load: int  # requests queued and running
     bootstrap: str | None = None
     max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
+    pool_free_blocks: int = 0  # free blocks of the embedding pool
+    kv_free_blocks: int = 0  # free KV-cache blocks (0: not told)
 
 
 encode = msgspec.json.encode
