@@ -100,9 +100,15 @@ class Child:
         return "\n".join(f"  {self.name}| {line}" for line in self.tail)
 
 
-def die_with(parent: int) -> Callable[[], None]:
+def die_with(parent: int) -> Callable[[], None] | None:
     """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL; its
-    own process group would not get a signal sent to serve's group."""
+    own process group would not get a signal sent to serve's group.
+
+    NOTE: the kernel sends it when the *thread* that forked the child ends, so only a child
+    started from the main thread gets it (the soak's fault injector restarts servers from a
+    thread of its own that ends before the soak does)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def hook() -> None:

@@ -159,7 +159,7 @@ def main() -> None:
                 tasks[cmd["room"]] = RecvTask(manager, cmd)
             elif op == "release":
                 held.pop(cmd["room"]).finish()
-            elif op == "go":
+            elif op == "go" and cmd["room"] in tasks:  # (a room that failed is gone)
                 tasks[cmd["room"]].send_at = time.monotonic()
             elif op == "stats":
                 stats = pool.allocator.stats()
