@@ -65,11 +65,12 @@ class Server:
 
     @property
     def rank(self) -> tuple[int, int, int]:
-        """Least load first; among equals, most free pool blocks, then most free KV blocks."""
+        """Least load first; among equals, most free pool blocks, then most free KV blocks
+        (language servers)."""
         info = self.info
         if info is None:
             return (self.load, 0, 0)
-        return (self.load, -info.pool_free_blocks, -info.kv_free_blocks)
+        return (self.load, -info.pool_free_blocks, info.kv_blocks_used - info.kv_blocks)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
