@@ -25,7 +25,7 @@ import pytest
 
 from mmdisagg.pool.shm import sweep_stale_segments
 from mmdisagg.serve.launcher import free_port
-from mmdisagg.serve.probe import metrics
+from mmdisagg.serve.probe import metrics, used_blocks
 from tests.conftest import SPAWNED
 from tests.faults.served import API_KEY, Served
 from tests.models.fixtures import image_part, text_part, user
@@ -106,11 +106,10 @@ def wait_back(served: Supervised, name: str, old_pid: int, role: str, count: int
                f"the router sees {count} healthy {role} servers", served)
 
 
-def wait_pools_free(served: Served) -> None:
-    servers = [name for name in served.urls if name != "router"]
-    used = 'mmdisagg_pool_blocks{state="used"}'
-    wait_until(lambda: all(sample(served.urls[name], used) == 0 for name in servers), 60,
-               "every pool free")
+def wait_pools_free(served: Supervised) -> None:
+    """Every server's embedding pool and KV cache back to fully free."""
+    servers = [served.urls[name] for name in served.urls if name != "router"]
+    wait_until(lambda: not any(used_blocks(url) for url in servers), 60, "every pool free")
 
 
 @dataclass
