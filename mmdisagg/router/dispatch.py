@@ -19,7 +19,7 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import msgspec
@@ -247,11 +247,12 @@ class Dispatcher:
             encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _blame_transfer(self, encoder: Server, room: int, encoding: asyncio.Task,
-                              event: ErrorEvent) -> None:
+                              event: ErrorEvent) -> NoReturn:
         """The language server says the prompt never arrived; the encoder's own answer says
         why. One it has not given yet is asked for by aborting the room there: an encoder that
         does not take the abort, or answers nothing after it, is dead or hung. Raises the
-        client's error (ApiError 4xx) or EncoderFailed; returns for the language server's."""
+        encoder's refusal of the client's input (ApiError 4xx), else EncoderFailed: worth
+        another encoder."""
         if not encoding.done() and not await self._abort(encoder, room):
             encoder.healthy = False
             raise EncoderFailed(f"{encoder.url} does not answer; the language server says: "
