@@ -6,11 +6,12 @@ from __future__ import annotations
 import threading
 
 import httpx
+import msgspec
 import openai
 import pytest
 from cluster import TOKEN, Cluster, metrics, wait_pools_free
 
-from mmdisagg.messages import AbortRequest, EncodeRequest, encode
+from mmdisagg.messages import AbortRequest, EncodeRequest
 from tests.faults.harness import wait_until
 from tests.models.fixtures import image_part, text_part, user
 
@@ -37,12 +38,13 @@ def test_a_full_encode_queue_answers_503(cluster):
     stuck: dict[str, httpx.Response] = {}
     first = threading.Thread(target=lambda: stuck.setdefault("reply", httpx.post(
         f"{encoder}/encode", headers=HEADERS, timeout=120,
-        content=encode(EncodeRequest(1001, messages, "held-one")))))
+        content=msgspec.json.encode(EncodeRequest(1001, messages, "held-one")))))
     first.start()
     try:
         wait_until(lambda: held(encoder) == 1, 60, "the first request waits in the encoder")
+        one_more = EncodeRequest(1002, messages, "one-too-many")
         refused = httpx.post(f"{encoder}/encode", headers=HEADERS, timeout=30,
-                             content=encode(EncodeRequest(1002, messages, "one-too-many")))
+                             content=msgspec.json.encode(one_more))
         assert refused.status_code == 503, refused.text
         assert "--max-queued-encodes 1" in refused.json()["error"]["message"]
         with pytest.raises(openai.APIStatusError) as through_router:
@@ -52,7 +54,7 @@ def test_a_full_encode_queue_answers_503(cluster):
         assert "encode server busy" in through_router.value.message
     finally:
         httpx.post(f"{encoder}/abort", headers=HEADERS, timeout=30,
-                   content=encode(AbortRequest(1001)))
+                   content=msgspec.json.encode(AbortRequest(1001)))
         first.join(timeout=60)
     assert stuck["reply"].status_code == 499, stuck["reply"].text
     samples = metrics(encoder)
