@@ -255,8 +255,8 @@ def test_router_killed_is_started_again(served):
 
 def test_stopped_encoder_gets_no_new_requests(served):
     """encode-1 frozen (SIGSTOP) while 6 workers send: it gets requests only while its load
-    (the ones stuck there) is not above encode-0's, then none once the router finds it does
-    not answer; encode-0 serves the rest."""
+    (the ones stuck there) is not above encode-0's, then none once the router finds that it
+    does not answer; encode-0 serves the rest."""
     before = {name: encoded(served, name) for name in ("encode-0", "encode-1")}
     stopped = child(served, "encode-1")
     thawed = asyncio.Event()
@@ -277,7 +277,9 @@ def test_stopped_encoder_gets_no_new_requests(served):
         stopped.send_signal(signal.SIGCONT)
     assert {o.result for o in outcomes} == {"ok"}, outcomes
     wait_until(lambda: encoded(served, "encode-1") >= 0, 30, "encode-1 answers again")
-    assert encoded(served, "encode-1") - before["encode-1"] <= 3
+    # Random or round-robin choice would leave all 6 workers stuck there (and encode-0 would
+    # never reach 16); by load, the ones stuck only while encode-0 looked as busy.
+    assert encoded(served, "encode-1") - before["encode-1"] <= 4
     wait_until(lambda: healthy_in_router(served, "encode") == 2, BACK_WITHIN_S,
                "the router sees encode-1 again", served)
     wait_pools_free(served)
