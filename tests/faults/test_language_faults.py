@@ -16,7 +16,7 @@ from tests.faults.harness import FaultCluster, ask, image, wait_until
 from tests.models.fixtures import text_part, user
 
 LONG = 3000  # tokens: still decoding when the kill comes (tens of seconds of CPU decoding,
-# against well under a second of CPU work between the first token and the kill)
+# against the few seconds of image preparation between the first token and the kill)
 PROMPT_S = 20  # an error within this of the kill is prompt (request timeout: 600 s)
 LONG_DEADLINE_S = 300  # LONG tokens, or two forwards of a big image, on a loaded machine
 
