@@ -75,11 +75,18 @@ class SendTask:
         self.sender = manager.create_sender(self.room)
         self.total = cmd["total"]
         self.sender.announce(self.total, prompt_hashes(self.room, self.total))
-        self.send_at = time.monotonic() + cmd.get("delay", 0.0)
+        emit({"event": "announced", "room": self.room})
+        # "hold": the "vision work" lasts until a "go" command
+        self.send_at = float("inf") if cmd.get("hold") else time.monotonic() + cmd.get(
+            "delay", 0.0)
         self.sent = False
+        self.bound = False
 
     def step(self) -> bool:
         pool = self.manager.pool
+        if not self.bound and self.sender.poll() != Poll.Bootstrapping:
+            self.bound = True  # a window of the receiver's is bound to this room
+            emit({"event": "bound", "room": self.room})
         if not self.sent and time.monotonic() >= self.send_at:
             source = pool.allocator.alloc(self.total)
             if source is not None:
@@ -190,6 +197,8 @@ def main() -> None:
             elif op == "cache":
                 hashes = prompt_hashes(cmd["room"], cmd["total"])
                 manager.prefix_cache.held.update(hashes[: cmd["tokens"] // HASH_BLOCK_TOKENS])
+            elif op == "go" and cmd["room"] in tasks:  # (a room that failed is gone)
+                tasks[cmd["room"]].send_at = time.monotonic()
             elif op == "stats":
                 stats = pool.allocator.stats()
                 emit({"event": "stats", "free_blocks": stats.free_blocks,
@@ -199,7 +208,9 @@ def main() -> None:
                       "chunks": manager.stats.chunks, "bytes": manager.stats.bytes,
                       "cached_tokens": manager.stats.cached_tokens,
                       "pinned": getattr(getattr(manager, "prefix_cache", None), "pinned", 0),
-                      "rejected": manager.control.rejected})
+                      "rejected": manager.control.rejected,
+                      # windows waiting for their room's request (sender side)
+                      "early_windows": len(getattr(manager, "_early", ()))})
         for room, task in list(tasks.items()):
             if isinstance(task, RecvTask) and task.cmd.get("hold") and (
                     task.receiver.poll() == Poll.Success):

@@ -81,7 +81,7 @@ def test_a_hit_is_released_when_the_sender_dies(pair):
     sender, receiver = pair("tcp")
     cache(receiver, 70, 3000, 1024)
     receiver.command(op="recv", room=70, encoder=sender.bootstrap)
-    sender.command(op="send", room=70, total=3000, delay=3600)  # announces, never sends
+    sender.command(op="send", room=70, total=3000, hold=True)  # announces, never sends
     deadline = time.monotonic() + 60
     while receiver.stats()["pinned"] != 1:
         assert time.monotonic() < deadline, "the receiver never pinned the hit"
