@@ -18,6 +18,7 @@ from typing import Protocol
 from mmdisagg.config import LanguageServerSettings
 from mmdisagg.core import EncodedPrompt, LoopThread
 from mmdisagg.language.engine import Engine, StepOutput
+from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
 from mmdisagg.models.errors import InputError
@@ -35,6 +36,10 @@ Ready = tuple[Req, EncodedPrompt | ErrorEvent]
 
 class PromptSource(Protocol):
     """Where prompts come from. All methods run on the scheduler's loop thread."""
+
+    def attach(self, prefix_cache: KVBlockManager | None) -> None:
+        """Before the first request: the engine's prefix cache, to look prompts up in early
+        (None: no prefix cache)."""
 
     def add(self, request: Req) -> None: ...
 
@@ -55,6 +60,10 @@ class TransferSource:
         self.manager = manager
         self.prealloc: deque[Req] = deque()
         self.transfer: list[Req] = []
+
+    def attach(self, prefix_cache: KVBlockManager | None) -> None:
+        """The receivers look announced prompts up in it, to be sent only what it lacks."""
+        self.manager.prefix_cache = prefix_cache
 
     def add(self, request: Req) -> None:
         request.receiver = self.manager.create_receiver(request.room, request.encoder)
