@@ -76,9 +76,3 @@ class ServerInfo(msgspec.Struct, frozen=True):
     kv_blocks: int = 0  # language servers: blocks in the KV cache
     kv_blocks_used: int = 0
 
-
-encode = msgspec.json.encode
-
-
-def decode(data: bytes | str, kind: Any) -> Any:
-    return msgspec.json.decode(data, type=kind)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from mmdisagg.config import EngineSettings
 from mmdisagg.language.detokenizer import Detokenizer
 from mmdisagg.language.kv_blocks import KVBlockManager
+from mmdisagg.language.kv_memory import build_kv_cache
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.language.runner import ModelRunner
 from mmdisagg.language.sampler import check_params, request_seed
@@ -63,6 +64,11 @@ class Engine:
         # NOTE: a sequence never outgrows the cache: it ends ("length") before it would.
         self.max_len = min(half.max_model_len, self.blocks.num_tokens)
 
+    @classmethod
+    def build(cls, half: LanguageHalf, settings: EngineSettings, max_running: int) -> Engine:
+        """An engine with a KV cache sized by ``settings`` (see ``kv_memory``)."""
+        return cls(half, build_kv_cache(half, settings), settings, max_running)
+
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
@@ -73,20 +79,25 @@ class Engine:
         """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
         can never run."""
         check_params(req.params)
-        length = req.prompt_tokens
-        if length < 1:
-            raise InputError("the prompt is empty")
-        if length >= self.half.max_model_len:
-            raise InputError(f"the prompt is {length} tokens; this model takes fewer than "
-                             f"{self.half.max_model_len} (prompt and output together)")
-        if length >= self.blocks.num_tokens:
-            raise InputError(f"the prompt is {length} tokens; this language server's KV cache "
-                             f"holds {self.blocks.num_tokens} tokens in all (prompt and output "
-                             "together)")
+        problem = self.length_problem(req.prompt_tokens)
+        if problem is not None:
+            raise InputError(problem)
         req.seed = request_seed(req.params)
         req.detokenizer = Detokenizer(self.half.tokenizer, req.params.stop)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
+
+    def length_problem(self, prompt_tokens: int) -> str | None:
+        """Why a prompt of ``prompt_tokens`` can never run here (for the client), or None."""
+        if prompt_tokens < 1:
+            return "the prompt is empty"
+        if prompt_tokens >= self.half.max_model_len:
+            return (f"the prompt is {prompt_tokens} tokens; this model takes fewer than "
+                    f"{self.half.max_model_len} (prompt and output together)")
+        if prompt_tokens >= self.blocks.num_tokens:
+            return (f"the prompt is {prompt_tokens} tokens; this language server's KV cache "
+                    f"holds {self.blocks.num_tokens} tokens in all (prompt and output together)")
+        return None
 
     def abort(self, req: Req) -> bool:
         """Drop ``req`` wherever it is here and free its blocks; False if it was not here."""

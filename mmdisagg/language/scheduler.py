@@ -22,7 +22,7 @@ from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
 from mmdisagg.models.errors import InputError
 from mmdisagg.transfer.protocol import Poll
-from mmdisagg.transfer.receiver import ReceiverManager
+from mmdisagg.transfer.receiver import EmbeddingReceiver, ReceiverManager
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TransferSource:
             request = self.prealloc[0]
             if request.receiver.poll() == Poll.Failed:
                 self.prealloc.popleft()
-                done.append((request, ErrorEvent(request.receiver.failure, 503, TRANSFER_FAILED)))
+                done.append((request, self._failure(request.receiver)))
                 continue
             allocation = allocator.alloc_default()
             if allocation is None:
@@ -83,9 +83,14 @@ class TransferSource:
                 limit -= 1
             elif state == Poll.Failed:
                 self.transfer.remove(request)
-                done.append((request, ErrorEvent(f"transfer failed: {request.receiver.failure}",
-                                                 503, TRANSFER_FAILED)))
+                done.append((request, self._failure(request.receiver)))
         return done
+
+    @staticmethod
+    def _failure(receiver: EmbeddingReceiver) -> ErrorEvent:
+        if receiver.refused:
+            return ErrorEvent(receiver.failure, 400, "invalid_request_error")
+        return ErrorEvent(f"transfer failed: {receiver.failure}", 503, TRANSFER_FAILED)
 
     def abort(self, request: Req) -> bool:
         for queue in (self.prealloc, self.transfer):

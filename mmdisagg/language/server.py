@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
 from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.language.engine import Engine
-from mmdisagg.language.kv_memory import build_kv_cache
 from mmdisagg.language.request import Req
 from mmdisagg.language.scheduler import LanguageScheduler, PromptSource, TransferSource
 from mmdisagg.messages import ErrorEvent, Event, GenerateRequest, ServerInfo
@@ -44,12 +43,11 @@ class GenerationService:
     """A scheduler and the way HTTP handlers talk to it: what the language server and the
     colocated server share."""
 
-    def __init__(self, half: LanguageHalf, source: PromptSource,
+    def __init__(self, engine: Engine, source: PromptSource,
                  settings: LanguageServerSettings) -> None:
-        self.half = half
+        self.half = engine.half
         self.settings = settings
-        self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
-                             settings.max_running_requests)
+        self.engine = engine
         self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
@@ -97,8 +95,10 @@ class LanguageServer:
         self.pool = EmbeddingPool(layout, backing=backing,
                                   default_blocks=settings.pool.default_blocks,
                                   pin=half.device.type == "cuda" and backing == "process")
-        self.manager = ReceiverManager(self.pool, settings.transfer, settings.network)
-        self.service = GenerationService(half, TransferSource(self.manager), settings)
+        engine = Engine.build(half, settings.engine, settings.max_running_requests)
+        self.manager = ReceiverManager(self.pool, settings.transfer, settings.network,
+                                       check_length=engine.length_problem)
+        self.service = GenerationService(engine, TransferSource(self.manager), settings)
         self.registry = self.service.registry
         self.registry.register(StatsCollector(self._metrics))
 

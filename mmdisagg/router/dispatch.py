@@ -191,6 +191,8 @@ class Dispatcher:
                 encoding.result()  # raises ApiError (client's fault) or EncoderFailed
             while True:
                 event = await next_event
+                if isinstance(event, ErrorEvent) and event.status < 500:
+                    raise ApiError(event.status, event.message)  # the client's; no retry
                 if isinstance(event, ErrorEvent):
                     # A dead encoder fails both sides; its own error says whether to retry.
                     await asyncio.wait({encoding}, timeout=ENCODER_VERDICT_S)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,15 +73,11 @@ class EmbeddingReceiver(RoomTransfer):
         self.staged: Gathered | None = None
         self.created = self.waiting_since = self.last_progress = time.monotonic()
         self.release_by: float | None = None  # set while quarantined
+        self.refused = False  # failed because the prompt can never run here (client's fault)
 
     def init(self, allocation: Allocation) -> None:
         """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on."""
         self._manager._init(self, allocation)
-
-    def resume_transfer(self, allocation: Allocation, sent_tokens: int) -> None:
-        """Offer the next window, starting at token ``sent_tokens``. The manager does this by
-        itself on announce; call it only to offer blocks of your own choosing."""
-        self._manager._resume(self, allocation, sent_tokens)
 
     def abort(self, reason: str = "aborted by the language server") -> None:
         self._manager._abort(self, reason)
@@ -104,8 +100,12 @@ class ReceiverManager(TransferManager):
     role = "receiver"
 
     def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
-                 network: NetworkSettings) -> None:
+                 network: NetworkSettings,
+                 check_length: Callable[[int], str | None] = lambda total_tokens: None) -> None:
+        """``check_length(total_tokens)``: why a prompt that long can never run here, or None;
+        asked on ``Announce``, so that such a prompt is refused before any byte moves."""
         super().__init__(pool, transfer, network)
+        self.check_length = check_length
         self._receivers: dict[int, EmbeddingReceiver] = {}
         self._quarantine: dict[int, EmbeddingReceiver] = {}
         self._pending: dict[int, EmbeddingReceiver] = {}
@@ -192,15 +192,6 @@ class ReceiverManager(TransferManager):
                 raise ValueError(f"room {receiver.room} already has its first window")
             receiver.waiting_since = time.monotonic()
             self._offer(receiver, allocation, 0)
-
-    def _resume(self, receiver: EmbeddingReceiver, allocation: Allocation,
-                sent_tokens: int) -> None:
-        with self._lock:
-            end = receiver.windows[-1].end if receiver.windows else 0
-            if receiver.state not in TERMINAL and sent_tokens != end:
-                raise ValueError(f"room {receiver.room}: the next window starts at token {end}, "
-                                 f"not {sent_tokens}")
-            self._offer(receiver, allocation, sent_tokens)
 
     def _abort(self, receiver: EmbeddingReceiver, reason: str) -> None:
         with self._lock:
@@ -323,6 +314,10 @@ class ReceiverManager(TransferManager):
             return self._fail(receiver, f"inconsistent length {total_tokens} for room "
                                         f"{receiver.room} (had {receiver.total_tokens})",
                               notify=True)
+        refusal = self.check_length(total_tokens)
+        if refusal is not None:
+            receiver.refused = True
+            return self._fail(receiver, refusal, notify=True)
         receiver.total_tokens = total_tokens
         self._trim(receiver)
         self._offer_more(receiver)
