@@ -44,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per point (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--today-root", default="",
-                        help="another checkout (with a .venv) whose engine is the 'today' "
-                             "column; empty: no such column")
+                        help="another checkout (e.g. `git archive 41e1445`) whose engine is "
+                             "the 'today' column, run by its .venv's python if it has one, else "
+                             "by this one's; empty: no such column")
     parser.add_argument("--generate-max-tokens", type=int, default=8192,
                         help="largest batch x prompt tokens run through generate()")
     parser.add_argument("--load-requests", type=int, default=32,
@@ -75,10 +76,16 @@ def checkpoint(size: str, cache_dir: str) -> Path:
     return path
 
 
+def prompt_ids(tokenizer, tokens: int, seed: int) -> torch.Tensor:
+    """Random ids of ordinary tokens (special ones, image placeholders among them, come last
+    in these tokenizers)."""
+    ordinary = len(tokenizer) - len(tokenizer.added_tokens_decoder)
+    return torch.randint(0, ordinary, (tokens,), generator=torch.Generator().manual_seed(seed))
+
+
 def prompt(half: LanguageHalf, tokens: int, seed: int) -> EncodedPrompt:
     """A text prompt of random token ids."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, len(half.tokenizer) - 300, (tokens,), generator=generator)
+    ids = prompt_ids(half.tokenizer, tokens, seed)
     steps = torch.arange(tokens)[:, None].expand(-1, 3)
     return EncodedPrompt(half.embed(ids), ids, steps.contiguous())
 
@@ -202,14 +209,14 @@ def load_point(half: LanguageHalf, kv_fraction: float, args: argparse.Namespace)
             "failed": failed, "preemptions": driver.preemptions}
 
 
-def generate_point(path: Path, batch: int, args: argparse.Namespace) -> dict | None:
+def generate_point(half: LanguageHalf, path: Path, batch: int,
+                   args: argparse.Namespace) -> dict | None:
     if batch * args.prompt_tokens > args.generate_max_tokens:
         return None
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    ids = torch.randint(0, 1000, (batch, args.prompt_tokens), generator=torch.Generator()
-                        .manual_seed(batch))
+    ids = prompt_ids(half.tokenizer, args.prompt_tokens, seed=batch).expand(batch, -1)
 
     def run(new_tokens: int) -> float:
         start = time.perf_counter()
@@ -244,7 +251,9 @@ def measure(args: argparse.Namespace) -> dict:
 def today(args: argparse.Namespace) -> dict:
     """``measure`` run by the other checkout's interpreter, on its sources."""
     root = Path(args.today_root).resolve()
-    argv = [str(root / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--worker",
+    python = root / ".venv" / "bin" / "python"
+    argv = [str(python if python.is_file() else sys.executable), str(Path(__file__).resolve()),
+            "--worker",
             "--sizes", *args.sizes, "--batches", *map(str, args.batches), "--prompt-tokens",
             str(args.prompt_tokens), "--steps", str(args.steps), "--repeat", str(args.repeat),
             "--threads", str(args.threads), "--load-requests", "0", "--cache-dir", args.cache_dir]
@@ -265,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for size in args.sizes:
         path = checkpoint(size, args.cache_dir)
+        half = LanguageHalf.from_pretrained(path)
         for batch in args.batches:
             point = ours["decode"][size][str(batch)]
             row = {"model": size, "batch": batch, "tokens/s": point["tokens_per_s"],
@@ -274,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
                 row |= {"today tokens/s": old["tokens_per_s"], "today ops/step":
                         old["ops_per_step"], "vs today": point["tokens_per_s"]
                         / old["tokens_per_s"]}
-            generated = generate_point(path, batch, args)
+            generated = generate_point(half, path, batch, args)
             if generated is not None:
                 row |= {"generate() tokens/s": generated["tokens_per_s"],
                         "vs generate()": point["tokens_per_s"] / generated["tokens_per_s"]}

@@ -17,7 +17,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from mmdisagg.config import EngineSettings
-from mmdisagg.language.detokenizer import Detokenizer
 from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.kv_memory import build_kv_cache
 from mmdisagg.language.request import Req, ReqStatus
@@ -32,13 +31,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step did for one request: a new token (``text`` is the new text it made safe
-    to show, often empty), or ``error`` set when the request failed. ``finish_reason`` is
-    None while the request goes on, else "stop", "length" or "error"."""
+    """What one step did for one request: a new token, or ``error`` set when the request
+    failed. ``finish_reason`` is None while the request goes on, else "stop" (a stop id or
+    EOS; stop strings are found later, by the detokenizer), "length" or "error"."""
 
     req: Req
     token_id: int
-    text: str
     finish_reason: str | None
     error: str | None = None
 
@@ -83,7 +81,6 @@ class Engine:
         if problem is not None:
             raise InputError(problem)
         req.seed = request_seed(req.params)
-        req.detokenizer = Detokenizer(self.half.tokenizer, req.params.stop)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
 
@@ -194,12 +191,12 @@ class Engine:
 
     def _emit(self, req: Req, token: int) -> StepOutput:
         req.output_ids.append(token)
-        text, finish_reason = self._text_and_finish(req, token)
+        finish_reason = self._finish_reason(req, token)
         if finish_reason is not None:
             self.running.remove(req)
             self._release(req)
             req.finish_reason = finish_reason
-        return StepOutput(req, token, text, finish_reason)
+        return StepOutput(req, token, finish_reason)
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)
@@ -207,21 +204,17 @@ class Engine:
             self.running.remove(req)
         self._release(req)
         req.finish_reason = "error"
-        return StepOutput(req, -1, "", "error", error)
+        return StepOutput(req, -1, "error", error)
 
     def _release(self, req: Req) -> None:
         self.blocks.free(req)
         req.status = ReqStatus.FINISHED
 
-    def _text_and_finish(self, req: Req, token: int) -> tuple[str, str | None]:
+    def _finish_reason(self, req: Req, token: int) -> str | None:
         params = req.params
-        detokenizer = req.detokenizer
         if token in params.stop_token_ids or (token in self.half.eos_token_ids
                                               and not params.ignore_eos):
-            return detokenizer.flush(), "stop"
-        text = detokenizer.push(token)
-        if detokenizer.stopped:
-            return text, "stop"
+            return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_len:
-            return text + detokenizer.flush(), "length"
-        return text, None
+            return "length"
+        return None

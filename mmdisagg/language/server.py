@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
 from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.language.engine import Engine
+from mmdisagg.language.output import Delivered, emit_each
 from mmdisagg.language.request import Req
 from mmdisagg.language.scheduler import LanguageScheduler, PromptSource, TransferSource
 from mmdisagg.messages import ErrorEvent, Event, GenerateRequest, ServerInfo
@@ -56,15 +59,16 @@ class GenerationService:
                                  "Time between a request's tokens", self.registry)
         self.scheduler.on_first_token = ttft.observe
         self.scheduler.on_next_token = tpot.observe
+        self.scheduler.output.deliver = deliver
         self.scheduler.start()
 
     async def events(self, make: Callable[[Callable[[Event], None]], Req],
                      ) -> AsyncIterator[Event]:
         """Submit the request ``make`` builds around an emitter; yield its events. Leaving
         early (the client went away) aborts it."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        request = make(lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        request = make(queue.put_nowait)
+        request.loop = asyncio.get_running_loop()
         self.scheduler.submit(request)
         finished = False
         try:
@@ -78,6 +82,16 @@ class GenerationService:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def deliver(delivered: Delivered) -> None:
+    """One step's events, from the output thread: one call into each event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, Delivered] = defaultdict(list)
+    for req, event in delivered:
+        by_loop[req.loop].append((req, event))
+    for loop, events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+            loop.call_soon_threadsafe(emit_each, events)
 
 
 class LanguageServer:

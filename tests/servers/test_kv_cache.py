@@ -88,7 +88,7 @@ def test_kv_cache_so_small_that_requests_are_preempted(tiny_checkpoints, tiny_mo
 
 def long_prompt(i: int) -> list[dict]:
     return user(text_part(f"Report {i}. " + "The harbour master logged the tides, the wind "
-                          "and every boat that came in before dawn. " * 90))
+                          "and every boat that came in before dawn. " * 34))
 
 
 def test_100_concurrent_long_requests_keep_memory_bounded(tiny_models):
