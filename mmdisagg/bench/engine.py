@@ -5,9 +5,9 @@ another checkout's engine ("today"); and requests/s with a KV cache a quarter of
 Decode is measured from a KV cache holding each sequence's ``--prompt-tokens`` keys and
 values as they lie in fresh memory (zeros), not a real prefill: a decode step costs the same
 whatever the values, and
-prefilling 256 x 400 tokens would take most of the run on a CPU. ``generate()`` does prefill;
-its decode time is (time for 1 + N new tokens - time for 1) / N, measured only where the
-batch's prompts total at most ``--generate-max-tokens``.
+prefilling 256 x 400 tokens would take most of the run on a CPU. ``generate()`` does prefill
+(so it runs only where the batch's prompts total at most ``--generate-max-tokens``); its
+decode time is the median gap between its steps after the first.
 
 The "today" column runs this same file with another checkout's interpreter and sources
 (``--today-root``, e.g. /work/main): it then drives that checkout's per-sequence engine
@@ -17,6 +17,7 @@ The "today" column runs this same file with another checkout's interpreter and s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -209,28 +210,35 @@ def load_point(half: LanguageHalf, kv_fraction: float, args: argparse.Namespace)
             "failed": failed, "preemptions": driver.preemptions}
 
 
+class StepTimes:
+    """A logits processor that only notes when ``generate()`` reaches each step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def generate_point(half: LanguageHalf, path: Path, batch: int,
                    args: argparse.Namespace) -> dict | None:
+    """``generate()`` on a batch of equal-length prompts; decode time per step is the median
+    gap between its steps after the first (which includes the prefill)."""
     if batch * args.prompt_tokens > args.generate_max_tokens:
         return None
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, LogitsProcessorList
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     ids = prompt_ids(half.tokenizer, args.prompt_tokens, seed=batch).expand(batch, -1)
-
-    def run(new_tokens: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False)
-        return time.perf_counter() - start
-
-    run(2)  # warm-up
-    one = sorted(run(1) for _ in range(args.repeat))[args.repeat // 2]
-    many = sorted(run(1 + args.steps) for _ in range(args.repeat))[args.repeat // 2]
-    seconds = max(many - one, 1e-9)
-    return {"tokens_per_s": batch * args.steps / seconds}
+    steps = StepTimes()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       max_new_tokens=2 + args.steps * args.repeat,
+                       min_new_tokens=2 + args.steps * args.repeat, do_sample=False,
+                       logits_processor=LogitsProcessorList([steps]))
+    gaps = sorted(b - a for a, b in itertools.pairwise(steps.times[1:]))
+    return {"tokens_per_s": batch / gaps[len(gaps) // 2]}
 
 
 def measure(args: argparse.Namespace) -> dict:
