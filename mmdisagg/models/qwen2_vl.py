@@ -363,16 +363,13 @@ class QwenVLLanguageHalf(LanguageHalf):
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attention.o_proj(output.reshape(count, -1))
 
-    def _gather(self, layer: int, cache: PagedKVCache, rows: PagedRows
+    @staticmethod
+    def _gather(layer: int, cache: PagedKVCache, rows: PagedRows
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's cached keys and values through its block table, ``[rows, kv_heads,
         max_blocks * block_size, head_dim]``."""
-        count, width = rows.block_tables.shape
-        blocks = rows.block_tables.flatten()
-        shape = (count, width * cache.block_size, self.num_kv_heads, self.head_dim)
-        keys = cache.keys[layer].index_select(0, blocks).view(shape).transpose(1, 2)
-        values = cache.values[layer].index_select(0, blocks).view(shape).transpose(1, 2)
-        return keys, values
+        keys, values = cache.gather(layer, rows.block_tables)
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
     def _decode_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
                           rows: PagedRows, scale: float) -> torch.Tensor:
