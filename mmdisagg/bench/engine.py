@@ -242,17 +242,13 @@ def generate_point(half: LanguageHalf, path: Path, batch: int,
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """This checkout's engine at every size and batch: {size: {batch: point}, ...}."""
+    """What the "today" worker reports: {"decode": {size: {batch: point}}}."""
     torch.set_num_threads(args.threads)
-    results: dict = {"decode": {}, "load": {}}
+    results: dict = {"decode": {}}
     for size in args.sizes:
-        path = checkpoint(size, args.cache_dir)
-        half = LanguageHalf.from_pretrained(path)
+        half = LanguageHalf.from_pretrained(checkpoint(size, args.cache_dir))
         results["decode"][size] = {str(batch): decode_point(half, batch, args)
                                    for batch in args.batches}
-        if args.load_requests:
-            results["load"][size] = {str(fraction): load_point(half, fraction, args)
-                                     for fraction in (1.0, 0.25)}
     return results
 
 
@@ -264,7 +260,7 @@ def today(args: argparse.Namespace) -> dict:
             "--worker",
             "--sizes", *args.sizes, "--batches", *map(str, args.batches), "--prompt-tokens",
             str(args.prompt_tokens), "--steps", str(args.steps), "--repeat", str(args.repeat),
-            "--threads", str(args.threads), "--load-requests", "0", "--cache-dir", args.cache_dir]
+            "--threads", str(args.threads), "--cache-dir", args.cache_dir]
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONSAFEPATH": "1"}
     output = subprocess.run(argv, cwd=root, env=env, check=True, stdout=subprocess.PIPE,
                             text=True).stdout
@@ -272,23 +268,29 @@ def today(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Each point measured for this checkout and then for "today", one after the other, so
+    both see the same load on a shared machine."""
     from mmdisagg.bench.timing import print_table, save_json
 
     if args.worker:
         print(json.dumps(measure(args)))
         return 0
-    ours = measure(args)
-    theirs = today(args) if args.today_root else None
+    torch.set_num_threads(args.threads)
+    ours: dict = {"decode": {}, "load": {}}
+    theirs: dict | None = {"decode": {}} if args.today_root else None
     rows = []
     for size in args.sizes:
         path = checkpoint(size, args.cache_dir)
         half = LanguageHalf.from_pretrained(path)
+        ours["decode"][size] = {}
         for batch in args.batches:
-            point = ours["decode"][size][str(batch)]
+            point = ours["decode"][size][str(batch)] = decode_point(half, batch, args)
             row = {"model": size, "batch": batch, "tokens/s": point["tokens_per_s"],
                    "ops/step": point["ops_per_step"]}
             if theirs is not None:
-                old = theirs["decode"][size][str(batch)]
+                one = argparse.Namespace(**{**vars(args), "sizes": [size], "batches": [batch]})
+                old = today(one)["decode"][size][str(batch)]
+                theirs["decode"].setdefault(size, {})[str(batch)] = old
                 row |= {"today tokens/s": old["tokens_per_s"], "today ops/step":
                         old["ops_per_step"], "vs today": point["tokens_per_s"]
                         / old["tokens_per_s"]}
@@ -297,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
                 row |= {"generate() tokens/s": generated["tokens_per_s"],
                         "vs generate()": point["tokens_per_s"] / generated["tokens_per_s"]}
             rows.append(row)
+        if args.load_requests:
+            ours["load"][size] = {str(fraction): load_point(half, fraction, args)
+                                  for fraction in (1.0, 0.25)}
     columns = ["model", "batch", "tokens/s", "ops/step"]
     if theirs is not None:
         columns += ["today tokens/s", "today ops/step", "vs today"]
