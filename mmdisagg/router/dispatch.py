@@ -188,6 +188,13 @@ class Dispatcher:
         try:
             await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
             if encoding.done() and not next_event.done():
+                if isinstance(encoding.exception(), EncoderFailed):
+                    # The language server may have refused the prompt (too long for its KV
+                    # cache) and aborted the encoder: then its 4xx, not a retry, answers.
+                    await asyncio.wait({next_event}, timeout=ENCODER_VERDICT_S)
+                    refusal = next_event.result() if next_event.done() else None
+                    if isinstance(refusal, ErrorEvent) and refusal.status < 500:
+                        raise ApiError(refusal.status, refusal.message)
                 encoding.result()  # raises ApiError (client's fault) or EncoderFailed
             while True:
                 event = await next_event
