@@ -28,6 +28,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                            "disaggregated vs colocated vs transformers serve, same requests"),
     ("bench", "soak"): ("mmdisagg.bench.soak",
                         "mixed load with random faults: nothing lost or leaked, memory flat"),
+    ("bench", "engine"): ("mmdisagg.bench.engine",
+                          "language engine decode: tokens/s and aten ops per step, vs today "
+                          "and generate()"),
     ("bench", "model-memory"): ("mmdisagg.bench.model_memory",
                                 "resident memory of each model half vs the whole model"),
 }

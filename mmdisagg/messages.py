@@ -50,6 +50,9 @@ class TokenEvent(msgspec.Struct, frozen=True, tag="token", tag_field="event"):
 
 
 TRANSFER_FAILED = "transfer_failed"
+# How an encoder's answer begins its reason when the language server ended the room: that
+# server's own event then says why.
+LANGUAGE_ABORT = "aborted by the language server"
 
 
 class ErrorEvent(msgspec.Struct, frozen=True, tag="error", tag_field="event"):
@@ -77,9 +80,3 @@ class ServerInfo(msgspec.Struct, frozen=True):
     kv_blocks_used: int = 0
     pool_free_blocks: int = 0  # free blocks of the embedding pool
 
-
-encode = msgspec.json.encode
-
-
-def decode(data: bytes | str, kind: Any) -> Any:
-    return msgspec.json.decode(data, type=kind)

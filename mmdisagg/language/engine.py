@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from mmdisagg.config import EngineSettings
-from mmdisagg.language.detokenizer import Detokenizer
 from mmdisagg.language.kv_blocks import KVBlockManager
+from mmdisagg.language.kv_memory import build_kv_cache
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.language.runner import ModelRunner
 from mmdisagg.language.sampler import check_params, request_seed
@@ -35,13 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step did for one request: a new token (``text`` is the new text it made safe
-    to show, often empty), or ``error`` set when the request failed. ``finish_reason`` is
-    None while the request goes on, else "stop", "length" or "error"."""
+    """What one step did for one request: a new token, or ``error`` set when the request
+    failed. ``finish_reason`` is None while the request goes on, else "stop" (a stop id or
+    EOS; stop strings are found later, by the detokenizer), "length" or "error"."""
 
     req: Req
     token_id: int
-    text: str
     finish_reason: str | None
     error: str | None = None
 
@@ -69,6 +68,12 @@ class Engine:
         # NOTE: a sequence never outgrows the cache: it ends ("length") before it would.
         self.max_len = min(half.max_model_len, self.blocks.max_sequence_tokens)
 
+    @classmethod
+    def build(cls, half: LanguageHalf, settings: EngineSettings, max_running: int) -> Engine:
+        """An engine with a KV cache sized by ``settings`` (see ``kv_memory``)."""
+        return cls(half, build_kv_cache(half, settings), settings, max_running,
+                   prefix_cache=settings.prefix_cache)
+
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
@@ -79,22 +84,27 @@ class Engine:
         """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
         can never run."""
         check_params(req.params)
-        length = req.prompt_tokens
-        if length < 1:
-            raise InputError("the prompt is empty")
-        if length >= self.half.max_model_len:
-            raise InputError(f"the prompt is {length} tokens; this model takes fewer than "
-                             f"{self.half.max_model_len} (prompt and output together)")
-        if length >= self.blocks.max_sequence_tokens:
-            raise InputError(f"the prompt is {length} tokens; this language server's KV cache "
-                             f"holds {self.blocks.max_sequence_tokens} tokens for one sequence "
-                             "(prompt and output together)")
+        problem = self.length_problem(req.prompt_tokens)
+        if problem is not None:
+            raise InputError(problem)
         if req.prompt.prefix is not None:
             self.blocks.adopt(req, req.prompt.prefix)
         req.seed = request_seed(req.params)
-        req.detokenizer = Detokenizer(self.half.tokenizer, req.params.stop)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
+
+    def length_problem(self, prompt_tokens: int) -> str | None:
+        """Why a prompt of ``prompt_tokens`` can never run here (for the client), or None."""
+        if prompt_tokens < 1:
+            return "the prompt is empty"
+        if prompt_tokens >= self.half.max_model_len:
+            return (f"the prompt is {prompt_tokens} tokens; this model takes fewer than "
+                    f"{self.half.max_model_len} (prompt and output together)")
+        if prompt_tokens >= self.blocks.max_sequence_tokens:
+            return (f"the prompt is {prompt_tokens} tokens; this language server's KV cache "
+                    f"holds {self.blocks.max_sequence_tokens} tokens for one sequence (prompt "
+                    "and output together)")
+        return None
 
     def abort(self, req: Req) -> bool:
         """Drop ``req`` wherever it is here and free its blocks; False if it was not here."""
@@ -213,12 +223,12 @@ class Engine:
 
     def _emit(self, req: Req, token: int) -> StepOutput:
         req.output_ids.append(token)
-        text, finish_reason = self._text_and_finish(req, token)
+        finish_reason = self._finish_reason(req, token)
         if finish_reason is not None:
             self.running.remove(req)
             self._release(req)
             req.finish_reason = finish_reason
-        return StepOutput(req, token, text, finish_reason)
+        return StepOutput(req, token, finish_reason)
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)
@@ -226,21 +236,17 @@ class Engine:
             self.running.remove(req)
         self._release(req)
         req.finish_reason = "error"
-        return StepOutput(req, -1, "", "error", error)
+        return StepOutput(req, -1, "error", error)
 
     def _release(self, req: Req) -> None:
         self.blocks.free(req)
         req.status = ReqStatus.FINISHED
 
-    def _text_and_finish(self, req: Req, token: int) -> tuple[str, str | None]:
+    def _finish_reason(self, req: Req, token: int) -> str | None:
         params = req.params
-        detokenizer = req.detokenizer
         if token in params.stop_token_ids or (token in self.half.eos_token_ids
                                               and not params.ignore_eos):
-            return detokenizer.flush(), "stop"
-        text = detokenizer.push(token)
-        if detokenizer.stopped:
-            return text, "stop"
+            return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_len:
-            return text + detokenizer.flush(), "length"
-        return text, None
+            return "length"
+        return None

@@ -3,6 +3,7 @@ so that admission, preemption, abort and failure each touch one structure."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable
@@ -37,7 +38,8 @@ def _no_events(event: Event) -> None:
 
 @dataclass(eq=False)
 class Req:
-    """A request's whole state. ``emit`` is called from the scheduler's loop, once per event.
+    """A request's whole state. ``emit`` is called once per event, by the output thread's
+    ``deliver`` (on ``loop`` for an HTTP request).
 
     NOTE: the tokens of a request are its prompt then its output; ``num_computed`` of them
     have their keys and values in the KV blocks of ``block_table``. The prompt's embeddings
@@ -61,7 +63,11 @@ class Req:
     block_table: list[int] = field(default_factory=list)
     pinned_blocks: int = 0  # of block_table: a prefix-cache hit it holds while not running
     preemptions: int = 0
+    # the output thread's: what it has told the client
     detokenizer: Detokenizer | None = None
+    delivered_tokens: int = 0
+    delivered_final: bool = False
+    loop: asyncio.AbstractEventLoop | None = None  # where ``emit`` runs (HTTP requests)
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None

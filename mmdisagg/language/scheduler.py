@@ -1,4 +1,5 @@
-"""The language server's loop, one thread: receive -> collect -> admit -> forward -> reply.
+"""The language server's loop, one thread: receive -> collect -> forward (the engine admits,
+schedules and runs) -> reply (handed to the output thread, which detokenizes and delivers).
 
 Requests go prealloc -> transfer -> waiting -> running. Where their prompts come from is the
 ``PromptSource``: ``TransferSource`` (the language server: a first window of ``alloc_default``
@@ -19,11 +20,12 @@ from mmdisagg.config import LanguageServerSettings
 from mmdisagg.core import EncodedPrompt, LoopThread
 from mmdisagg.language.engine import Engine, StepOutput
 from mmdisagg.language.kv_blocks import KVBlockManager
+from mmdisagg.language.output import Direct, OutputProcessor, OutputThread
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
 from mmdisagg.models.errors import InputError
 from mmdisagg.transfer.protocol import Poll
-from mmdisagg.transfer.receiver import ReceiverManager
+from mmdisagg.transfer.receiver import EmbeddingReceiver, ReceiverManager
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class TransferSource:
             request = self.prealloc[0]
             if request.receiver.poll() == Poll.Failed:
                 self.prealloc.popleft()
-                done.append((request, ErrorEvent(request.receiver.failure, 503, TRANSFER_FAILED)))
+                done.append((request, self._failure(request.receiver)))
                 continue
             allocation = allocator.alloc_default()
             if allocation is None:
@@ -92,9 +94,14 @@ class TransferSource:
                 limit -= 1
             elif state == Poll.Failed:
                 self.transfer.remove(request)
-                done.append((request, ErrorEvent(f"transfer failed: {request.receiver.failure}",
-                                                 503, TRANSFER_FAILED)))
+                done.append((request, self._failure(request.receiver)))
         return done
+
+    @staticmethod
+    def _failure(receiver: EmbeddingReceiver) -> ErrorEvent:
+        if receiver.refused:
+            return ErrorEvent(receiver.failure, 400, "invalid_request_error")
+        return ErrorEvent(f"transfer failed: {receiver.failure}", 503, TRANSFER_FAILED)
 
     def abort(self, request: Req) -> bool:
         for queue in (self.prealloc, self.transfer):
@@ -121,9 +128,11 @@ class LanguageScheduler(LoopThread):
         self.outcomes: Counter[str] = Counter()
         self.on_first_token: Callable[[float], None] = lambda seconds: None
         self.on_next_token: Callable[[float], None] = lambda seconds: None
+        self.output = OutputThread(OutputProcessor(engine.half.tokenizer, self._stopped))
         self._requests: dict[int, Req] = {}
         self._inbox: deque[Req] = deque()
         self._aborts: deque[int] = deque()
+        self._stops: deque[Req] = deque()
 
     @property
     def load(self) -> int:
@@ -137,15 +146,25 @@ class LanguageScheduler(LoopThread):
         """Any thread. Overloaded: the request gets a 503 event at once."""
         if self.load >= self.settings.max_queued_requests:
             self.outcomes["overloaded"] += 1
-            request.emit(ErrorEvent(f"{self.load} requests already queued; try again later",
-                                    503, "overloaded"))
+            self.output.put(Direct(request, ErrorEvent(
+                f"{self.load} requests already queued; try again later", 503, "overloaded")))
             return
         self._inbox.append(request)
         self.wake()
 
     def abort(self, room: int) -> None:
-        """Any thread: stop ``room`` wherever it is; it gets no more events."""
+        """Any thread: stop ``room`` wherever it is."""
         self._aborts.append(room)
+        self.wake()
+
+    def close(self) -> None:
+        super().close()
+        self.output.close()
+
+    def _stopped(self, request: Req) -> None:
+        """The output thread: ``request``'s text reached a stop string; its last event is
+        out."""
+        self._stops.append(request)
         self.wake()
 
     # -- the loop -------------------------------------------------------------------------
@@ -167,12 +186,13 @@ class LanguageScheduler(LoopThread):
         while self._inbox:
             request = self._inbox.popleft()
             if request.room in self._requests:
-                request.emit(ErrorEvent(f"duplicate room {request.room}", 409))
+                self.output.put(Direct(request, ErrorEvent(f"duplicate room {request.room}",
+                                                           409)))
                 continue
             try:
                 self.source.add(request)
             except ValueError as exc:
-                request.emit(ErrorEvent(str(exc), 409))
+                self.output.put(Direct(request, ErrorEvent(str(exc), 409)))
                 continue
             self._requests[request.room] = request
         while self._aborts:
@@ -183,6 +203,12 @@ class LanguageScheduler(LoopThread):
                 self.engine.abort(request)
             request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
+        while self._stops:
+            request = self._stops.popleft()
+            if self._requests.pop(request.room, None) is request:
+                self.engine.abort(request)
+                request.status = ReqStatus.FINISHED
+                self.outcomes["ok"] += 1
 
     def _collect(self) -> None:
         """Landed prompts join the engine's waiting queue while it is shorter than
@@ -211,26 +237,25 @@ class LanguageScheduler(LoopThread):
             return []
 
     def _reply(self, outputs: list[StepOutput]) -> None:
+        """Timing metrics and bookkeeping here; text and delivery on the output thread, one
+        message per step."""
         now = time.monotonic()
         for output in outputs:
             request = output.req
-            if output.error is not None:
-                self._finish(request, ErrorEvent(output.error, 503))
-                continue
-            if request.last_token_at is None:
-                self.on_first_token(now - request.arrived)
-            else:
-                self.on_next_token(now - request.last_token_at)
-            request.last_token_at = now
-            event = TokenEvent(output.text, [output.token_id], output.finish_reason,
-                               request.prompt_tokens, len(request.output_ids))
-            if output.finish_reason is None:
-                request.emit(event)
-            else:
-                self._finish(request, event)
+            if output.error is None:
+                if request.last_token_at is None:
+                    self.on_first_token(now - request.arrived)
+                else:
+                    self.on_next_token(now - request.last_token_at)
+                request.last_token_at = now
+            if output.finish_reason is not None and request.room in self._requests:
+                del self._requests[request.room]
+                self.outcomes["failed" if output.error else "ok"] += 1
+        if outputs:
+            self.output.put(outputs)
 
     def _finish(self, request: Req, event: Event) -> None:
         self._requests.pop(request.room, None)
         request.status = ReqStatus.FINISHED
         self.outcomes["ok" if isinstance(event, TokenEvent) else "failed"] += 1
-        request.emit(event)
+        self.output.put(Direct(request, event))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
@@ -19,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
 from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.language.engine import Engine
-from mmdisagg.language.kv_memory import build_kv_cache
+from mmdisagg.language.output import Delivered, emit_each
 from mmdisagg.language.request import Req
 from mmdisagg.language.scheduler import LanguageScheduler, PromptSource, TransferSource
 from mmdisagg.messages import ErrorEvent, Event, GenerateRequest, ServerInfo
@@ -44,14 +46,12 @@ class GenerationService:
     """A scheduler and the way HTTP handlers talk to it: what the language server and the
     colocated server share."""
 
-    def __init__(self, half: LanguageHalf, source: PromptSource,
+    def __init__(self, engine: Engine, source: PromptSource,
                  settings: LanguageServerSettings) -> None:
-        self.half = half
+        self.half = engine.half
         self.settings = settings
-        cached = settings.engine.prefix_cache
-        self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
-                             settings.max_running_requests, prefix_cache=cached)
-        source.attach(self.engine.blocks if cached else None)
+        self.engine = engine
+        source.attach(engine.blocks if engine.blocks.prefix_caching else None)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
@@ -60,15 +60,16 @@ class GenerationService:
                                  "Time between a request's tokens", self.registry)
         self.scheduler.on_first_token = ttft.observe
         self.scheduler.on_next_token = tpot.observe
+        self.scheduler.output.deliver = deliver
         self.scheduler.start()
 
     async def events(self, make: Callable[[Callable[[Event], None]], Req],
                      ) -> AsyncIterator[Event]:
         """Submit the request ``make`` builds around an emitter; yield its events. Leaving
         early (the client went away) aborts it."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        request = make(lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        request = make(queue.put_nowait)
+        request.loop = asyncio.get_running_loop()
         self.scheduler.submit(request)
         finished = False
         try:
@@ -82,6 +83,16 @@ class GenerationService:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def deliver(delivered: Delivered) -> None:
+    """One step's events, from the output thread: one call into each event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, Delivered] = defaultdict(list)
+    for req, event in delivered:
+        by_loop[req.loop].append((req, event))
+    for loop, events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+            loop.call_soon_threadsafe(emit_each, events)
 
 
 class LanguageServer:
@@ -99,8 +110,10 @@ class LanguageServer:
         self.pool = EmbeddingPool(layout, backing=backing,
                                   default_blocks=settings.pool.default_blocks,
                                   pin=half.device.type == "cuda" and backing == "process")
-        self.manager = ReceiverManager(self.pool, settings.transfer, settings.network)
-        self.service = GenerationService(half, TransferSource(self.manager), settings)
+        engine = Engine.build(half, settings.engine, settings.max_running_requests)
+        self.manager = ReceiverManager(self.pool, settings.transfer, settings.network,
+                                       check_length=engine.length_problem)
+        self.service = GenerationService(engine, TransferSource(self.manager), settings)
         self.registry = self.service.registry
         self.registry.register(StatsCollector(self._metrics))
 

@@ -439,26 +439,34 @@ class QwenVLLanguageHalf(LanguageHalf):
         decoded = batch.num_decode
         outputs = []
         if batch.decode is not None:
-            outputs.append(self._paged_attention(
-                queries[:decoded, None], layer, cache, batch.decode, attention.scaling)[:, 0])
+            outputs.append(self._decode_attention(queries[:decoded], layer, cache, batch.decode,
+                                                  attention.scaling))
         if batch.prefill is not None:
             outputs.append(self._prefill_attention(queries[decoded:], layer, cache,
                                                    batch.prefill, attention.scaling))
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attention.o_proj(output.reshape(count, -1))
 
-    def _paged_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
-                         rows: PagedRows, scale: float) -> torch.Tensor:
-        """``queries [rows, q, heads, head_dim]`` -> same shape, each row attending to its
-        sequence's cached keys and values under ``rows.mask``."""
-        count, width = rows.block_tables.shape
-        shape = (count, width * cache.block_size, self.num_kv_heads, self.head_dim)
-        keys = cache.keys[layer][rows.block_tables].view(shape).transpose(1, 2)
-        values = cache.values[layer][rows.block_tables].view(shape).transpose(1, 2)
-        output = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values,
-                                                attn_mask=rows.mask, scale=scale,
-                                                enable_gqa=True)
-        return output.transpose(1, 2)
+    @staticmethod
+    def _gather(layer: int, cache: PagedKVCache, rows: PagedRows
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cached keys and values through its block table, ``[rows, kv_heads,
+        max_blocks * block_size, head_dim]``."""
+        keys, values = cache.gather(layer, rows.block_tables)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def _decode_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
+                          rows: PagedRows, scale: float) -> torch.Tensor:
+        """``queries [rows, heads, head_dim]``, one token per row. The query heads sharing a
+        KV head go in as that head's queries, so the keys are not repeated per group (what
+        ``enable_gqa`` does on CPU): 3x faster at batch 256."""
+        count, heads, _ = queries.shape
+        keys, values = self._gather(layer, cache, rows)
+        grouped = queries.view(count, self.num_kv_heads, heads // self.num_kv_heads,
+                               self.head_dim)
+        output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=rows.mask,
+                                                scale=scale)
+        return output.reshape(count, heads, self.head_dim)
 
     def _prefill_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
                            rows: PrefillRows, scale: float) -> torch.Tensor:
@@ -468,9 +476,12 @@ class QwenVLLanguageHalf(LanguageHalf):
         heads = queries.shape[1]
         padded = queries.new_zeros(count * rows.max_query, heads, self.head_dim)
         padded.index_copy_(0, rows.query_index, queries)
-        output = self._paged_attention(padded.view(count, rows.max_query, heads, self.head_dim),
-                                       layer, cache, rows, scale)
-        return output.reshape(count * rows.max_query, heads, self.head_dim)[rows.query_index]
+        keys, values = self._gather(layer, cache, rows)
+        output = F.scaled_dot_product_attention(
+            padded.view(count, rows.max_query, heads, self.head_dim).transpose(1, 2), keys,
+            values, attn_mask=rows.mask, scale=scale, enable_gqa=True)
+        return output.transpose(1, 2).reshape(count * rows.max_query, heads,
+                                              self.head_dim)[rows.query_index]
 
 
 def _eos_token_ids(checkpoint: Checkpoint) -> frozenset[int]:

@@ -28,6 +28,7 @@ from mmdisagg.config import RouterSettings
 from mmdisagg.core import SamplingParams
 from mmdisagg.httpapp import ApiError
 from mmdisagg.messages import (
+    LANGUAGE_ABORT,
     TRANSFER_FAILED,
     AbortRequest,
     EncodeRequest,
@@ -222,10 +223,19 @@ class Dispatcher:
             with language.hold():
                 await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
                 if encoding.done() and not next_event.done():
+                    if LANGUAGE_ABORT in str(encoding.exception() or ""):
+                        # The language server ended the room (say, the prompt is longer than
+                        # its KV cache): its own event says why; a 4xx is no cause to retry.
+                        await asyncio.wait({next_event}, timeout=ABORT_TIMEOUT_S)
+                        refusal = next_event.result() if next_event.done() else None
+                        if isinstance(refusal, ErrorEvent) and refusal.status < 500:
+                            raise ApiError(refusal.status, refusal.message)
                     encoding.result()  # raises ApiError (client's fault) or EncoderFailed
                 while True:
                     event = await next_event
                     if isinstance(event, ErrorEvent):
+                        if event.status < 500:
+                            raise ApiError(event.status, event.message)  # the client's
                         if event.type == TRANSFER_FAILED:
                             await self._blame_transfer(encoder, room, encoding, event)
                         raise ApiError(event.status, event.message)

@@ -19,6 +19,7 @@ from mmdisagg.core import PrefixHit, SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
+from mmdisagg.language.engine import Engine
 from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req
 from mmdisagg.language.scheduler import Ready
@@ -116,8 +117,9 @@ class ColocatedBackend:
         source = LocalEncodeSource(self.encoder, ImageCache(cache_bytes) if cache_bytes else None,
                                    settings.encoding.max_encode_batch,
                                    settings.encoding.max_encode_patches)
-        self.service = GenerationService(language, source, LanguageServerSettings(
-            engine=settings.engine, model=model))
+        server_settings = LanguageServerSettings(engine=settings.engine, model=model)
+        engine = Engine.build(language, settings.engine, server_settings.max_running_requests)
+        self.service = GenerationService(engine, source, server_settings)
         self.model = model.name
         self.max_model_len = language.max_model_len
         self.healthy = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -79,16 +79,12 @@ class EmbeddingReceiver(RoomTransfer):
         self.release_by: float | None = None  # set while quarantined
         self.started = False  # its first window is offered
 
+        self.refused = False  # failed because the prompt can never run here (client's fault)
 
     def init(self, allocation: Allocation) -> None:
         """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on.
         With a prefix cache, tokens it holds are skipped once the sender announces them."""
         self._manager._init(self, allocation)
-
-    def resume_transfer(self, allocation: Allocation, sent_tokens: int) -> None:
-        """Offer the next window, starting at token ``sent_tokens``. The manager does this by
-        itself on announce; call it only to offer blocks of your own choosing."""
-        self._manager._resume(self, allocation, sent_tokens)
 
     def abort(self, reason: str = "aborted by the language server") -> None:
         self._manager._abort(self, reason)
@@ -112,9 +108,13 @@ class ReceiverManager(TransferManager):
     role = "receiver"
 
     def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
-                 network: NetworkSettings, prefix_cache: PrefixCache | None = None) -> None:
+                 network: NetworkSettings, prefix_cache: PrefixCache | None = None,
+                 check_length: Callable[[int], str | None] = lambda total_tokens: None) -> None:
+        """``check_length(total_tokens)``: why a prompt that long can never run here, or None;
+        asked on ``Announce``, so that such a prompt is refused before any byte moves."""
         super().__init__(pool, transfer, network)
         self.prefix_cache = prefix_cache
+        self.check_length = check_length
         self._receivers: dict[int, EmbeddingReceiver] = {}
         self._quarantine: dict[int, EmbeddingReceiver] = {}
         self._pending: dict[int, EmbeddingReceiver] = {}
@@ -206,15 +206,6 @@ class ReceiverManager(TransferManager):
             receiver.started = True
             receiver.waiting_since = time.monotonic()
             self._offer(receiver, allocation, 0)
-
-    def _resume(self, receiver: EmbeddingReceiver, allocation: Allocation,
-                sent_tokens: int) -> None:
-        with self._lock:
-            end = receiver.windows[-1].end if receiver.windows else 0
-            if receiver.state not in TERMINAL and sent_tokens != end:
-                raise ValueError(f"room {receiver.room}: the next window starts at token {end}, "
-                                 f"not {sent_tokens}")
-            self._offer(receiver, allocation, sent_tokens)
 
     def _abort(self, receiver: EmbeddingReceiver, reason: str) -> None:
         with self._lock:
@@ -340,6 +331,10 @@ class ReceiverManager(TransferManager):
             return self._fail(receiver, f"inconsistent length {total_tokens} for room "
                                         f"{receiver.room} (had {receiver.total_tokens})",
                               notify=True)
+        refusal = self.check_length(total_tokens)
+        if refusal is not None:
+            receiver.refused = True
+            return self._fail(receiver, refusal, notify=True)
         first = receiver.total_tokens is None
         receiver.total_tokens = total_tokens
         if first and self.prefix_cache is not None:

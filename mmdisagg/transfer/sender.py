@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.messages import LANGUAGE_ABORT
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
@@ -248,7 +249,7 @@ class SenderManager(TransferManager):
             if room in self._early and self._early[room].peer is peer:
                 del self._early[room]
             if sender is not None and sender.peer in (peer, None):
-                self._fail(sender, f"aborted by the language server: {message.reason}",
+                self._fail(sender, f"{LANGUAGE_ABORT}: {message.reason}",
                            notify=True)
             else:  # nothing writes for that room: release the receiver's blocks at once
                 self.control.send(peer.endpoint, Abort(room, "released"))
