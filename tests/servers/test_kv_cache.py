@@ -56,7 +56,8 @@ def test_prompt_longer_than_the_kv_cache_is_refused_before_transfer(tiny_checkpo
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="tiny-model", messages=long, max_tokens=4)
         message = str(refused.value)
-        assert "the prompt is" in message and f"holds {cache_tokens} tokens" in message
+        # NOTE: a quarter of the blocks may hold pinned prefixes: no sequence gets those
+        assert "the prompt is" in message and f"holds {cache_tokens * 3 // 4} tokens" in message
         assert metrics(language)[TRANSFER_BYTES] == before, "the prompt was not refused early"
         reply = client.chat.completions.create(model="tiny-model", messages=user(text_part("hi")),
                                                max_tokens=4, temperature=0)
@@ -73,7 +74,7 @@ def test_kv_cache_so_small_that_requests_are_preempted(tiny_checkpoints, tiny_mo
     distinct = [user(image_part(56 + 28 * (i % 2), 56, seed=200 + i),
                      text_part(f"Question {i}: what do you see?")) for i in range(4)]
     expected = [generate_greedy(tiny_models["qwen2_vl"], messages, 12) for messages in distinct]
-    cluster = Cluster(path, torch_threads=1, kv_block_size=2,
+    cluster = Cluster(path, torch_threads=1, kv_block_size=2, prefix_cache=False,
                       kv_cache_memory=str(150 * kv_bytes_per_token(path)))
     try:
         answers = asyncio.run(ask_all(cluster, distinct * 4, max_tokens=12))
