@@ -7,7 +7,8 @@ import os
 import signal
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """What a request asks to have encoded: chat ``messages`` (and ``tools``) rendered by the
+    chat template, or, when ``text`` is set, a raw completion prompt (a string or token ids)
+    taken as is."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    text: str | list[int] | None = None
 
 
 @dataclass(eq=False)

@@ -7,14 +7,14 @@ from typing import Any
 
 import msgspec
 
-from mmdisagg.core import SamplingParams
+from mmdisagg.core import PromptInput, SamplingParams
 
 
 class EncodeRequest(msgspec.Struct, frozen=True):
-    """Router -> encode server: prepare, encode and send this chat to ``room``'s receiver."""
+    """Router -> encode server: prepare, encode and send this prompt to ``room``'s receiver."""
 
     room: int
-    messages: list[dict[str, Any]]
+    prompt: PromptInput
     request_id: str = ""
 
 
@@ -72,6 +72,8 @@ class ServerInfo(msgspec.Struct, frozen=True):
     load: int
     bootstrap: str | None = None
     max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
+    # language servers: defaults for sampling fields a request leaves out
+    sampling_defaults: dict[str, float] = {}
 
 
 encode = msgspec.json.encode

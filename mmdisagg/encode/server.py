@@ -89,7 +89,7 @@ class EncodeServer:
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         try:
-            prepared = await run_in_threadpool(self.half.prepare, request.messages)
+            prepared = await run_in_threadpool(self.half.prepare_input, request.prompt)
         except InputError as exc:
             raise ApiError(exc.status, exc.message) from None
         loop = asyncio.get_running_loop()

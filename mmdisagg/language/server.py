@@ -34,6 +34,7 @@ from mmdisagg.metrics import (
     transfer_metrics,
 )
 from mmdisagg.models.base import LanguageHalf
+from mmdisagg.models.generation_config import sampling_defaults
 from mmdisagg.pool.layout import PoolLayout, dtype_name
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -99,6 +100,7 @@ class LanguageServer:
                                   pin=half.device.type == "cuda" and backing == "process")
         self.manager = ReceiverManager(self.pool, settings.transfer, settings.network)
         self.service = GenerationService(half, TransferSource(self.manager), settings)
+        self.sampling_defaults = sampling_defaults(model.model_path, settings.generation)
         self.registry = self.service.registry
         self.registry.register(StatsCollector(self._metrics))
 
@@ -122,7 +124,8 @@ class LanguageServer:
 
     def info(self) -> ServerInfo:
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
-                          max_model_len=self.service.half.max_model_len)
+                          max_model_len=self.service.half.max_model_len,
+                          sampling_defaults=self.sampling_defaults)
 
 
 def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:

@@ -42,7 +42,7 @@ from mmdisagg.models.errors import InputError
 from mmdisagg.models.images import load_image
 from mmdisagg.models.kv_cache import KVCache
 from mmdisagg.models.positions import mrope_positions
-from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.prompts import ChatPrompt, ImageRef, parse_messages
 from mmdisagg.models.weights import CheckpointWeights
 
 
@@ -183,19 +183,19 @@ class QwenVLEncoderHalf(EncoderHalf):
     def loaded_weights(self) -> Mapping[str, torch.Tensor]:
         return self._loaded_weights
 
-    def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
-        chat = parse_messages(messages)
+    def prepare(self, messages: Sequence[Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> PreparedPrompt:
+        chat = parse_messages(messages, tools)
         if chat.text_bytes > self.max_text_bytes:  # seconds of tokenizing, spared
             raise InputError(f"the prompt's text is {chat.text_bytes} bytes; this model takes "
                              f"fewer than {self.max_model_len} tokens (prompt and output "
                              f"together), which cannot hold more than {self.max_text_bytes}")
         limit = self.image_settings.max_images_per_request
-        if len(chat.image_urls) > limit:
-            raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")
-        images = [self._prepare_image(number, url)
-                  for number, url in enumerate(chat.image_urls, start=1)]
-        text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        if len(chat.images) > limit:
+            raise InputError(f"{len(chat.images)} images in one request; the limit is {limit}")
+        images = [self._prepare_image(number, image)
+                  for number, image in enumerate(chat.images, start=1)]
+        text = self._render(chat)
         template_ids = self.tokenizer.encode(text, add_special_tokens=False)
         if template_ids.count(self.image_token_id) != len(images):
             raise InputError("message text may not contain the image placeholder token")
@@ -204,22 +204,56 @@ class QwenVLEncoderHalf(EncoderHalf):
         for token_id in template_ids:
             repeat = next(pending).num_tokens if token_id == self.image_token_id else 1
             token_ids.extend([token_id] * repeat)
+        return self._prompt(token_ids, images)
+
+    def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
+        if isinstance(prompt, str):
+            if len(prompt.encode()) > self.max_text_bytes:
+                raise InputError(f"the prompt is {len(prompt.encode())} bytes; this model takes "
+                                 f"fewer than {self.max_model_len} tokens")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = len(self.tokenizer)
+            if any(not 0 <= token < vocab for token in token_ids):
+                raise InputError(f"prompt token ids must be in [0, {vocab})")
+        if not token_ids:
+            raise InputError("the prompt is empty")
+        if self.image_token_id in token_ids:
+            raise InputError("a text prompt may not contain the image placeholder token")
+        return self._prompt(token_ids, [])
+
+    def _render(self, chat: ChatPrompt) -> str:
+        """The chat template's text; tools the template would silently leave out are refused."""
+        text = self.tokenizer.apply_chat_template(chat.messages, tools=chat.tools,
+                                                  tokenize=False, add_generation_prompt=True)
+        if chat.tools and text == self.tokenizer.apply_chat_template(
+                chat.messages, tokenize=False, add_generation_prompt=True):
+            raise InputError("this checkpoint's chat template does not render tools")
+        return text
+
+    def _prompt(self, token_ids: list[int], images: list[PreparedImage]) -> PreparedPrompt:
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
         return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images)
 
-    def _prepare_image(self, number: int, url: str) -> PreparedImage:
+    def _prepare_image(self, number: int, ref: ImageRef) -> PreparedImage:
+        smallest = self.image_processor.size.shortest_edge  # the processor's minimum pixels
+        budget = ({"size": {"shortest_edge": smallest, "longest_edge": smallest}}
+                  if ref.detail == "low" else {})
         try:
-            loaded = load_image(url, self.image_settings)
-            features = self.image_processor(images=[loaded.image], return_tensors="pt")
+            loaded = load_image(ref.url, self.image_settings)
+            features = self.image_processor(images=[loaded.image], return_tensors="pt", **budget)
         except InputError as exc:
             raise InputError(f"image {number}: {exc.message}", exc.status) from None
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
             raise InputError(f"image {number}: {exc}") from None
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
+        # NOTE: the same bytes at another pixel budget are other features: another cache key.
+        key = loaded.content_hash + (":low" if budget else "")
         return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
-                             content_hash=loaded.content_hash,
+                             content_hash=key,
                              num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2)
 
     @torch.no_grad()

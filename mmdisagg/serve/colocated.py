@@ -10,12 +10,11 @@ from __future__ import annotations
 import secrets
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
 from mmdisagg.config import LanguageServerSettings, ServeSettings
-from mmdisagg.core import SamplingParams
+from mmdisagg.core import PromptInput, SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
@@ -24,6 +23,7 @@ from mmdisagg.language.server import GenerationService
 from mmdisagg.messages import ErrorEvent, TokenEvent
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.generation_config import sampling_defaults
 
 
 class LocalEncodeSource:
@@ -80,9 +80,10 @@ class ColocatedBackend:
                                    settings.encoding.max_encode_batch,
                                    settings.encoding.max_encode_patches)
         self.service = GenerationService(language, source, LanguageServerSettings(
-            engine=settings.engine, model=model))
+            engine=settings.engine, model=model, generation=settings.generation))
         self.model = model.name
         self.max_model_len = language.max_model_len
+        self.sampling_defaults = sampling_defaults(model_path, settings.generation)
         self.healthy = True
 
     @property
@@ -98,10 +99,10 @@ class ColocatedBackend:
     async def close(self) -> None:
         self.service.close()
 
-    async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+    async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
         try:
-            prepared = await run_in_threadpool(self.encoder.prepare, messages)
+            prepared = await run_in_threadpool(self.encoder.prepare_input, prompt)
         except InputError as exc:
             raise ApiError(exc.status, exc.message) from None
         events = self.service.events(lambda emit: GenerationRequest(
