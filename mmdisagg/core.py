@@ -32,6 +32,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """Output constrained to compact JSON that matches ``json_schema`` (JSON text), written
+    between the literal texts ``begin`` and ``end`` (a tool call's tags), then a stop token."""
+
+    json_schema: str
+    begin: str = ""
+    end: str = ""
+
+
+@dataclass(frozen=True)
 class PromptInput:
     """What a request asks to have encoded: chat ``messages`` (and ``tools``) rendered by the
     chat template, or, when ``text`` is set, a raw completion prompt (a string or token ids)

@@ -10,6 +10,7 @@ extension) adds the generated token ids to each choice. docs/api.md lists every 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from importlib.metadata import version
@@ -17,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mmdisagg.core import PromptInput, SamplingParams
+from mmdisagg.core import GrammarSpec, PromptInput, SamplingParams
 from mmdisagg.httpapp import ApiError
 from mmdisagg.messages import TokenEvent
-from mmdisagg.router.tools import ToolCallParser, split_tool_calls
+from mmdisagg.router.tools import CLOSE, OPEN, ToolCallParser, split_tool_calls
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -184,6 +185,38 @@ class ChatCompletionRequest(SamplingRequest):
 
     def prompt(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools)
+
+    def grammar(self) -> GrammarSpec | None:
+        """The structure the output must have: a JSON object, JSON matching the request's
+        schema, or (tool_choice required or named) one well-formed tool call."""
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+        wants_json = self.response_format is not None and self.response_format.type != "text"
+        if forced and wants_json:
+            raise ApiError(400, "give a JSON response_format or a required tool call, not both",
+                           "response_format")
+        if forced:
+            named = (self.tool_choice["function"]["name"]
+                     if isinstance(self.tool_choice, dict) else None)
+            calls = [tool_call_schema(tool["function"]) for tool in self.tools or ()
+                     if named in (None, tool["function"]["name"])]
+            schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+            return GrammarSpec(json.dumps(schema), begin=OPEN + "\n", end="\n" + CLOSE)
+        if not wants_json:
+            return None
+        if self.response_format.type == "json_object":
+            return GrammarSpec(json.dumps({"type": "object"}))
+        schema = (self.response_format.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema: a JSON schema object is "
+                                "required", "response_format")
+        return GrammarSpec(json.dumps(schema))
+
+
+def tool_call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of one call of ``function`` as Qwen writes it between the tool-call tags."""
+    return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+            "properties": {"name": {"const": function["name"]},
+                           "arguments": function.get("parameters") or {"type": "object"}}}
 
 
 class CompletionRequest(SamplingRequest):
