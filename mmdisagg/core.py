@@ -14,8 +14,20 @@ import torch
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """Output constrained to compact JSON that matches ``json_schema`` (JSON text), written
+    between the literal texts ``begin`` and ``end`` (a tool call's tags), then a stop token."""
+
+    json_schema: str
+    begin: str = ""
+    end: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
+    """How to pick tokens. ``temperature == 0`` means greedy. The OpenAI fields keep their
+    OpenAI meaning; ``logprobs`` is how many alternatives to report per token (None: no
+    logprobs); ``n`` choices share one prompt, choice i seeded with ``seed + i``."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -25,20 +37,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    n: int = 1
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """Output constrained to compact JSON that matches ``json_schema`` (JSON text), written
-    between the literal texts ``begin`` and ``end`` (a tool call's tags), then a stop token."""
-
-    json_schema: str
-    begin: str = ""
-    end: str = ""
 
 
 @dataclass(frozen=True)

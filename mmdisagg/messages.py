@@ -39,14 +39,25 @@ class AbortRequest(msgspec.Struct, frozen=True):
     room: int
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's text and log-probability, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = []
+
+
 class TokenEvent(msgspec.Struct, frozen=True, tag="token", tag_field="event"):
-    """New text of one request (``text`` may be empty while a stop string is possible)."""
+    """New text of choice ``index`` of one request (``text`` may be empty while a stop string
+    is possible); ``logprobs``, when asked for, one per token id."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 TRANSFER_FAILED = "transfer_failed"

@@ -48,7 +48,6 @@ from mmdisagg.router.openai import (
     model_card,
     model_list,
 )
-from mmdisagg.router.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
             return StreamingResponse(
                 _sse(reply, first, events, parsed.include_usage, finished, outcomes),
                 media_type="text/event-stream")
-        collected = asyncio.create_task(_collect(first, events))
+        collected = asyncio.create_task(_collect(first, events, params.n))
         if not await unless_gone(request, collected):
             outcomes["aborted"] += 1
             return Response(status_code=499)
@@ -231,10 +230,9 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         check_bearer(request, api_key, "API key")
         chat = parse_request(await read_body(request, max_request_bytes), ChatCompletionRequest)
         model = check_model(chat.model)
-        tools = (ToolCallParser(chat.parallel_tool_calls) if chat.parses_tool_calls
-                 else None)
+        parsing = chat.parallel_tool_calls if chat.parses_tool_calls else None
         return await complete(request, chat, chat.prompt(),
-                              ChatReply(model, chat.return_token_ids, tools))
+                              ChatReply(model, chat.return_token_ids, chat.n, parsing))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -242,7 +240,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         text = parse_request(await read_body(request, max_request_bytes), CompletionRequest)
         model = check_model(text.model)
         return await complete(request, text, text.prompt_input(),
-                              TextReply(model, text.return_token_ids))
+                              TextReply(model, text.return_token_ids, text.n))
 
     return app
 
@@ -258,11 +256,14 @@ async def unless_gone(request: Request, work: asyncio.Future) -> bool:
     return True
 
 
-async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent], n: int
+                   ) -> list[TokenEvent]:
+    """Every event of a request, until each of its ``n`` choices has finished."""
     collected = [first]
-    while first.finish_reason is None:
-        first = await anext(events)
-        collected.append(first)
+    finished = int(first.finish_reason is not None)
+    while finished < n:
+        collected.append(await anext(events))
+        finished += collected[-1].finish_reason is not None
     return collected
 
 
@@ -273,15 +274,17 @@ async def _sse(reply: ChatReply | TextReply, first: TokenEvent,
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
     event = first
+    finals: list[TokenEvent] = []
     try:
-        opening = reply.first_chunk()
-        if opening is not None:
-            yield line(opening)
+        for chunk in reply.first_chunks():
+            yield line(chunk)
         while True:
             for chunk in reply.chunks(event):
                 yield line(chunk)
             if event.finish_reason is not None:
-                break
+                finals.append(event)
+                if len(finals) == reply.n:
+                    break
             event = await anext(events)
     except ApiError as exc:
         outcomes["failed"] += 1
@@ -293,7 +296,7 @@ async def _sse(reply: ChatReply | TextReply, first: TokenEvent,
         raise
     finished(event)
     if include_usage:
-        yield line(reply.usage_chunk(event))
+        yield line(reply.usage_chunk(finals))
     yield b"data: [DONE]\n\n"
 
 

@@ -191,6 +191,7 @@ class Dispatcher:
         events = self._generate(language, room, bootstrap, params, request_id)
         next_event = asyncio.ensure_future(anext(events))
         finished = False
+        choices_left = params.n
         try:
             await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
             if encoding.done() and not next_event.done():
@@ -208,7 +209,8 @@ class Dispatcher:
                                             f"says: {event.message}")
                     raise ApiError(event.status, event.message)
                 yield event
-                if event.finish_reason is not None:
+                choices_left -= event.finish_reason is not None
+                if not choices_left:
                     finished = True
                     return
                 next_event = asyncio.ensure_future(anext(events))

@@ -30,9 +30,12 @@ SYSTEM_FINGERPRINT = f"fp_mmdisagg_{version('mmdisagg')}"
 # Sampling fields with their neutral value: what a request that does not use them means.
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
            "repetition_penalty": 1.0}
-# Fields the sampler cannot honour yet, with the value that changes nothing.
+# SamplingParams fields the language servers cannot honour yet, with their neutral value,
+# and the request field that sets each.
 NOT_YET = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-           "frequency_penalty": 0.0, "min_tokens": 0, "n": 1}
+           "frequency_penalty": 0.0, "min_tokens": 0, "logit_bias": (), "logprobs": None,
+           "n": 1, "grammar": None}
+MAX_LOGIT_BIAS = 100.0
 
 
 class StreamOptions(BaseModel):
@@ -95,29 +98,10 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def unsupported(self) -> list[tuple[str, Any]]:
-        """(field, value) the request sets that mmdisagg cannot honour yet."""
-        found = [(name, getattr(self, name)) for name, neutral in NOT_YET.items()
-                 if name in type(self).model_fields and getattr(self, name) is not None
-                 and getattr(self, name) != neutral]
-        if self.logit_bias:
-            found.append(("logit_bias", self.logit_bias))
-        return found
-
     def sampling_params(self, defaults: dict[str, float], default_max_tokens: int
                         ) -> SamplingParams:
         """The request's sampling, with the checkpoint's ``defaults`` for what it left out;
-        ApiError for what the sampler cannot honour."""
-        unsupported = self.unsupported()
-        for name in ("min_p", "repetition_penalty"):
-            value = defaults.get(name)
-            if getattr(self, name) is None and value is not None and value != NEUTRAL[name]:
-                unsupported.append((name, f"{value} (the served checkpoint's default)"))
-        if unsupported:
-            name, value = unsupported[0]
-            raise ApiError(400, f"{name}: {value} is not supported yet; leave it out or send "
-                                f"{name}={NOT_YET.get(name, 'null')!r} (a checkpoint default "
-                                f"can be replaced with --override-generation-config)", name)
+        ApiError for what the language servers cannot honour."""
 
         def pick(name: str) -> Any:
             given = getattr(self, name)
@@ -126,10 +110,52 @@ class SamplingRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         max_tokens = (self.asked_max_tokens[1] or int(defaults.get("max_new_tokens", 0))
                       or default_max_tokens)
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"),
             top_k=max(int(pick("top_k")), 0), seed=self.seed, stop=tuple(stops),
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            min_tokens=self.min_tokens, logit_bias=self.parsed_logit_bias(),
+            logprobs=self.asked_logprobs, n=self.n, grammar=self.grammar())
+        self.refuse_unsupported(params)
+        return params
+
+    def refuse_unsupported(self, params: SamplingParams) -> None:
+        for name, neutral in NOT_YET.items():
+            value = getattr(params, name)
+            if value == neutral:
+                continue
+            field = self.field_of(name)
+            if getattr(self, field, None) is None and name in NEUTRAL:
+                told = f"{value} (the served checkpoint's default)"
+                hint = "send the neutral value or replace the default with " \
+                       "--override-generation-config"
+            else:
+                told = repr(getattr(self, field))
+                hint = "leave it out"
+            raise ApiError(400, f"{field}: {told} is not supported yet; {hint}", field)
+
+    def field_of(self, name: str) -> str:
+        """The request field that sets SamplingParams field ``name``."""
+        return name
+
+    def parsed_logit_bias(self) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ApiError(400, f"logit_bias: keys must be token ids and biases in "
+                                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (got "
+                                    f"{key!r}: {bias})", "logit_bias")
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
+
+    @property
+    def asked_logprobs(self) -> int | None:
+        return None
+
+    def grammar(self) -> GrammarSpec | None:
+        return None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -170,18 +196,21 @@ class ChatCompletionRequest(SamplingRequest):
         return "max_tokens", self.max_tokens
 
     @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+
+    @property
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
-    def unsupported(self) -> list[tuple[str, Any]]:
-        found = super().unsupported()
-        if self.logprobs:
-            found.append(("logprobs", True))
-        if self.response_format is not None and self.response_format.type != "text":
-            found.append(("response_format", self.response_format.type))
-        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
-            found.append(("tool_choice", self.tool_choice))
-        return found
+    @property
+    def asked_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def field_of(self, name: str) -> str:
+        if name == "grammar":
+            return "tool_choice" if self.forces_tool_call else "response_format"
+        return name
 
     def prompt(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools)
@@ -189,7 +218,7 @@ class ChatCompletionRequest(SamplingRequest):
     def grammar(self) -> GrammarSpec | None:
         """The structure the output must have: a JSON object, JSON matching the request's
         schema, or (tool_choice required or named) one well-formed tool call."""
-        forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+        forced = self.forces_tool_call
         wants_json = self.response_format is not None and self.response_format.type != "text"
         if forced and wants_json:
             raise ApiError(400, "give a JSON response_format or a required tool call, not both",
@@ -238,40 +267,58 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("the prompt is empty")
         return value
 
-    def unsupported(self) -> list[tuple[str, Any]]:
-        found = super().unsupported()
-        if self.logprobs is not None:
-            found.append(("logprobs", self.logprobs))
-        return found
+    @property
+    def asked_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self) -> PromptInput:
         return PromptInput(text=self.prompt)
 
 
-def usage(event: TokenEvent) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+def usage(finals: list[TokenEvent]) -> dict[str, int]:
+    """Of a request whose choices ended with ``finals``: the prompt counts once."""
+    prompt = finals[0].prompt_tokens
+    completion = sum(event.completion_tokens for event in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def by_choice(events: list[TokenEvent]) -> list[list[TokenEvent]]:
+    choices: dict[int, list[TokenEvent]] = {}
+    for event in events:
+        choices.setdefault(event.index, []).append(event)
+    return [choices[index] for index in sorted(choices)]
 
 
 class Reply:
-    """Builds the reply to one request, whole or as stream chunks."""
+    """Builds the reply to one request of ``n`` choices, whole or as stream chunks."""
 
     object_whole = "chat.completion"
     object_chunk = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, model: str, return_token_ids: bool) -> None:
+    def __init__(self, model: str, return_token_ids: bool, n: int = 1) -> None:
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.return_token_ids = return_token_ids
+        self.n = n
 
     def envelope(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": SYSTEM_FINGERPRINT}
 
-    def usage_chunk(self, last: TokenEvent) -> dict[str, Any]:
-        return {**self.envelope(self.object_chunk), "choices": [], "usage": usage(last)}
+    def whole(self, events: list[TokenEvent]) -> dict[str, Any]:
+        choices = by_choice(events)
+        return {**self.envelope(self.object_whole),
+                "choices": [self._whole_choice(choice) for choice in choices],
+                "usage": usage([choice[-1] for choice in choices])}
+
+    def usage_chunk(self, finals: list[TokenEvent]) -> dict[str, Any]:
+        return {**self.envelope(self.object_chunk), "choices": [], "usage": usage(finals)}
+
+    def _whole_choice(self, events: list[TokenEvent]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _token_ids(self, choice: dict[str, Any], events: list[TokenEvent]) -> dict[str, Any]:
         if self.return_token_ids:
@@ -279,51 +326,89 @@ class Reply:
         return choice
 
 
-class ChatReply(Reply):
-    def __init__(self, model: str, return_token_ids: bool, tools: ToolCallParser | None) -> None:
-        super().__init__(model, return_token_ids)
-        self.tools = tools
+def chat_logprobs(events: list[TokenEvent]) -> dict[str, Any] | None:
+    """OpenAI chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if all(event.logprobs is None for event in events):
+        return None
 
-    def whole(self, events: list[TokenEvent]) -> dict[str, Any]:
-        last = events[-1]
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [
+        {**entry(item.token, item.logprob),
+         "top_logprobs": [entry(token, logprob) for token, logprob in item.top]}
+        for event in events for item in event.logprobs or ()]}
+
+
+def text_logprobs(events: list[TokenEvent], offset: int = 0) -> dict[str, Any] | None:
+    """Legacy completions ``logprobs``: parallel lists, offsets into the generated text."""
+    if all(event.logprobs is None for event in events):
+        return None
+    items = [item for event in events for item in event.logprobs or ()]
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return {"tokens": [item.token for item in items],
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [dict(item.top) for item in items], "text_offset": offsets}
+
+
+class ChatReply(Reply):
+    """With ``tool_parsing`` (True: parallel calls allowed), Qwen's tool-call blocks become
+    ``tool_calls``, per choice."""
+
+    def __init__(self, model: str, return_token_ids: bool, n: int = 1,
+                 tool_parsing: bool | None = None) -> None:
+        super().__init__(model, return_token_ids, n)
+        self.tool_parsing = tool_parsing
+        self.parsers = ([ToolCallParser(tool_parsing) for _ in range(n)]
+                        if tool_parsing is not None else None)
+
+    def _whole_choice(self, events: list[TokenEvent]) -> dict[str, Any]:
         text = "".join(e.text for e in events)
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = last.finish_reason
-        if self.tools is not None:
-            message["content"], calls = split_tool_calls(text, self.tools.parallel)
+        finish = events[-1].finish_reason
+        if self.tool_parsing is not None:
+            message["content"], calls = split_tool_calls(text, self.tool_parsing)
             if calls:
                 message["tool_calls"] = calls
                 finish = "tool_calls" if finish == "stop" else finish
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish, "message": message}
-        return {**self.envelope(self.object_whole),
-                "choices": [self._token_ids(choice, events)], "usage": usage(last)}
+        choice = {"index": events[0].index, "logprobs": chat_logprobs(events),
+                  "finish_reason": finish, "message": message}
+        return self._token_ids(choice, events)
 
-    def first_chunk(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk(index, {"role": "assistant", "content": ""})
+                for index in range(self.n)]
 
     def chunks(self, event: TokenEvent) -> list[dict[str, Any]]:
         """The chunks of one event: its text (or tool calls), then its finish reason."""
-        if self.tools is None:
+        parser = self.parsers[event.index] if self.parsers is not None else None
+        if parser is None:
             deltas = [{"content": event.text}] if event.text else []
         else:
-            deltas = self.tools.feed(event.text)
+            deltas = parser.feed(event.text)
             if event.finish_reason is not None:
-                deltas += self.tools.flush()
+                deltas += parser.flush()
         finish = event.finish_reason
-        if finish == "stop" and self.tools is not None and self.tools.calls:
+        if finish == "stop" and parser is not None and parser.calls:
             finish = "tool_calls"
-        if not deltas and (finish is not None or self.return_token_ids):
+        if not deltas and (finish is not None or self.return_token_ids
+                           or event.logprobs is not None):
             deltas = [{}]
-        chunks = [self._chunk(delta, None) for delta in deltas]
+        chunks = [self._chunk(event.index, delta) for delta in deltas]
         if chunks:
-            chunks[-1]["choices"][0]["finish_reason"] = finish
+            last = chunks[-1]["choices"][0]
+            last["finish_reason"] = finish
+            last["logprobs"] = chat_logprobs([event])
             if self.return_token_ids:
-                chunks[-1]["choices"][0]["token_ids"] = event.token_ids
+                last["token_ids"] = event.token_ids
         return chunks
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def _chunk(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
         return {**self.envelope(self.object_chunk), "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
 
 class TextReply(Reply):
@@ -332,21 +417,27 @@ class TextReply(Reply):
     object_whole = object_chunk = "text_completion"
     id_prefix = "cmpl-"
 
-    def whole(self, events: list[TokenEvent]) -> dict[str, Any]:
-        last = events[-1]
-        choice = {"index": 0, "text": "".join(e.text for e in events), "logprobs": None,
-                  "finish_reason": last.finish_reason}
-        return {**self.envelope(self.object_whole),
-                "choices": [self._token_ids(choice, events)], "usage": usage(last)}
+    def __init__(self, model: str, return_token_ids: bool, n: int = 1) -> None:
+        super().__init__(model, return_token_ids, n)
+        self.offsets = [0] * n
 
-    def first_chunk(self) -> None:
-        return None
+    def _whole_choice(self, events: list[TokenEvent]) -> dict[str, Any]:
+        choice = {"index": events[0].index, "text": "".join(e.text for e in events),
+                  "logprobs": text_logprobs(events),
+                  "finish_reason": events[-1].finish_reason}
+        return self._token_ids(choice, events)
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return []
 
     def chunks(self, event: TokenEvent) -> list[dict[str, Any]]:
-        if not (event.text or event.finish_reason or self.return_token_ids):
+        if not (event.text or event.finish_reason or self.return_token_ids
+                or event.logprobs is not None):
             return []
-        choice = {"index": 0, "text": event.text, "logprobs": None,
+        choice = {"index": event.index, "text": event.text,
+                  "logprobs": text_logprobs([event], self.offsets[event.index]),
                   "finish_reason": event.finish_reason}
+        self.offsets[event.index] += sum(len(item.token) for item in event.logprobs or ())
         return [{**self.envelope(self.object_chunk),
                  "choices": [self._token_ids(choice, [event])]}]
 
