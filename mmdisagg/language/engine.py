@@ -24,6 +24,7 @@ from mmdisagg.language.runner import ModelRunner
 from mmdisagg.language.sampler import check_params, request_seed
 from mmdisagg.models.base import LanguageHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.grammar import new_matcher
 from mmdisagg.models.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class StepOutput:
     text: str
     finish_reason: str | None
     error: str | None = None
+    logprob: tuple[float, list[tuple[int, float]]] | None = None  # if the request asked
 
     @property
     def request_id(self) -> str:
@@ -72,7 +74,7 @@ class Engine:
     def add(self, req: Req) -> None:
         """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
         can never run."""
-        check_params(req.params)
+        check_params(req.params, self.half.vocab_size)
         length = req.prompt_tokens
         if length < 1:
             raise InputError("the prompt is empty")
@@ -83,7 +85,9 @@ class Engine:
             raise InputError(f"the prompt is {length} tokens; this language server's KV cache "
                              f"holds {self.blocks.num_tokens} tokens in all (prompt and output "
                              "together)")
-        req.seed = request_seed(req.params)
+        req.seed = request_seed(req.params, req.index)
+        if req.grammar is not None and req.matcher is None:
+            req.matcher = new_matcher(req.grammar)
         req.detokenizer = Detokenizer(self.half.tokenizer, req.params.stop)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
@@ -105,14 +109,14 @@ class Engine:
         prefill = self._schedule_prefill(failed)
         if not decode and not prefill:
             return failed
-        tokens = self.runner.run(decode, prefill)
+        sampled_tokens = self.runner.run(decode, prefill)
         for req in decode:
             req.num_computed += 1
         for req, count in prefill:
             req.num_computed += count
         sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
-        return failed + [self._emit(req, token)
-                         for req, token in zip(sampled, tokens, strict=True)]
+        return failed + [self._emit(req, token, logprob) for req, token, logprob in zip(
+            sampled, sampled_tokens.tokens, sampled_tokens.logprobs, strict=True)]
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -181,14 +185,15 @@ class Engine:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _emit(self, req: Req, token: int) -> StepOutput:
+    def _emit(self, req: Req, token: int,
+              logprob: tuple[float, list[tuple[int, float]]] | None) -> StepOutput:
         req.output_ids.append(token)
         text, finish_reason = self._text_and_finish(req, token)
         if finish_reason is not None:
             self.running.remove(req)
             self._release(req)
             req.finish_reason = finish_reason
-        return StepOutput(req, token, text, finish_reason)
+        return StepOutput(req, token, text, finish_reason, logprob=logprob)
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)
@@ -207,6 +212,8 @@ class Engine:
         detokenizer = req.detokenizer
         if token in params.stop_token_ids or (token in self.half.eos_token_ids
                                               and not params.ignore_eos):
+            return detokenizer.flush(), "stop"
+        if req.matcher is not None and req.matcher.is_terminated():  # the grammar is complete
             return detokenizer.flush(), "stop"
         text = detokenizer.push(token)
         if detokenizer.stopped:

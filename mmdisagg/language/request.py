@@ -7,7 +7,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -64,10 +64,28 @@ class Req:
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
+    index: int = 0  # which of the request's ``params.n`` choices this is
+    choices: list[Req] = field(default_factory=list)  # n > 1: every choice, this one too
+    grammar: Any = None  # structured output: the compiled grammar (xgrammar)
+    matcher: Any = None  # ... and this choice's place in it
+    _prompt_ids: list[int] | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return self.prompt.total_tokens if self.prompt is not None else 0
+
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids (image placeholders included), read once."""
+        if self._prompt_ids is None:
+            self._prompt_ids = self.prompt.token_ids.tolist() if self.prompt is not None else []
+        return self._prompt_ids
+
+    def fork(self, index: int) -> Req:
+        """Choice ``index`` of this request: the same prompt, room and emitter; its own
+        output, seed and grammar state."""
+        return Req(f"{self.request_id}/{index}", self.params, self.prompt, self.emit,
+                   self.room, self.encoder, grammar=self.grammar, index=index,
+                   arrived=self.arrived)
 
     @property
     def num_tokens(self) -> int:

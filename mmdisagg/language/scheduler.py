@@ -17,9 +17,10 @@ from typing import Protocol
 
 from mmdisagg.config import LanguageServerSettings
 from mmdisagg.core import EncodedPrompt, LoopThread
+from mmdisagg.language.detokenizer import TokenTexts
 from mmdisagg.language.engine import Engine, StepOutput
 from mmdisagg.language.request import Req, ReqStatus
-from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
+from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent, TokenLogprob
 from mmdisagg.models.errors import InputError
 from mmdisagg.transfer.protocol import Poll
 from mmdisagg.transfer.receiver import ReceiverManager
@@ -115,6 +116,7 @@ class LanguageScheduler(LoopThread):
         self._requests: dict[int, Req] = {}
         self._inbox: deque[Req] = deque()
         self._aborts: deque[int] = deque()
+        self._token_texts = TokenTexts(engine.half.tokenizer)
 
     @property
     def load(self) -> int:
@@ -151,7 +153,8 @@ class LanguageScheduler(LoopThread):
 
     def drain(self) -> None:
         for request in list(self._requests.values()):
-            self.engine.abort(request)
+            for choice in request.choices or [request]:
+                self.engine.abort(choice)
             self._finish(request, ErrorEvent("language server shutting down", 503))
 
     def _receive(self) -> None:
@@ -171,7 +174,8 @@ class LanguageScheduler(LoopThread):
             if request is None:
                 continue
             if not self.source.abort(request):
-                self.engine.abort(request)
+                for choice in request.choices or [request]:
+                    self.engine.abort(choice)
             request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
 
@@ -184,9 +188,18 @@ class LanguageScheduler(LoopThread):
                 self._finish(request, prompt)
                 continue
             request.prompt = prompt
+            # NOTE: n choices: the prompt was encoded and sent once; each choice prefills it
+            # (KV blocks have no reference counts to share yet).
+            choices = [request, *(request.fork(i) for i in range(1, request.params.n))]
+            if len(choices) > 1:
+                for choice in choices:
+                    choice.choices = choices
             try:
-                self.engine.add(request)
+                for choice in choices:
+                    self.engine.add(choice)
             except InputError as exc:
+                for choice in choices:
+                    self.engine.abort(choice)
                 self._finish(request, ErrorEvent(exc.message, exc.status))
 
     def _forward(self) -> list[StepOutput]:
@@ -206,6 +219,8 @@ class LanguageScheduler(LoopThread):
         for output in outputs:
             request = output.req
             if output.error is not None:
+                for choice in request.choices:
+                    self.engine.abort(choice)
                 self._finish(request, ErrorEvent(output.error, 503))
                 continue
             if request.last_token_at is None:
@@ -214,11 +229,21 @@ class LanguageScheduler(LoopThread):
                 self.on_next_token(now - request.last_token_at)
             request.last_token_at = now
             event = TokenEvent(output.text, [output.token_id], output.finish_reason,
-                               request.prompt_tokens, len(request.output_ids))
-            if output.finish_reason is None:
+                               request.prompt_tokens, len(request.output_ids), request.index,
+                               self._logprobs(output))
+            if output.finish_reason is None or any(
+                    choice.finish_reason is None for choice in request.choices):
                 request.emit(event)
             else:
                 self._finish(request, event)
+
+    def _logprobs(self, output: StepOutput) -> list[TokenLogprob] | None:
+        if output.logprob is None:
+            return None
+        logprob, top = output.logprob
+        text = self._token_texts
+        return [TokenLogprob(text(output.token_id), logprob,
+                             [(text(token), value) for token, value in top])]
 
     def _finish(self, request: Req, event: Event) -> None:
         self._requests.pop(request.room, None)

@@ -10,14 +10,24 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
 
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
-from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
+from mmdisagg.core import SamplingParams
+from mmdisagg.httpapp import (
+    ApiError,
+    StatsCollector,
+    check_bearer,
+    decode_body,
+    role_app,
+    serve,
+)
 from mmdisagg.language.engine import Engine
 from mmdisagg.language.kv_memory import build_kv_cache
 from mmdisagg.language.request import Req
@@ -32,7 +42,9 @@ from mmdisagg.metrics import (
     transfer_metrics,
 )
 from mmdisagg.models.base import LanguageHalf
+from mmdisagg.models.errors import InputError
 from mmdisagg.models.generation_config import sampling_defaults
+from mmdisagg.models.grammar import GrammarCompiler
 from mmdisagg.pool.layout import PoolLayout, dtype_name
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -52,6 +64,7 @@ class GenerationService:
         self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
                              settings.max_running_requests)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
+        self.grammars = GrammarCompiler(half.tokenizer, half.vocab_size, half.eos_token_ids)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
                                  "Arrival to first token, at this server", self.registry)
@@ -70,14 +83,29 @@ class GenerationService:
         request = make(lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         self.scheduler.submit(request)
         finished = False
+        choices_left = request.params.n
         try:
             while not finished:
                 event = await queue.get()
-                finished = isinstance(event, ErrorEvent) or event.finish_reason is not None
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                else:
+                    choices_left -= event.finish_reason is not None
+                    finished = not choices_left
                 yield event
         finally:
             if not finished:
                 self.scheduler.abort(request.room)
+
+    async def compile(self, params: SamplingParams) -> Any:
+        """The compiled grammar of a structured-output request (None without one), compiled
+        off the event loop; ApiError (400) for a schema that cannot be compiled."""
+        if params.grammar is None:
+            return None
+        try:
+            return await run_in_threadpool(self.grammars.compile, params.grammar)
+        except InputError as exc:
+            raise ApiError(exc.status, exc.message) from None
 
     def close(self) -> None:
         self.scheduler.close()
@@ -147,9 +175,10 @@ def build_app(server: LanguageServer) -> FastAPI:
     async def generate(request: Request) -> StreamingResponse:
         check_bearer(request, token)
         body = decode_body(await request.body(), GenerateRequest)
+        grammar = await server.service.compile(body.params)
         events = server.service.events(lambda emit: Req(
             body.request_id or str(body.room), body.params, emit=emit, room=body.room,
-            encoder=body.encoder))
+            encoder=body.encoder, grammar=grammar))
         return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
 
     return app

@@ -177,8 +177,8 @@ class LanguageHalf(ABC):
     """Decoder layers, final norm, LM head and token embedding table: never the vision tower.
 
     Attributes: ``hidden_size``, ``dtype``, ``device``, ``eos_token_ids``, ``max_model_len``,
-    ``tokenizer``. Positions are ``[n, 3]`` (M-RoPE t/h/w). A decoded token sits at ``tokens so
-    far + mrope_delta`` on all three rows.
+    ``tokenizer``, ``vocab_size`` (the logits' width). Positions are ``[n, 3]`` (M-RoPE
+    t/h/w). A decoded token sits at ``tokens so far + mrope_delta`` on all three rows.
     """
 
     hidden_size: int
@@ -187,6 +187,7 @@ class LanguageHalf(ABC):
     eos_token_ids: frozenset[int]
     max_model_len: int
     tokenizer: Any
+    vocab_size: int
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,

@@ -9,6 +9,7 @@ bitmasks of every constrained row in one call and applies them to the logits in 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -33,21 +34,28 @@ class GrammarCompiler:
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._compiled: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()  # NOTE: HTTP handlers compile on a thread pool
         self.vocab_size = vocab_size
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """InputError (a 400 for the client) when the schema cannot be compiled."""
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            compiled = self._compiler.compile_grammar(_grammar(spec))
-            self._compiled[spec] = compiled
-            if len(self._compiled) > CACHED_GRAMMARS:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(spec)
-        return compiled
+        with self._lock:
+            compiled = self._compiled.get(spec)
+            if compiled is None:
+                compiled = self._compiler.compile_grammar(_grammar(spec))
+                self._compiled[spec] = compiled
+                if len(self._compiled) > CACHED_GRAMMARS:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(spec)
+            return compiled
 
     def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(spec))
+        return new_matcher(self.compile(spec))
+
+
+def new_matcher(compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
+    """One request's place in a compiled grammar, at its start."""
+    return xgr.GrammarMatcher(compiled)
 
 
 def _grammar(spec: GrammarSpec) -> xgr.Grammar:

@@ -313,6 +313,7 @@ class QwenVLLanguageHalf(LanguageHalf):
         self.device = checkpoint.device
         self.tokenizer = checkpoint.tokenizer()
         self.eos_token_ids = _eos_token_ids(checkpoint)
+        self.vocab_size = lm_head.out_features
         self.max_model_len = max_model_len
         self.text_model = text_model
         self.lm_head = lm_head

@@ -1,10 +1,9 @@
 """The OpenAI schema: what a chat or text completion request may say, and the replies' shapes.
 
 Unknown fields are refused (a typo must not silently change nothing). Fields a client sends
-for bookkeeping (``store``, ``metadata``, ``user``, ``service_tier``) are accepted and ignored;
-fields that would change results and are not implemented yet are refused with a 400 naming
-them unless they hold their neutral value. Sampling fields a request leaves out take the
-served checkpoint's defaults (its generation_config.json). ``return_token_ids`` (a vLLM-style
+for bookkeeping (``store``, ``metadata``, ``user``, ``service_tier``) are accepted and ignored.
+Sampling fields a request leaves out take the served checkpoint's defaults (its
+generation_config.json). ``return_token_ids`` (a vLLM-style
 extension) adds the generated token ids to each choice. docs/api.md lists every field.
 """
 
@@ -30,11 +29,6 @@ SYSTEM_FINGERPRINT = f"fp_mmdisagg_{version('mmdisagg')}"
 # Sampling fields with their neutral value: what a request that does not use them means.
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
            "repetition_penalty": 1.0}
-# SamplingParams fields the language servers cannot honour yet, with their neutral value,
-# and the request field that sets each.
-NOT_YET = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-           "frequency_penalty": 0.0, "min_tokens": 0, "logit_bias": (), "logprobs": None,
-           "n": 1, "grammar": None}
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -100,8 +94,7 @@ class SamplingRequest(BaseModel):
 
     def sampling_params(self, defaults: dict[str, float], default_max_tokens: int
                         ) -> SamplingParams:
-        """The request's sampling, with the checkpoint's ``defaults`` for what it left out;
-        ApiError for what the language servers cannot honour."""
+        """The request's sampling, with the checkpoint's ``defaults`` for what it left out."""
 
         def pick(name: str) -> Any:
             given = getattr(self, name)
@@ -110,7 +103,7 @@ class SamplingRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         max_tokens = (self.asked_max_tokens[1] or int(defaults.get("max_new_tokens", 0))
                       or default_max_tokens)
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"),
             top_k=max(int(pick("top_k")), 0), seed=self.seed, stop=tuple(stops),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
@@ -118,27 +111,6 @@ class SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             min_tokens=self.min_tokens, logit_bias=self.parsed_logit_bias(),
             logprobs=self.asked_logprobs, n=self.n, grammar=self.grammar())
-        self.refuse_unsupported(params)
-        return params
-
-    def refuse_unsupported(self, params: SamplingParams) -> None:
-        for name, neutral in NOT_YET.items():
-            value = getattr(params, name)
-            if value == neutral:
-                continue
-            field = self.field_of(name)
-            if getattr(self, field, None) is None and name in NEUTRAL:
-                told = f"{value} (the served checkpoint's default)"
-                hint = "send the neutral value or replace the default with " \
-                       "--override-generation-config"
-            else:
-                told = repr(getattr(self, field))
-                hint = "leave it out"
-            raise ApiError(400, f"{field}: {told} is not supported yet; {hint}", field)
-
-    def field_of(self, name: str) -> str:
-        """The request field that sets SamplingParams field ``name``."""
-        return name
 
     def parsed_logit_bias(self) -> tuple[tuple[int, float], ...]:
         pairs = []
@@ -206,11 +178,6 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def asked_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def field_of(self, name: str) -> str:
-        if name == "grammar":
-            return "tool_choice" if self.forces_tool_call else "response_format"
-        return name
 
     def prompt(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools)

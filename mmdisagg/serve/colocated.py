@@ -110,8 +110,10 @@ class ColocatedBackend:
             prepared = await run_in_threadpool(self.encoder.prepare_input, prompt)
         except InputError as exc:
             raise ApiError(exc.status, exc.message) from None
+        grammar = await self.service.compile(params)
         events = self.service.events(lambda emit: Req(
-            request_id, params, emit=emit, room=secrets.randbits(63), prepared=prepared))
+            request_id, params, emit=emit, room=secrets.randbits(63), prepared=prepared,
+            grammar=grammar))
         async for event in events:
             if isinstance(event, ErrorEvent):
                 raise ApiError(event.status, event.message)

@@ -175,7 +175,8 @@ CASES = [
     Case("a stop sequence of 10,000 characters", lambda paths: chat(text_part("hi"),
                                                                     stop=["x" * 10_000]),
          400, "stop sequences must be 1 to 256 characters"),
-    Case("n = 2", lambda paths: chat(text_part("hi"), n=2), 400, "n: 2 is not supported yet"),
+    Case("n = 17", lambda paths: chat(text_part("hi"), n=17), 400,
+         "n: Input should be less than or equal to 16"),
 ]
 
 

@@ -1,7 +1,9 @@
-"""Requests -> sampling parameters: checkpoint defaults fill what a request leaves out; what
-the sampler cannot honour is refused with a 400 naming it, never silently dropped."""
+"""Requests -> sampling parameters: checkpoint defaults fill what a request leaves out; every
+OpenAI sampling field reaches the language servers; structured outputs become grammars."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -32,23 +34,36 @@ def test_without_defaults_the_neutral_values_apply():
         {"model": "m", "prompt": "x"}).sampling_params({}, 1024).max_tokens == 16
 
 
-def test_a_checkpoint_default_the_sampler_cannot_apply_is_refused_not_dropped():
-    defaults = QWEN_INSTRUCT | {"repetition_penalty": 1.05}
-    with pytest.raises(ApiError, match=r"repetition_penalty: 1.05 .*checkpoint's default"):
-        chat().sampling_params(defaults, 1024)
-    assert chat(repetition_penalty=1.0).sampling_params(defaults, 1024).top_k == 1
+def test_every_openai_sampling_field_reaches_the_sampling_params():
+    params = chat(presence_penalty=0.5, frequency_penalty=-1, min_tokens=3, logit_bias={
+        "7": 10, "5": -100}, n=3, seed=4, logprobs=True, top_logprobs=2).sampling_params(
+        QWEN_INSTRUCT | {"repetition_penalty": 1.05, "min_p": 0.1}, 1024)
+    assert (params.presence_penalty, params.frequency_penalty, params.min_tokens, params.n,
+            params.seed, params.logprobs) == (0.5, -1, 3, 3, 4, 2)
+    assert params.logit_bias == ((5, -100.0), (7, 10.0))
+    assert (params.repetition_penalty, params.min_p) == (1.05, 0.1)  # the checkpoint's
+    assert chat(repetition_penalty=1.0, logprobs=True).sampling_params(
+        {"repetition_penalty": 1.05}, 1024).repetition_penalty == 1.0
+    assert chat().sampling_params({}, 1024).logprobs is None
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 0}
+                                            ).sampling_params({}, 1024).logprobs == 0
 
 
-@pytest.mark.parametrize("fields", [
-    {"presence_penalty": 0.5}, {"frequency_penalty": -1}, {"min_tokens": 3}, {"min_p": 0.1},
-    {"logit_bias": {"5": 10}}, {"n": 2}, {"logprobs": True},
-    {"response_format": {"type": "json_object"}},
-])
-def test_fields_that_change_results_are_refused_until_supported(fields):
-    name = next(iter(fields))
-    with pytest.raises(ApiError, match=f"{name}: .* not supported yet") as refused:
-        chat(**fields).sampling_params({}, 1024)
-    assert refused.value.status == 400 and refused.value.param == name
+@pytest.mark.parametrize("bias", [{"x": 1}, {"5": 101}, {"-1": 1}])
+def test_bad_logit_bias_is_a_client_error(bias):
+    with pytest.raises(ApiError, match="logit_bias: keys must be token ids"):
+        chat(logit_bias=bias).sampling_params({}, 1024)
+
+
+def test_structured_outputs_become_grammars():
+    assert json.loads(chat(response_format={"type": "json_object"}).sampling_params(
+        {}, 1024).grammar.json_schema) == {"type": "object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert json.loads(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": schema}}).grammar().json_schema) == schema
+    assert chat(response_format={"type": "text"}).grammar() is None
+    with pytest.raises(ApiError, match=r"json_schema\.schema"):
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "s"}}).grammar()
 
 
 def test_neutral_values_and_text_format_are_accepted():
