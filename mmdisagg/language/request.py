@@ -68,17 +68,18 @@ class Req:
     choices: list[Req] = field(default_factory=list)  # n > 1: every choice, this one too
     grammar: Any = None  # structured output: the compiled grammar (xgrammar)
     matcher: Any = None  # ... and this choice's place in it
-    _prompt_ids: list[int] | None = None
+    _prompt_vocab: list[int] | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return self.prompt.total_tokens if self.prompt is not None else 0
 
-    def prompt_ids(self) -> list[int]:
-        """The prompt's token ids (image placeholders included), read once."""
-        if self._prompt_ids is None:
-            self._prompt_ids = self.prompt.token_ids.tolist() if self.prompt is not None else []
-        return self._prompt_ids
+    def prompt_vocab(self) -> list[int]:
+        """The distinct token ids of the prompt (image placeholders included), found once."""
+        if self._prompt_vocab is None:
+            self._prompt_vocab = (self.prompt.token_ids.unique().tolist()
+                                  if self.prompt is not None else [])
+        return self._prompt_vocab
 
     def fork(self, index: int) -> Req:
         """Choice ``index`` of this request: the same prompt, room and emitter; its own

@@ -115,8 +115,9 @@ class LogitAdjustments:
             Penalties(column([p.repetition_penalty for p in params], torch.float32),
                       column([p.presence_penalty for p in params], torch.float32),
                       column([p.frequency_penalty for p in params], torch.float32),
-                      token_counts(padded_ids([req.prompt_ids() for req in reqs], device),
-                                   vocab) > 0,
+                      token_counts(padded_ids([req.prompt_vocab()
+                                               if req.params.repetition_penalty != 1 else []
+                                               for req in reqs], device), vocab) > 0,
                       token_counts(padded_ids([req.output_ids for req in reqs], device), vocab))
             if penalized else None)
 
