@@ -158,6 +158,12 @@ def role_app(server: RoleServer, token: str) -> FastAPI:
     return app
 
 
+# NOTE: longer than any of our clients keeps an idle connection (httpx: 5 s). With equal
+# limits a client can reuse a connection the server is just closing: a ReadError, which the
+# router took for a dead encode server (503s until the next health check).
+KEEP_ALIVE_S = 30
+
+
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM, then return by exception so the caller's cleanup runs.
 
@@ -166,7 +172,7 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     any ``finally`` unlinks shared memory; this handler turns it into SystemExit instead."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_S)
     uvicorn.Server(config).run()
 
 

@@ -3,8 +3,8 @@
 Unknown fields are refused (a typo must not silently change nothing). Fields a client sends
 for bookkeeping (``store``, ``metadata``, ``user``, ``service_tier``) are accepted and ignored.
 Sampling fields a request leaves out take the served checkpoint's defaults (its
-generation_config.json). ``return_token_ids`` (a vLLM-style
-extension) adds the generated token ids to each choice. docs/api.md lists every field.
+generation_config.json). ``return_token_ids`` (a vLLM-style extension) adds the generated
+token ids to each choice. docs/api.md lists every field.
 """
 
 from __future__ import annotations
