@@ -137,7 +137,8 @@ class SamplingBatch:
 
     ``reqs`` keeps each row's request reachable (``reqs[i].output_ids``: what it generated so
     far) for processors that need generation state. ``sampled_rows`` are the non-greedy rows;
-    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``step`` hold one value per sampled row.
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``step``, ``min_p`` hold one value per
+    sampled row. ``adjustments``, ``matchers`` and the logprob rows concern every row.
     """
 
     reqs: Sequence[Req]
@@ -150,6 +151,7 @@ class SamplingBatch:
     step: torch.Tensor  # [s] long: tokens the row has generated so far
     truncates: bool  # some sampled row has top_k or top_p
     min_p: torch.Tensor  # [s] float32
+    filters_min_p: bool  # some sampled row has min_p
     adjustments: LogitAdjustments | None = None  # every row
     matchers: list[Any] | None = None  # every row's grammar matcher (None: free), if any
     logprob_rows: list[int] | None = None  # rows that report logprobs
@@ -158,7 +160,8 @@ class SamplingBatch:
     @classmethod
     def of(cls, reqs: Sequence[Req], device: torch.device, vocab: int = 0,
            stop_ids: frozenset[int] = frozenset()) -> SamplingBatch:
-        """``vocab`` (the logits' width) and ``stop_ids`` (EOS) matter to the adjustments."""
+        """``vocab`` (the logits' width; needed once a row has penalties) and ``stop_ids``
+        (EOS, kept out by ``min_tokens``) matter to the adjustments."""
         sampled = [row for row, req in enumerate(reqs) if not req.params.greedy]
         chosen = [reqs[row] for row in sampled]
         params = [req.params for req in chosen]
@@ -176,6 +179,7 @@ class SamplingBatch:
             step=column([len(req.output_ids) for req in chosen], torch.long),
             truncates=any(p.top_k > 0 or p.top_p < 1 for p in params),
             min_p=column([p.min_p for p in params], torch.float32),
+            filters_min_p=any(p.min_p > 0 for p in params),
             adjustments=LogitAdjustments.of(reqs, stop_ids, vocab, device),
             matchers=([req.matcher for req in reqs]
                       if any(req.matcher is not None for req in reqs) else None),
@@ -206,7 +210,7 @@ def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
 
 
 def apply_min_p_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    return apply_min_p(logits, batch.min_p) if bool((batch.min_p > 0).any()) else logits
+    return apply_min_p(logits, batch.min_p) if batch.filters_min_p else logits
 
 
 PROCESSORS: tuple[LogitsProcessor, ...] = (apply_temperature, apply_top_k_top_p,

@@ -62,3 +62,10 @@ def test_logprobs_are_of_the_distribution_drawn_from():
     drawn_from = torch.log_softmax(scaled.masked_fill(scaled < kept, float("-inf")), dim=-1)
     assert abs(hot[0] - float(drawn_from[result.tokens[1]])) < 1e-5
     assert [t for t, _ in hot[1]] == drawn_from.topk(2).indices.tolist()
+
+
+def test_min_p_keeps_tokens_at_least_that_share_of_the_most_likely():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(300, -1)
+    reqs = [Req(str(seed), SamplingParams(temperature=1.0, min_p=0.4), seed=seed)
+            for seed in range(300)]
+    assert set(Sampler()(logits, SamplingBatch.of(reqs, logits.device, 4))) == {0, 1}
