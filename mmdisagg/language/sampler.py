@@ -38,6 +38,7 @@ from mmdisagg.models.errors import InputError
 from mmdisagg.models.grammar import GrammarMask
 
 MASK32 = 0xFFFFFFFF
+NEG_INF = float("-inf")
 
 
 MAX_LOGPROBS = 20
@@ -65,6 +66,8 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
         raise InputError("min_tokens must be >= 0")
     if any(not 0 <= token < vocab_size for token, _ in params.logit_bias):
         raise InputError(f"logit_bias: token ids must be in [0, {vocab_size})")
+    if any(not -100 <= bias <= 100 for _, bias in params.logit_bias):
+        raise InputError("logit_bias: biases must be in [-100, 100]")
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
         raise InputError(f"logprobs: at most {MAX_LOGPROBS} alternatives per token")
     if params.n < 1:
@@ -276,8 +279,9 @@ class Sampler:
                                 result.top.tolist())
         for i, row in enumerate(batch.logprob_rows):
             wanted = batch.reqs[row].params.logprobs or 0
-            found[row] = (chosen[i], list(zip(top_ids[i][:wanted], top[i][:wanted],
-                                              strict=True)))
+            # NOTE: tokens a mask made impossible (-inf, not JSON) are no alternatives
+            found[row] = (chosen[i], [(token, value) for token, value in zip(
+                top_ids[i][:wanted], top[i][:wanted], strict=True) if value > NEG_INF])
         return found
 
 

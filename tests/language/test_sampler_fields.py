@@ -69,3 +69,13 @@ def test_min_p_keeps_tokens_at_least_that_share_of_the_most_likely():
     reqs = [Req(str(seed), SamplingParams(temperature=1.0, min_p=0.4), seed=seed)
             for seed in range(300)]
     assert set(Sampler()(logits, SamplingBatch.of(reqs, logits.device, 4))) == {0, 1}
+
+
+def test_impossible_tokens_are_no_alternatives():
+    """A row that allows two tokens reports at most two, never a -inf (not JSON)."""
+    logits = logits_for(1)
+    req = Req("r", SamplingParams(logprobs=5, logit_bias=tuple((t, -float("inf"))
+                                                               for t in range(2, VOCAB))))
+    token_logprob, top = sample([req], logits).logprobs[0]
+    assert len(top) == 2 and all(value > float("-inf") for _, value in top)
+    assert token_logprob > float("-inf")
