@@ -10,7 +10,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from cluster import Cluster, metrics
+from cluster import Cluster, metrics, wait_pools_free
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from tests.models.fixtures import (
@@ -249,3 +249,10 @@ def test_text_completion_logprobs(cluster, tiny):
     assert "".join(logprobs.tokens) == reply.choices[0].text
     assert len(logprobs.top_logprobs) == 5 and all(len(t) <= 3 for t in logprobs.top_logprobs)
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_nothing_is_left_held_after_all_of_the_above(cluster):
+    """n choices, grammars and logprobs leave no embedding-pool or KV block behind."""
+    assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
+    language = cluster.child("language-0").url
+    assert metrics(language)['mmdisagg_kv_blocks{state="used"}'] == 0
