@@ -1,5 +1,5 @@
 """OpenAI-style chat messages (and tools) -> the shape a chat template expects, plus their
-images."""
+images and video URLs."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """Messages for ``apply_chat_template`` (image parts become ``{"type": "image"}``, in
-    order; assistant ``tool_calls`` carry their arguments as objects, as templates expect),
-    the images in the same order, and the tools as templates expect them."""
+    """Messages for ``apply_chat_template`` (image parts become ``{"type": "image"}``, video
+    parts ``{"type": "video"}``; assistant ``tool_calls`` carry their arguments as objects, as
+    templates expect), the images and the video URLs in order, and the tools as templates
+    expect them."""
 
     messages: list[dict[str, Any]]
     images: list[ImageRef]
+    video_urls: list[str]
     tools: list[dict[str, Any]] | None = None
 
     @property
@@ -55,12 +57,13 @@ class ChatPrompt:
 
 def parse_messages(messages: Sequence[Mapping[str, Any]],
                    tools: Sequence[Mapping[str, Any]] | None = None) -> ChatPrompt:
-    """Check the messages' (and tools') shape and pull out their images; InputError names what
-    is wrong."""
+    """Check the messages' (and tools') shape and pull out their images and videos;
+    InputError names what is wrong."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise InputError("'messages' must be a non-empty list")
     parsed: list[dict[str, Any]] = []
     images: list[ImageRef] = []
+    video_urls: list[str] = []
     for number, message in enumerate(messages, start=1):
         where = f"message {number}"
         if not isinstance(message, Mapping):
@@ -75,7 +78,7 @@ def parse_messages(messages: Sequence[Mapping[str, Any]],
         elif isinstance(content, str):
             entry["content"] = content
         elif isinstance(content, Sequence):
-            entry["content"] = [_parse_part(part, f"{where}, part {index}", images)
+            entry["content"] = [_parse_part(part, f"{where}, part {index}", images, video_urls)
                                 for index, part in enumerate(content, start=1)]
         else:
             raise InputError(f"{where}: 'content' must be a string or a list of parts")
@@ -89,7 +92,7 @@ def parse_messages(messages: Sequence[Mapping[str, Any]],
                 raise InputError(f"{where}: a tool message needs a string 'tool_call_id'")
             entry["tool_call_id"] = call_id
         parsed.append(entry)
-    return ChatPrompt(parsed, images, parse_tools(tools) if tools else None)
+    return ChatPrompt(parsed, images, video_urls, parse_tools(tools) if tools else None)
 
 
 def parse_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -131,22 +134,27 @@ def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return parsed
 
 
-def _parse_part(part: Any, where: str, images: list[ImageRef]) -> dict[str, Any]:
+def _parse_part(part: Any, where: str, images: list[ImageRef], video_urls: list[str]
+                ) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, Mapping) else None
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise InputError(f"{where}: a text part needs a string 'text'")
         return {"type": "text", "text": text}
-    if kind == "image_url":
-        image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+    if kind in ("image_url", "video_url"):
+        holder = part.get(kind)
+        url = holder.get("url") if isinstance(holder, Mapping) else holder
         if not isinstance(url, str) or not url:
-            raise InputError(f"{where}: an image_url part needs 'image_url': {{'url': ...}}")
-        detail = (image_url.get("detail") if isinstance(image_url, Mapping) else None) or "auto"
+            raise InputError(f"{where}: a {kind} part needs '{kind}': {{'url': ...}}")
+        if kind == "video_url":
+            video_urls.append(url)
+            return {"type": "video"}
+        detail = (holder.get("detail") if isinstance(holder, Mapping) else None) or "auto"
         if detail not in IMAGE_DETAILS:
             raise InputError(f"{where}: image_url.detail must be one of "
                              f"{', '.join(IMAGE_DETAILS)} (got {detail!r})")
         images.append(ImageRef(url, detail))
         return {"type": "image"}
-    raise InputError(f"{where}: unsupported content part type {kind!r} (use text or image_url)")
+    raise InputError(f"{where}: unsupported content part type {kind!r} "
+                     "(use text, image_url or video_url)")

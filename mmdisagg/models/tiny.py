@@ -2,14 +2,15 @@
 
 Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
 trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
-the family's PIL image processor with small pixel limits, a config, and random weights. The
-same seed writes the same files. ``initializer_range`` is large (0.2) so that greedy output
-stays varied and position bugs change it.
+the family's PIL image processor and a video processor config with small pixel limits, a config,
+and random weights. The same seed writes the same files. ``initializer_range`` is large (0.2) so
+that greedy output stays varied and position bugs change it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import logging as transformers_logging
 
 FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
@@ -39,7 +41,8 @@ CHAT_TEMPLATE = (
     "{% macro render(content) %}{% if content is string %}{{ content }}"
     "{% else %}{% for part in content %}"
     "{% if part.type == 'text' %}{{ part.text }}"
-    "{% elif part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% elif part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}{% endmacro %}"
     "{% if tools %}<|im_start|>system\n"
     "{% if messages[0].role == 'system' %}{{ render(messages[0].content) }}"
@@ -80,6 +83,16 @@ Les enfants jouent au parc. Der Hund läuft schnell. 猫がいます。 Café, n
 BPE_VOCAB_SIZE = 1024
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 64
+# Video frames are smaller still: 16 tokens per temporal patch at most.
+VIDEO_PROCESSOR = {
+    "video_processor_type": "Qwen2VLVideoProcessor",
+    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": 28 * 28 * 16},
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+    "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "do_convert_rgb": True, "resample": 3, "do_sample_frames": True, "fps": 2.0,
+    "min_frames": 4, "max_frames": 768, "cap_pixels_per_frame": False,
+}
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,8 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
             transformers_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    # NOTE: written by hand: transformers' video processor class needs torchvision to exist
+    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2))
     return path
 
 
