@@ -157,7 +157,8 @@ class LanguageServer:
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
                           max_model_len=engine.max_len, kv_block_size=engine.blocks.block_size,
                           kv_blocks=stats.total_blocks, kv_blocks_used=stats.used_blocks,
-                          sampling_defaults=self.sampling_defaults)
+                          sampling_defaults=self.sampling_defaults,
+                          pool_free_blocks=self.pool.allocator.num_free_blocks)
 
 
 def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
@@ -165,6 +166,20 @@ def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         async for event in events:
             yield msgspec.json.encode(event) + b"\n"
     return lines()
+
+
+async def logged(events: AsyncIterator[Event], request: GenerateRequest,
+                 ) -> AsyncIterator[Event]:
+    """``events``, with a log line naming the router's request id when the request ends."""
+    async for event in events:
+        if isinstance(event, ErrorEvent):
+            log.log(logging.INFO if event.status < 500 else logging.WARNING,
+                    "request %s room %d failed: %s", request.request_id, request.room,
+                    event.message)
+        elif event.finish_reason is not None:
+            log.debug("request %s room %d finished (%s): %d tokens", request.request_id,
+                      request.room, event.finish_reason, event.completion_tokens)
+        yield event
 
 
 def build_app(server: LanguageServer) -> FastAPI:
@@ -175,11 +190,14 @@ def build_app(server: LanguageServer) -> FastAPI:
     async def generate(request: Request) -> StreamingResponse:
         check_bearer(request, token)
         body = decode_body(await request.body(), GenerateRequest)
+        log.debug("request %s room %d: from encoder %s", body.request_id, body.room,
+                  body.encoder)
         grammar = await server.service.compile(body.params)
         events = server.service.events(lambda emit: Req(
             body.request_id or str(body.room), body.params, emit=emit, room=body.room,
             encoder=body.encoder, grammar=grammar))
-        return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
+        return StreamingResponse(ndjson(logged(events, body)),
+                                 media_type="application/x-ndjson")
 
     return app
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -52,6 +53,8 @@ from mmdisagg.router.openai import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # safe in a log line and a completion id
 
 
 class Backend(Protocol):
@@ -184,16 +187,36 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
 
     @app.get("/health")
     async def health() -> Response:
+        """503 while a role has no healthy server; "degraded" while one runs below its
+        configured count."""
+        servers = backend.server_health()
         if not backend.healthy:
             return error_response(503, "not every role has a healthy server")
-        return JSONResponse({"status": "ok"})
+        degraded = any(up < total for up, total in servers.values())
+        return JSONResponse({"status": "degraded" if degraded else "ok", "servers": {
+            role: {"healthy": up, "configured": total} for role, (up, total) in servers.items()}})
 
-    async def complete(request: Request, parsed: SamplingRequest, prompt: PromptInput,
-                       reply: ChatReply | TextReply) -> Response:
+    def identified(handler):
+        """The route around ``handler(request, request_id)``: the id is the client's
+        ``X-Request-Id`` (or a new one), sent back on every answer, errors included."""
+
+        async def route(request: Request) -> Response:
+            request_id = client_request_id(request)
+            try:
+                response = await handler(request, request_id)
+            except ApiError as exc:
+                response = error_response(exc.status, exc.message, exc.param, exc.code)
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+
+        return route
+
+    async def complete(request: Request, request_id: str, parsed: SamplingRequest,
+                       prompt: PromptInput, reply: ChatReply | TextReply) -> Response:
         arrived = time.monotonic()
         check_length(parsed, backend.max_model_len)
         params = parsed.sampling_params(backend.sampling_defaults, default_max_tokens)
-        events = backend.generate(prompt, params, uuid.uuid4().hex)
+        events = backend.generate(prompt, params, request_id)
         waiting = asyncio.ensure_future(anext(events))
         if not await unless_gone(request, waiting):
             outcomes["aborted"] += 1
@@ -225,24 +248,32 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         finished(result[-1])
         return JSONResponse(reply.whole(result))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completion(request: Request, request_id: str) -> Response:
         check_bearer(request, api_key, "API key")
         chat = parse_request(await read_body(request, max_request_bytes), ChatCompletionRequest)
         model = check_model(chat.model)
         parsing = chat.parallel_tool_calls if chat.parses_tool_calls else None
-        return await complete(request, chat, chat.prompt(),
-                              ChatReply(model, chat.return_token_ids, chat.n, parsing))
+        return await complete(request, request_id, chat, chat.prompt(),
+                              ChatReply(model, chat.return_token_ids, request_id, chat.n,
+                                        parsing))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def text_completion(request: Request, request_id: str) -> Response:
         check_bearer(request, api_key, "API key")
         text = parse_request(await read_body(request, max_request_bytes), CompletionRequest)
         model = check_model(text.model)
-        return await complete(request, text, text.prompt_input(),
-                              TextReply(model, text.return_token_ids, text.n))
+        return await complete(request, request_id, text, text.prompt_input(),
+                              TextReply(model, text.return_token_ids, request_id, text.n))
+
+    app.post("/v1/chat/completions")(identified(chat_completion))
+    app.post("/v1/completions")(identified(text_completion))
 
     return app
+
+
+def client_request_id(request: Request) -> str:
+    """The client's ``X-Request-Id`` when it is a usable id, else a new random one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 async def unless_gone(request: Request, work: asyncio.Future) -> bool:

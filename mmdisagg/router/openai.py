@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from importlib.metadata import version
 from typing import Any, Literal
 
@@ -264,8 +263,9 @@ class Reply:
     object_chunk = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, model: str, return_token_ids: bool, n: int = 1) -> None:
-        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
+    def __init__(self, model: str, return_token_ids: bool, request_id: str, n: int = 1
+                 ) -> None:
+        self.id = f"{self.id_prefix}{request_id}"
         self.created = int(time.time())
         self.model = model
         self.return_token_ids = return_token_ids
@@ -325,9 +325,9 @@ class ChatReply(Reply):
     """With ``tool_parsing`` (True: parallel calls allowed), Qwen's tool-call blocks become
     ``tool_calls``, per choice."""
 
-    def __init__(self, model: str, return_token_ids: bool, n: int = 1,
+    def __init__(self, model: str, return_token_ids: bool, request_id: str, n: int = 1,
                  tool_parsing: bool | None = None) -> None:
-        super().__init__(model, return_token_ids, n)
+        super().__init__(model, return_token_ids, request_id, n)
         self.tool_parsing = tool_parsing
         self.parsers = ([ToolCallParser(tool_parsing) for _ in range(n)]
                         if tool_parsing is not None else None)
@@ -384,8 +384,9 @@ class TextReply(Reply):
     object_whole = object_chunk = "text_completion"
     id_prefix = "cmpl-"
 
-    def __init__(self, model: str, return_token_ids: bool, n: int = 1) -> None:
-        super().__init__(model, return_token_ids, n)
+    def __init__(self, model: str, return_token_ids: bool, request_id: str, n: int = 1
+                 ) -> None:
+        super().__init__(model, return_token_ids, request_id, n)
         self.offsets = [0] * n
 
     def _whole_choice(self, events: list[TokenEvent]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ INTERLEAVED = [event("A", 0), event("x", 1), event("B", 0, "stop", 2),
 
 
 def test_choices_are_gathered_by_index_and_usage_counts_the_prompt_once():
-    reply = ChatReply("m", return_token_ids=True, n=2).whole(INTERLEAVED)
+    reply = ChatReply("m", True, "r", n=2).whole(INTERLEAVED)
     assert [c["message"]["content"] for c in reply["choices"]] == ["AB", "xyz"]
     assert [c["index"] for c in reply["choices"]] == [0, 1]
     assert [c["finish_reason"] for c in reply["choices"]] == ["stop", "length"]
@@ -28,7 +28,7 @@ def test_choices_are_gathered_by_index_and_usage_counts_the_prompt_once():
 
 
 def test_streamed_choices_carry_their_index():
-    reply = ChatReply("m", return_token_ids=False, n=2)
+    reply = ChatReply("m", False, "r", n=2)
     chunks = reply.first_chunks() + [c for e in INTERLEAVED for c in reply.chunks(e)]
     assert [c["choices"][0]["index"] for c in chunks[:2]] == [0, 1]
     text = {0: "", 1: ""}
@@ -40,12 +40,12 @@ def test_streamed_choices_carry_their_index():
 
 def test_chat_logprobs_format():
     lp = [TokenLogprob("Hi", -0.5, [("Hi", -0.5), ("Yo", -1.25)])]
-    reply = ChatReply("m", False).whole([event("Hi", finish="stop", logprobs=lp)])
+    reply = ChatReply("m", False, "r").whole([event("Hi", finish="stop", logprobs=lp)])
     assert reply["choices"][0]["logprobs"] == {"content": [{
         "token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
             {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
             {"token": "Yo", "logprob": -1.25, "bytes": [89, 111]}]}]}
-    assert ChatReply("m", False).whole([event("Hi", finish="stop")])["choices"][0][
+    assert ChatReply("m", False, "r").whole([event("Hi", finish="stop")])["choices"][0][
         "logprobs"] is None
 
 
@@ -53,17 +53,17 @@ def test_text_logprobs_format_with_offsets_across_chunks():
     first = event("ab", logprobs=[TokenLogprob("a", -1.0, [("a", -1.0)]),
                                   TokenLogprob("b", -2.0, [("c", -0.5)])])
     second = event("cd", finish="stop", logprobs=[TokenLogprob("cd", -3.0, [])])
-    whole = TextReply("m", False).whole([first, second])["choices"][0]["logprobs"]
+    whole = TextReply("m", False, "r").whole([first, second])["choices"][0]["logprobs"]
     assert whole == {"tokens": ["a", "b", "cd"], "token_logprobs": [-1.0, -2.0, -3.0],
                      "top_logprobs": [{"a": -1.0}, {"c": -0.5}, {}], "text_offset": [0, 1, 2]}
-    reply = TextReply("m", False)
+    reply = TextReply("m", False, "r")
     streamed = [reply.chunks(e)[0]["choices"][0]["logprobs"] for e in (first, second)]
     assert streamed[1]["text_offset"] == [2]
 
 
 def test_a_streamed_tool_call_becomes_one_delta_and_finishes_as_tool_calls():
     pieces = ["<tool", '_call>\n{"name": "f", ', '"arguments": {"x": 1}}\n</tool_call>']
-    reply = ChatReply("m", False, tool_parsing=True)
+    reply = ChatReply("m", False, "r", tool_parsing=True)
     events = [event(p) for p in pieces] + [event("", finish="stop")]
     chunks = [c for e in events for c in reply.chunks(e)]
     deltas = [c["choices"][0]["delta"] for c in chunks]
@@ -71,5 +71,5 @@ def test_a_streamed_tool_call_becomes_one_delta_and_finishes_as_tool_calls():
     assert len(calls) == 1 and json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
     assert not any(d.get("content") for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    whole = ChatReply("m", False, tool_parsing=True).whole(events)["choices"][0]
+    whole = ChatReply("m", False, "r", tool_parsing=True).whole(events)["choices"][0]
     assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
