@@ -441,6 +441,10 @@ class EngineSettings:
     gpu_memory_utilization: float = knob(
         0.9, "CUDA: fraction of the device's memory for weights, activations and the KV cache "
              "(sized by a dry run at start); 0 = use --kv-cache-memory", check=fraction)
+    prefix_cache: bool = knob(
+        True, "keep the KV of prompts' whole blocks to reuse for later prompts that start the "
+        "same way (a cached prefix is neither encoded, sent nor prefilled again); "
+        "--no-prefix-cache turns it off")
 
     @property
     def kv_cache_bytes(self) -> int:

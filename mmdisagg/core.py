@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
 import threading
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -77,10 +80,90 @@ class EncodedPrompt:
     token_ids: torch.Tensor
     positions: torch.Tensor
     mrope_delta: int = 0
+    # Set when a language server already holds the prompt's first ``prefix.tokens`` tokens
+    # (prefix cache). The tensors above then start at token ``first_token`` (<= those: the
+    # rows between are never used), not at token 0.
+    prefix: PrefixHit | None = None
+    first_token: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # core.block_hashes of the prompt
 
     @property
     def total_tokens(self) -> int:
+        """Tokens in the tensors (the whole prompt's, when nothing was cached)."""
         return int(self.token_ids.shape[0])
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prefix.tokens if self.prefix is not None else 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the whole prompt, the cached ones included."""
+        return self.first_token + self.total_tokens
+
+    def after(self, prefix: PrefixHit | None) -> EncodedPrompt:
+        """This whole prompt without the ``prefix`` a language server holds."""
+        if prefix is None:
+            return self
+        rows = slice(prefix.tokens, None)
+        return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
+                             self.mrope_delta, prefix, prefix.tokens, self.block_hashes)
+
+
+@dataclass(eq=False)
+class PrefixHit:
+    """The first ``tokens`` tokens of a prompt, found in a language server's prefix cache: the
+    KV ``blocks`` that hold them stay pinned until the request that found them releases them."""
+
+    tokens: int
+    blocks: list[int]
+
+
+class PrefixCache(Protocol):
+    """A language server's prefix cache, as the transfer layer asks it (from any thread)."""
+
+    def match(self, hashes: Sequence[bytes], max_tokens: int) -> PrefixHit | None:
+        """Pin the longest cached prefix of these block hashes, at most ``max_tokens``."""
+
+    def release(self, hit: PrefixHit) -> None:
+        """Unpin what ``match`` pinned, when its request ends without using it."""
+
+
+# Tokens per prompt hash (``block_hashes``): the granularity at which prefixes are found again;
+# a KV block size must be a multiple of it.
+HASH_BLOCK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Tokens ``[start, end)`` of a prompt are one image's placeholders; ``key`` names the
+    image's content (a hash of the pixels the vision tower sees)."""
+
+    start: int
+    end: int
+    key: str
+
+
+def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = ()) -> list[bytes]:
+    """Chain hashes of a prompt's whole ``HASH_BLOCK_TOKENS``-token blocks.
+
+    NOTE: a block's hash covers every token before its end, and an image's placeholder tokens
+    count by the image's ``key``, not their (shared) id: equal hashes mean equal prefixes, so
+    equal KV. Encode and language servers must hash alike; this is the one place that does.
+    """
+    hashes: list[bytes] = []
+    parent = b""
+    size = HASH_BLOCK_TOKENS
+    for start in range(0, len(token_ids) - size + 1, size):
+        end = start + size
+        digest = hashlib.blake2b(parent, digest_size=16)
+        digest.update(array("q", token_ids[start:end]).tobytes())
+        for image in images:
+            if image.start < end and image.end > start:
+                digest.update(f"|{image.key}@{image.start}-{image.end}".encode())
+        parent = digest.digest()
+        hashes.append(parent)
+    return hashes
 
 
 class RecentRooms:

@@ -69,9 +69,16 @@ def kv_metrics(engine: Engine) -> Iterator[Metric]:
                                labels=["state"])
     blocks.add_metric(["free"], stats.free_blocks)
     blocks.add_metric(["used"], stats.used_blocks)
+    blocks.add_metric(["cached"], stats.cached_blocks)  # unreferenced prefix-cache blocks
     yield blocks
     yield GaugeMetricFamily("mmdisagg_kv_blocks_total", "Blocks in the paged KV cache",
                             value=stats.total_blocks)
+    yield CounterMetricFamily("mmdisagg_prefix_cache_queries_tokens",
+                              "Prompt tokens looked up in the prefix cache",
+                              value=engine.prefix_query_tokens)
+    yield CounterMetricFamily("mmdisagg_prefix_cache_hit_tokens",
+                              "Prompt tokens found there: neither sent again nor prefilled",
+                              value=engine.prefix_hit_tokens)
     yield GaugeMetricFamily("mmdisagg_kv_block_size", "Tokens per KV-cache block",
                             value=engine.blocks.block_size)
     yield CounterMetricFamily("mmdisagg_kv_preemptions",
@@ -85,6 +92,7 @@ def transfer_metrics(stats: TransferStats) -> Iterator[Metric]:
         ("chunks", "Chunks moved"), ("windows", "Windows offered"),
         ("resumes", "Windows offered after a request's first"),
         ("spills", "Filled windows copied out to free blocks"),
+        ("cached_tokens", "Prompt tokens not sent: the receiver's prefix cache held them"),
         ("refused", "Control messages or chunks refused"),
         ("peers_lost", "Peers declared dead for missing heartbeats"),
     ):

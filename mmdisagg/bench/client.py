@@ -113,6 +113,7 @@ async def send(client: AsyncOpenAI, endpoint: Endpoint, request: ChatRequest) ->
                 record.prompt_tokens = chunk.usage.prompt_tokens
             if chunk.choices and _carries_output(chunk.choices[0]):
                 record.chunk_times.append(time.perf_counter())
+                record.text += chunk.choices[0].delta.content or ""
                 chunks += 1
         if not chunks:
             record.error, record.error_message = "no_output", "the reply carried no output"

@@ -69,11 +69,16 @@ async def run_load(endpoint: Endpoint, requests: list[ChatRequest], load: Load,
         await asyncio.sleep(load.start_delay_s)
         deadline = time.perf_counter() + load.max_seconds
 
-        async def one(request: ChatRequest) -> RequestRecord:
-            progress.started()
-            record = await send(client, endpoint, request)
-            progress.finished(record.ok)
-            return record
+        async def one(request: ChatRequest | None) -> list[RequestRecord]:
+            """A conversation: its turns one after the other, until one fails."""
+            records = []
+            while request is not None:
+                progress.started()
+                record = await send(client, endpoint, request)
+                progress.finished(record.ok)
+                records.append(record)
+                request = request.follow_up(record.text) if record.ok else None
+            return records
 
         if load.concurrency:
             pending = iter(requests)
@@ -83,7 +88,7 @@ async def run_load(endpoint: Endpoint, requests: list[ChatRequest], load: Load,
                 for request in pending:
                     if time.perf_counter() >= deadline:
                         return
-                    records.append(await one(request))
+                    records.extend(await one(request))
 
             await asyncio.gather(*(worker() for _ in range(load.concurrency)))
             return records
@@ -97,7 +102,7 @@ async def run_load(endpoint: Endpoint, requests: list[ChatRequest], load: Load,
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(request)))
-        return list(await asyncio.gather(*tasks))
+        return [record for records in await asyncio.gather(*tasks) for record in records]
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ class Run:
 async def measure(endpoint: Endpoint, label: str, streams: Sequence[Stream],
                   seed: int = 0) -> Run:
     """Run every stream at once against ``endpoint``, under one progress bar."""
-    progress = Progress(label, sum(len(s.requests) for s in streams))
+    progress = Progress(label, sum(request.turns for s in streams for request in s.requests))
     try:
         results = await asyncio.gather(*(run_load(endpoint, s.requests, s.load, progress, seed)
                                          for s in streams))
@@ -139,7 +144,7 @@ async def measure(endpoint: Endpoint, label: str, streams: Sequence[Stream],
 async def warm_up(endpoint: Endpoint, requests: list[ChatRequest]) -> None:
     """Send ``requests`` one by one and forget them: first requests pay one-time costs
     (lazy imports, allocator growth, connection set-up) that are not the server's speed."""
-    progress = Progress("warm-up", len(requests))
+    progress = Progress("warm-up", sum(request.turns for request in requests))
     try:
         await run_load(endpoint, requests, Load(concurrency=1), progress)
     finally:

@@ -37,6 +37,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     error: str | None = None  # the kind of failure: "http_503", "timeout", ...
     error_message: str = ""
+    text: str = ""  # the answer, for a conversation's next turn
 
     @property
     def ok(self) -> bool:

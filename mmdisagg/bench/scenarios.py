@@ -21,7 +21,10 @@ SYSTEMS = {s.name: s for s in (
            ("--default-blocks", "1", "--window-blocks", "1")),
     System("disagg-1+1-windows-16", "1 + 1, a first window of 16 blocks (2048 tokens)",
            ("--default-blocks", "16")),
+    System("disagg-1+1-no-prefix-cache", "1 + 1 with --no-prefix-cache",
+           ("--no-prefix-cache",)),
 )}
+PREFIX = ("disagg-1+1", "disagg-1+1-no-prefix-cache")
 MAIN = ("disagg-1+1", "disagg-2+1", "colocated", "transformers-serve")
 RATES = (1.0, 2.0, 4.0, 8.0)
 
@@ -73,6 +76,17 @@ def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
                  ((Workload(num_requests=n(10), images=(0, 0), videos=(1, 1), video_frames=16,
                             max_tokens=32, group="video", seed=700), closed[1]),), "video"),
     ]
+    for name, system_words, about in (
+            ("chat", 0, "two-turn chats, one 448x448 image"),
+            ("chat-system", 1500, "two-turn chats, one 448x448 image, a shared "
+                                  "1500-word system prompt")):
+        chats = Workload(num_requests=n(8), images=(1, 1), image_sizes=((448, 448),),
+                         max_tokens=32, seed=700, turns=2, system_prompt_words=system_words)
+        found.append(Scenario(name, f"{about}, one conversation at a time", PREFIX,
+                              ((chats, closed[1]),), "turn 2"))
+    found.append(Scenario("cold", "concurrency 1, one 448x448 image, single turn: what the "
+                          "prefix cache costs when nothing hits", PREFIX,
+                          ((image_requests(20, "cold", 800), closed[1]),), "cold"))
     for step, rate in enumerate(RATES):
         found.append(Scenario(
             f"rate {rate:g}/s", f"open loop, Poisson at {rate:g} requests/s, one 448x448 image",

@@ -57,6 +57,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     group.add_argument("--seed", type=int, default=0,
                        help="run n of a sweep uses seed + n (no image-cache hits across runs)")
+    group.add_argument("--turns", type=int, default=1,
+                       help="requests per conversation: each turn resends the earlier ones, "
+                            "their images and answers (results per turn)")
+    group.add_argument("--system-prompt-words", type=int, default=0,
+                       help="words of a system prompt shared by every conversation")
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +103,8 @@ def workload_from(args: argparse.Namespace) -> Workload:
                         repeat_images=args.repeat_images, videos=parse_range(args.videos),
                         video_frames=args.video_frames, video_size=parse_size(args.video_size),
                         prompt_words=args.prompt_words, max_tokens=args.max_tokens,
-                        seed=args.seed)
+                        seed=args.seed, turns=args.turns,
+                        system_prompt_words=args.system_prompt_words)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

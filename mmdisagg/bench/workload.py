@@ -7,6 +7,10 @@ share of them to reuse an earlier image of the same size. A video is such drawin
 frame, encoded as mp4 with PyAV at 2 frames per second, the rate Qwen's video processors sample
 at, so every frame reaches the model. The prompt asks for text that has no
 natural end, for servers that do not take ``ignore_eos``.
+
+With ``turns`` > 1 each request opens a conversation: turn k + 1 is turn k's messages, the
+answer the server gave, and a new user question (a chat client resending its history, images
+included), so a server with a prefix cache finds turn k's prompt again.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class Workload:
     max_tokens: int = 32
     group: str = "main"  # a label for the requests of this stream in results
     seed: int = 0
+    turns: int = 1  # requests per conversation
+    system_prompt_words: int = 0  # a system message of this many words opens each conversation
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -76,6 +82,8 @@ class Workload:
             raise ValueError("--repeat-images is a share: 0 to 1")
         if self.max_tokens < 1 or self.prompt_words < 0:
             raise ValueError("need max_tokens >= 1 and prompt_words >= 0")
+        if self.turns < 1 or self.system_prompt_words < 0:
+            raise ValueError("need turns >= 1 and system_prompt_words >= 0")
         if self.images[1] > 0 and not self.image_sizes:
             raise ValueError("requests with images need at least one image size")
         if self.videos[1] > 0 and self.video_frames < 2:
@@ -90,6 +98,19 @@ class ChatRequest:
     max_tokens: int
     num_images: int
     num_videos: int = 0
+    turn: int = 1
+    turns: int = 1
+
+    def follow_up(self, answer: str) -> ChatRequest | None:
+        """The conversation's next turn after the server's ``answer``; None after the last."""
+        if self.turn >= self.turns:
+            return None
+        turn = self.turn + 1
+        rng = random.Random(f"{self.index}/{turn}")
+        question = " ".join(rng.choice(WORDS) for _ in range(8))
+        messages = [*self.messages, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": f"And the {question}? {STOP_FREE}"}]
+        return replace(self, group=f"turn {turn}", messages=messages, turn=turn)
 
 
 def draw_picture(width: int, height: int, seed: int) -> Image.Image:
@@ -163,9 +184,19 @@ def build_requests(workload: Workload) -> list[ChatRequest]:
                                                                             "video/mp4")}})
         words = " ".join(rng.choice(WORDS) for _ in range(workload.prompt_words))
         parts.append({"type": "text", "text": f"{words} {STOP_FREE}".strip()})
-        requests.append(ChatRequest(index, workload.group, [{"role": "user", "content": parts}],
-                                    workload.max_tokens, count, videos))
+        messages = [{"role": "user", "content": parts}]
+        if workload.system_prompt_words:
+            messages.insert(0, {"role": "system", "content": system_prompt(workload)})
+        group = workload.group if workload.turns == 1 else "turn 1"
+        requests.append(ChatRequest(index, group, messages, workload.max_tokens, count, videos,
+                                    turns=workload.turns))
     return requests
+
+
+def system_prompt(workload: Workload) -> str:
+    """The same for every conversation of a stream, as a deployment's system prompt is."""
+    rng = random.Random(f"system/{workload.seed}")
+    return " ".join(rng.choice(WORDS) for _ in range(workload.system_prompt_words))
 
 
 def warmup_workload(workload: Workload, count: int) -> Workload:

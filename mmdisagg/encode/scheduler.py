@@ -21,7 +21,7 @@ from typing import TypeVar
 from mmdisagg.core import EncodedPrompt, LoopThread, RecentRooms
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.messages import EncodeResult, ErrorEvent
-from mmdisagg.models.base import EncoderHalf, PreparedPrompt
+from mmdisagg.models.base import EncoderHalf, PreparedImage, PreparedPrompt
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.transfer.protocol import Poll
 from mmdisagg.transfer.sender import EmbeddingSender, SenderManager
@@ -35,14 +35,15 @@ BUSY_WAIT_S = 0.001
 T = TypeVar("T")
 
 
-def take_batches(queue: deque[T], prepared: Callable[[T], PreparedPrompt],
+def take_batches(queue: deque[T], images_of: Callable[[T], list[PreparedImage]],
                  cache: ImageCache | None, max_batch: int,
                  max_patches: int) -> tuple[list[T], list[T]]:
     """What to encode now, taken off ``queue``: every prompt that needs no vision forward (no
-    images, or all of them cached), and one vision forward's worth of the others, bounded in
-    requests and in patches (one request always goes unless ``max_batch`` is 0)."""
+    images it still needs, per ``images_of``, or all of them cached), and one vision forward's
+    worth of the others, bounded in requests and in patches (one request always goes unless
+    ``max_batch`` is 0)."""
     def needs_vision(item: T) -> bool:
-        images = prepared(item).images
+        images = images_of(item)
         return bool(images) and not (cache is not None and all(
             image.content_hash in cache for image in images))
 
@@ -51,7 +52,7 @@ def take_batches(queue: deque[T], prepared: Callable[[T], PreparedPrompt],
         queue.remove(item)
     vision, patches = [], 0
     while queue and len(vision) < max_batch:
-        size = sum(image.pixel_values.shape[0] for image in prepared(queue[0]).images)
+        size = sum(image.pixel_values.shape[0] for image in images_of(queue[0]))
         if vision and patches + size > max_patches:
             break
         vision.append(queue.popleft())
@@ -67,6 +68,15 @@ class EncodeJob:
     reply: Callable[[EncodeResult | ErrorEvent], None]  # called once, from the loop thread
     allocation: Allocation | None = None
     replied: bool = False
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the language server already holds: they need no encoding."""
+        return self.sender.cached_tokens or 0
+
+    @property
+    def images_needed(self) -> list[PreparedImage]:
+        return self.prepared.images_after(self.cached_tokens)
 
     def answer(self, outcome: EncodeResult | ErrorEvent) -> None:
         self.replied = True
@@ -103,7 +113,7 @@ class EncodeScheduler(LoopThread):
                reply: Callable[[EncodeResult | ErrorEvent], None]) -> None:
         """Any thread. Announces the prompt's length at once. ValueError: duplicate room."""
         sender = self.manager.create_sender(room)
-        sender.announce(prepared.total_tokens)
+        sender.announce(prepared.total_tokens, prepared.block_hashes())
         self._inbox.append(EncodeJob(room, prepared, sender, reply))
         self.wake()
 
@@ -162,8 +172,8 @@ class EncodeScheduler(LoopThread):
                 self.waiting.remove(job)
                 self._fail(job, ErrorEvent(job.sender.failure, 503))
                 continue
-            if state == Poll.Bootstrapping:
-                continue
+            if state == Poll.Bootstrapping or job.sender.cached_tokens is None:
+                continue  # no window yet, or the receiver has not said what it holds
             needed = allocator.blocks_for(job.prepared.total_tokens)
             if needed > allocator.num_blocks:
                 self.waiting.remove(job)
@@ -187,7 +197,7 @@ class EncodeScheduler(LoopThread):
             batch, self.encoding = self.encoding, []
             run, self._vision_run = self._vision_run, None
             self._encoded(batch, run.result())
-        quick, vision = take_batches(self.admitted, lambda job: job.prepared, self.cache,
+        quick, vision = take_batches(self.admitted, lambda job: job.images_needed, self.cache,
                                      self.max_batch if self._vision_run is None else 0,
                                      self.max_patches)
         if quick:
@@ -200,7 +210,7 @@ class EncodeScheduler(LoopThread):
     def _forward(self, batch: list[EncodeJob]) -> list[EncodedPrompt] | Exception:
         try:
             return self.half.encode([job.prepared for job in batch], self.cache,
-                                    self.max_patches)
+                                    self.max_patches, [job.cached_tokens for job in batch])
         except Exception as exc:  # a model failure fails these requests, not the server
             log.exception("encoding failed for rooms %s", [job.room for job in batch])
             return exc
@@ -214,9 +224,9 @@ class EncodeScheduler(LoopThread):
             if isinstance(result, Exception):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
-            prompt = result[i]
-            self.pool.write(job.allocation, 0, prompt.embeddings, prompt.token_ids,
-                            prompt.positions)
+            prompt, first = result[i], job.sender.first_token
+            self.pool.write(job.allocation, first, prompt.embeddings[first:],
+                            prompt.token_ids[first:], prompt.positions[first:])
             allocation, job.allocation = job.allocation, None
             job.sender.send(allocation, prompt.mrope_delta)  # the sender owns the blocks now
             self.sending.append(job)

@@ -71,6 +71,8 @@ class EncodeServer:
                                   "sending": len(self.scheduler.sending)})
         yield from pool_metrics(self.pool)
         yield from transfer_metrics(self.manager.stats)
+        yield CounterMetricFamily("mmdisagg_vision_images", "Images run through the vision tower",
+                                  value=self.half.images_encoded)
         if self.cache is not None:
             hits = CounterMetricFamily("mmdisagg_image_cache", "Image-cache lookups",
                                        labels=["result"])

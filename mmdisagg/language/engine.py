@@ -8,6 +8,10 @@ samples where a sequence reached its last token. When a decoding request needs a
 and none is free, the most recently admitted request is preempted: its blocks are freed and
 it goes back to the front of ``waiting``, to be recomputed from its prompt and the tokens it
 already produced (kept in host memory) — its output is what an uninterrupted run gives.
+
+With the prefix cache (``kv_blocks``), a request starts from the longest prefix of its prompt
+the cache holds: found when the prompt was announced (its embeddings were never sent), or
+else when it is admitted. Once its prompt is computed, the prompt's chunks are indexed.
 """
 
 from __future__ import annotations
@@ -53,17 +57,19 @@ class Engine:
     scheduler loop owns it."""
 
     def __init__(self, half: LanguageHalf, cache: PagedKVCache,
-                 settings: EngineSettings | None = None, max_running: int = 64) -> None:
+                 settings: EngineSettings | None = None, max_running: int = 64,
+                 prefix_cache: bool = False) -> None:
         self.half = half
         self.settings = settings or EngineSettings()
         self.max_running = max_running
-        self.blocks = KVBlockManager(cache.num_blocks, cache.block_size)
+        self.blocks = KVBlockManager(cache.num_blocks, cache.block_size, prefix_cache)
         self.runner = ModelRunner(half, cache)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.preemptions = 0
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0  # of prompts at first admission
         # NOTE: a sequence never outgrows the cache: it ends ("length") before it would.
-        self.max_len = min(half.max_model_len, self.blocks.num_tokens)
+        self.max_len = min(half.max_model_len, self.blocks.max_sequence_tokens)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -81,10 +87,12 @@ class Engine:
         if length >= self.half.max_model_len:
             raise InputError(f"the prompt is {length} tokens; this model takes fewer than "
                              f"{self.half.max_model_len} (prompt and output together)")
-        if length >= self.blocks.num_tokens:
+        if length >= self.blocks.max_sequence_tokens:
             raise InputError(f"the prompt is {length} tokens; this language server's KV cache "
-                             f"holds {self.blocks.num_tokens} tokens in all (prompt and output "
-                             "together)")
+                             f"holds {self.blocks.max_sequence_tokens} tokens for one sequence "
+                             "(prompt and output together)")
+        if req.prompt.prefix is not None:
+            self.blocks.adopt(req, req.prompt.prefix)
         req.seed = request_seed(req.params, req.index)
         if req.grammar is not None and req.matcher is None:
             req.matcher = new_matcher(req.grammar)
@@ -114,6 +122,8 @@ class Engine:
             req.num_computed += 1
         for req, count in prefill:
             req.num_computed += count
+            if req.num_computed - count < req.prompt_tokens <= req.num_computed:
+                self.blocks.index(req, req.prompt.block_hashes)
         sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
         return failed + [self._emit(req, token, logprob) for req, token, logprob in zip(
             sampled, sampled_tokens.tokens, sampled_tokens.logprobs, strict=True)]
@@ -157,6 +167,13 @@ class Engine:
                 budget -= count
         while budget and self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
+            if not req.block_table:
+                self._find_prefix(req)
+            if req.num_computed < req.prompt.first_token:
+                self.waiting.popleft()
+                failed.append(self._fail(req, "its prompt's cached prefix was evicted while it "
+                                              "waited (preempted); send it again", running=False))
+                continue
             try:
                 admitted = self.blocks.allocate(req, req.num_tokens + 1)
             except Exception as exc:  # an allocator failure fails this request only
@@ -167,12 +184,25 @@ class Engine:
             if not admitted:
                 break
             self.waiting.popleft()
+            self.blocks.mark_running(req)
+            if req.preemptions == 0:
+                self.prefix_query_tokens += req.prompt_tokens
+                self.prefix_hit_tokens += req.num_computed
             req.status = ReqStatus.RUNNING
             self.running.append(req)
             count = min(req.num_pending, budget)
             prefill.append((req, count))
             budget -= count
         return prefill
+
+    def _find_prefix(self, req: Req) -> None:
+        """Start ``req`` from the longest cached prefix of its prompt, short of its last
+        token (whose logits its prefill must compute)."""
+        if not req.prompt.block_hashes:
+            return
+        hit = self.blocks.match(req.prompt.block_hashes, req.prompt_tokens - 1)
+        if hit is not None:
+            self.blocks.adopt(req, hit)
 
     def _preempt(self, req: Req) -> None:
         self.running.remove(req)

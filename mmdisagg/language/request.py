@@ -14,7 +14,6 @@ import torch
 from mmdisagg.core import EncodedPrompt, SamplingParams
 from mmdisagg.language.detokenizer import Detokenizer
 from mmdisagg.messages import Event
-from mmdisagg.pool.allocator import Allocation
 
 if TYPE_CHECKING:
     from mmdisagg.models.base import PreparedPrompt
@@ -42,7 +41,9 @@ class Req:
 
     NOTE: the tokens of a request are its prompt then its output; ``num_computed`` of them
     have their keys and values in the KV blocks of ``block_table``. The prompt's embeddings
-    and the output ids stay in host memory until it finishes: preemption drops only KV.
+    and the output ids stay in host memory until it finishes: preemption drops only KV. A
+    prompt whose first tokens were found in the prefix cache when it was announced
+    (``prompt.cached_tokens``) has no embeddings for them: it needs the cache again.
     """
 
     request_id: str
@@ -58,7 +59,7 @@ class Req:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    allocations: list[Allocation] = field(default_factory=list)
+    pinned_blocks: int = 0  # of block_table: a prefix-cache hit it holds while not running
     preemptions: int = 0
     detokenizer: Detokenizer | None = None
     finish_reason: str | None = None
@@ -72,7 +73,8 @@ class Req:
 
     @property
     def prompt_tokens(self) -> int:
-        return self.prompt.total_tokens if self.prompt is not None else 0
+        """The whole prompt's, a cached prefix included."""
+        return self.prompt.prompt_tokens if self.prompt is not None else 0
 
     def prompt_vocab(self) -> list[int]:
         """The distinct token ids of the prompt (image placeholders included), found once."""
@@ -105,7 +107,11 @@ class Req:
         assert self.prompt is not None
         start, end = self.num_computed, self.num_computed + count
         length = self.prompt_tokens
-        prompt_part = slice(start, min(end, length))
+        first = self.prompt.first_token  # NOTE: the rows start at this token
+        if start < first:
+            raise ValueError(f"request {self.request_id}: token {start} is in its cached "
+                             f"prefix, whose embeddings never came (they start at {first})")
+        prompt_part = slice(start - first, min(end, length) - first)
         if end <= length:
             return self.prompt.embeddings[prompt_part], self.prompt.positions[prompt_part]
         first = max(start, length)

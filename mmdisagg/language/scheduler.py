@@ -13,12 +13,14 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from mmdisagg.config import LanguageServerSettings
 from mmdisagg.core import EncodedPrompt, LoopThread
 from mmdisagg.language.detokenizer import TokenTexts
 from mmdisagg.language.engine import Engine, StepOutput
+from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent, TokenLogprob
 from mmdisagg.models.errors import InputError
@@ -36,6 +38,10 @@ Ready = tuple[Req, EncodedPrompt | ErrorEvent]
 
 class PromptSource(Protocol):
     """Where prompts come from. All methods run on the scheduler's loop thread."""
+
+    def attach(self, prefix_cache: KVBlockManager | None) -> None:
+        """Before the first request: the engine's prefix cache, to look prompts up in early
+        (None: no prefix cache)."""
 
     def add(self, request: Req) -> None: ...
 
@@ -56,6 +62,10 @@ class TransferSource:
         self.manager = manager
         self.prealloc: deque[Req] = deque()
         self.transfer: list[Req] = []
+
+    def attach(self, prefix_cache: KVBlockManager | None) -> None:
+        """The receivers look announced prompts up in it, to be sent only what it lacks."""
+        self.manager.prefix_cache = prefix_cache
 
     def add(self, request: Req) -> None:
         request.receiver = self.manager.create_receiver(request.room, request.encoder)
@@ -188,17 +198,25 @@ class LanguageScheduler(LoopThread):
                 self._finish(request, prompt)
                 continue
             request.prompt = prompt
-            # NOTE: n choices: the prompt was encoded and sent once; each choice prefills it
-            # (KV blocks have no reference counts to share yet).
+            # NOTE: n choices: the prompt was encoded and sent once; each choice holds its own
+            # pins of a prefix-cache hit and prefills the rest of the prompt itself.
             choices = [request, *(request.fork(i) for i in range(1, request.params.n))]
+            if prompt.prefix is not None:
+                for choice in choices[1:]:
+                    choice.prompt = replace(prompt, prefix=self.engine.blocks.share(prompt.prefix))
             if len(choices) > 1:
                 for choice in choices:
                     choice.choices = choices
+            added: list[Req] = []
             try:
                 for choice in choices:
                     self.engine.add(choice)
+                    added.append(choice)
             except InputError as exc:
-                for choice in choices:
+                for choice in choices[1:]:
+                    if choice not in added and choice.prompt.prefix is not None:
+                        self.engine.blocks.release(choice.prompt.prefix)
+                for choice in added:
                     self.engine.abort(choice)
                 self._finish(request, ErrorEvent(exc.message, exc.status))
 

@@ -61,8 +61,10 @@ class GenerationService:
                  settings: LanguageServerSettings) -> None:
         self.half = half
         self.settings = settings
+        cached = settings.engine.prefix_cache
         self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
-                             settings.max_running_requests)
+                             settings.max_running_requests, prefix_cache=cached)
+        source.attach(self.engine.blocks if cached else None)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.grammars = GrammarCompiler(half.tokenizer, half.vocab_size, half.eos_token_ids)
         self.registry = CollectorRegistry()

@@ -9,6 +9,7 @@ class picks the implementation for the checkpoint's ``model_type``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from mmdisagg.config import ImageSettings
-from mmdisagg.core import EncodedPrompt, PromptInput
+from mmdisagg.core import EncodedPrompt, ImageSpan, PromptInput, block_hashes
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 
 # model_type in config.json -> module with ``ENCODER_HALF`` and ``LANGUAGE_HALF`` classes.
@@ -49,7 +50,7 @@ class PreparedImage:
 
     pixel_values: torch.Tensor  # [patches, channels * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]  # patches along time, height, width
-    content_hash: str  # of the encoded bytes: the image-cache key
+    content_hash: str  # of the pixels the vision tower sees: image-cache and prefix-cache key
     num_tokens: int  # placeholder tokens it fills in the prompt (patches / merge_size**2)
     placeholder_id: int  # the token it fills: the image or the video placeholder
     time_step: float = 1.0  # M-RoPE time position per temporal patch (Qwen2.5-VL videos: more)
@@ -62,10 +63,38 @@ class PreparedPrompt:
 
     token_ids: torch.Tensor  # [L], each placeholder already expanded to its num_tokens
     images: list[PreparedImage]  # images and videos, in prompt order
+    image_starts: list[int]  # the token each one's placeholders start at
+
+    def __post_init__(self) -> None:
+        if len(self.image_starts) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.image_starts)} starts")
 
     @property
     def total_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def image_spans(self) -> list[ImageSpan]:
+        return [ImageSpan(start, start + image.num_tokens, image.content_hash)
+                for image, start in zip(self.images, self.image_starts, strict=True)]
+
+    def block_hashes(self) -> list[bytes]:
+        """The prefix cache's keys (``core.block_hashes``)."""
+        return block_hashes(self.token_ids.tolist(), self.image_spans())
+
+    def images_after(self, token: int) -> list[PreparedImage]:
+        """The images not wholly inside the first ``token`` tokens: those a prompt whose
+        first ``token`` tokens are cached still needs the vision tower for."""
+        return [image for image, start in zip(self.images, self.image_starts, strict=True)
+                if start + image.num_tokens > token]
+
+
+def pixel_hash(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int],
+               time_step: float = 1.0) -> str:
+    """Content key of a processed image or video: equal keys, equal vision features and
+    positions."""
+    digest = hashlib.blake2b(f"{grid_thw}/{time_step!r}".encode(), digest_size=16)
+    digest.update(pixel_values.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @dataclass(eq=False)
@@ -124,13 +153,14 @@ class EncoderHalf(ABC):
     """Image processor, tokenizer, vision tower and token embedding table: never the decoder.
 
     Attributes: ``hidden_size`` and ``dtype`` of the embeddings it produces, the ``device`` it
-    runs on, ``tokenizer``.
+    runs on, ``tokenizer``, and ``images_encoded``: images run through the vision tower so far.
     """
 
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
     tokenizer: Any
+    images_encoded: int = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
@@ -166,12 +196,17 @@ class EncoderHalf(ABC):
 
     @abstractmethod
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
-               max_patches: int = 0) -> list[EncodedPrompt]:
+               max_patches: int = 0, cached_tokens: Sequence[int] | None = None
+               ) -> list[EncodedPrompt]:
         """Run the vision tower over every image and video in ``batch`` not found in ``cache``
         (and store the new features there), in forwards of at most ``max_patches`` patches
         (0: one forward; a video is cut between its temporal patches, an image larger than
         the bound goes alone), merge the features into the token embeddings and compute each
-        prompt's M-RoPE positions and ``mrope_delta``."""
+        prompt's M-RoPE positions and ``mrope_delta``.
+
+        ``cached_tokens[i]``: the language side holds prompt i's first tokens; images and
+        videos wholly inside them skip the vision tower and their embedding rows are left
+        zero (they are never used)."""
 
     @property
     @abstractmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import ipaddress
 import socket
@@ -28,15 +27,10 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 TOO_LARGE = 413
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    image: Image.Image  # RGB, fully decoded
-    content_hash: str  # sha256 of the encoded bytes
-
-
-def load_image(url: str, settings: ImageSettings) -> LoadedImage:
-    data = fetch_media(url, settings, Media("image", settings.max_image_bytes))
-    return LoadedImage(decode_image(data, settings), hashlib.sha256(data).hexdigest())
+def load_image(url: str, settings: ImageSettings) -> Image.Image:
+    """The image at ``url``, fetched, checked and decoded to RGB."""
+    return decode_image(fetch_media(url, settings, Media("image", settings.max_image_bytes)),
+                        settings)
 
 
 @dataclass(frozen=True)

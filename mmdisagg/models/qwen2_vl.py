@@ -40,6 +40,7 @@ from mmdisagg.models.base import (
     PrefillRows,
     PreparedImage,
     PreparedPrompt,
+    pixel_hash,
 )
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.images import load_image
@@ -220,14 +221,16 @@ class QwenVLEncoderHalf(EncoderHalf):
                                        for number, url in enumerate(chat.video_urls, start=1)]),
         }
         token_ids: list[int] = []
+        image_starts: list[int] = []
         visuals: list[PreparedImage] = []
         for token_id in template_ids:
             if token_id in pending:
                 visuals.append(next(pending[token_id]))
+                image_starts.append(len(token_ids))
                 token_ids.extend([token_id] * visuals[-1].num_tokens)
             else:
                 token_ids.append(token_id)
-        return self._prompt(token_ids, visuals)
+        return self._prompt(token_ids, visuals, image_starts)
 
     def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
         if isinstance(prompt, str):
@@ -244,7 +247,7 @@ class QwenVLEncoderHalf(EncoderHalf):
             raise InputError("the prompt is empty")
         if self.image_token_id in token_ids or self.video_token_id in token_ids:
             raise InputError("a text prompt may not contain an image or video placeholder token")
-        return self._prompt(token_ids, [])
+        return self._prompt(token_ids, [], [])
 
     def _render(self, chat: ChatPrompt) -> str:
         """The chat template's text; tools the template would silently leave out are refused."""
@@ -255,28 +258,27 @@ class QwenVLEncoderHalf(EncoderHalf):
             raise InputError("this checkpoint's chat template does not render tools")
         return text
 
-    def _prompt(self, token_ids: list[int], visuals: list[PreparedImage]) -> PreparedPrompt:
+    def _prompt(self, token_ids: list[int], visuals: list[PreparedImage],
+                image_starts: list[int]) -> PreparedPrompt:
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
-        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), visuals)
+        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), visuals, image_starts)
 
     def _prepare_image(self, number: int, ref: ImageRef) -> PreparedImage:
         smallest = self.image_processor.size.shortest_edge  # the processor's minimum pixels
         budget = ({"size": {"shortest_edge": smallest, "longest_edge": smallest}}
                   if ref.detail == "low" else {})
         try:
-            loaded = load_image(ref.url, self.image_settings)
-            features = self.image_processor(images=[loaded.image], return_tensors="pt", **budget)
+            image = load_image(ref.url, self.image_settings)
+            features = self.image_processor(images=[image], return_tensors="pt", **budget)
         except InputError as exc:
             raise InputError(f"image {number}: {exc.message}", exc.status) from None
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
             raise InputError(f"image {number}: {exc}") from None
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
-        # NOTE: the same bytes at another pixel budget are other features: another cache key.
-        key = loaded.content_hash + (":low" if budget else "")
         return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
-                             content_hash=key,
+                             content_hash=pixel_hash(features["pixel_values"], grid),
                              num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
                              placeholder_id=self.image_token_id)
 
@@ -291,23 +293,29 @@ class QwenVLEncoderHalf(EncoderHalf):
                               * self.tokens_per_second)
         t, h, w = video.grid_thw
         return PreparedImage(pixel_values=video.pixel_values, grid_thw=video.grid_thw,
-                             content_hash=video.content_hash,
+                             content_hash=pixel_hash(video.pixel_values, video.grid_thw,
+                                                     time_step),
                              num_tokens=t * h * w // self.merge_size**2,
                              placeholder_id=self.video_token_id, time_step=time_step)
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
-               max_patches: int = 0) -> list[EncodedPrompt]:
-        features = self._image_features(batch, cache, max_patches)
-        return [self._merge(prompt, features) for prompt in batch]
+               max_patches: int = 0, cached_tokens: Sequence[int] | None = None
+               ) -> list[EncodedPrompt]:
+        skips = cached_tokens or [0] * len(batch)
+        needed = [prompt.images_after(skip) for prompt, skip in zip(batch, skips, strict=True)]
+        features = self._image_features([image for images in needed for image in images], cache,
+                                        max_patches)
+        return [self._merge(prompt, images, features)
+                for prompt, images in zip(batch, needed, strict=True)]
 
-    def _image_features(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None,
+    def _image_features(self, images: Sequence[PreparedImage], cache: ImageFeatureCache | None,
                         max_patches: int) -> dict[str, torch.Tensor]:
-        """Features of every distinct image and video in the batch: cached, or from vision
-        forwards of at most ``max_patches`` patches."""
+        """Features of every distinct image and video: cached, or from vision forwards of at
+        most ``max_patches`` patches."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
-        for image in (image for prompt in batch for image in prompt.images):
+        for image in images:
             key = image.content_hash
             if key in found or key in missing:
                 continue
@@ -316,6 +324,7 @@ class QwenVLEncoderHalf(EncoderHalf):
                 missing[key] = image
             else:
                 found[key] = cached
+        self.images_encoded += len(missing)
         pieces: dict[str, list[torch.Tensor]] = {key: [] for key in missing}
         for forward in _forwards(missing, max_patches):
             pixel_values = torch.cat([piece.pixel_values for piece in forward])
@@ -331,13 +340,15 @@ class QwenVLEncoderHalf(EncoderHalf):
                 cache.put(key, found[key])
         return found
 
-    def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
+    def _merge(self, prompt: PreparedPrompt, needed: Sequence[PreparedImage],
+               features: dict[str, torch.Tensor]) -> EncodedPrompt:
+        """Token embeddings with the ``needed`` images' features in place; the rows of the
+        other images (inside a cached prefix) are left zero."""
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
-        if prompt.images:
-            visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
-            embeddings[visual_rows] = torch.cat([features[image.content_hash]
-                                                 for image in prompt.images])
+        for image, start in zip(prompt.images, prompt.image_starts, strict=True):
+            rows = slice(start, start + image.num_tokens)
+            embeddings[rows] = features[image.content_hash] if image in needed else 0
         positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
                                                  self.merge_size)
         return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)

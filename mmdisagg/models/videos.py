@@ -17,7 +17,6 @@ kept, each resized as soon as it is decoded, so memory is bounded by the resized
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -112,7 +111,6 @@ class VideoHeader:
 class LoadedVideo:
     pixel_values: torch.Tensor  # [patches, channels * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]
-    content_hash: str  # of the encoded bytes
     seconds_per_grid: float  # seconds one temporal patch spans (Qwen2.5-VL's second_per_grid_ts)
 
 
@@ -145,7 +143,6 @@ def load_video(url: str, settings: ImageSettings, rules: VideoRules,
         frames = _decode(container, stream, header, indices, (height, width))
     sampled_fps = len(indices) / header.total_frames * header.fps
     return LoadedVideo(pixel_values=patches(frames, rules), grid_thw=grid,
-                       content_hash="video:" + hashlib.sha256(data).hexdigest(),
                        seconds_per_grid=rules.temporal_patch_size / sampled_fps)
 
 

@@ -84,20 +84,31 @@ class BlockAllocator:
 
     def alloc_blocks(self, num_blocks: int) -> Allocation | None:
         """Exactly ``num_blocks`` blocks, or None: never a partial allocation."""
-        if num_blocks <= 0:
-            raise ValueError(f"alloc_blocks needs a positive block count, got {num_blocks}")
+        taken = self.alloc_each(1, num_blocks)
+        return taken[0] if taken else None
+
+    def alloc_each(self, count: int, num_blocks: int) -> list[Allocation] | None:
+        """``count`` allocations of ``num_blocks`` blocks each (to be freed one by one), or
+        None: all or nothing."""
+        if num_blocks <= 0 or count <= 0:
+            raise ValueError(f"need a positive count of positive block counts, got {count} "
+                             f"of {num_blocks}")
         with self._lock:
-            if num_blocks > len(self._free_block_ids):
+            if count * num_blocks > len(self._free_block_ids):
                 self._failed += 1
                 return None
-            taken = self._free_block_ids[-num_blocks:]
-            del self._free_block_ids[-num_blocks:]
-            taken.reverse()
-            allocation = Allocation(tuple(taken), self.block_size, next(self._serial), self._id)
-            self._live[allocation.allocation_id] = allocation
-            self._used_block_ids.update(taken)
-            self._allocs += 1
-            return allocation
+            allocations = []
+            for _ in range(count):
+                taken = self._free_block_ids[-num_blocks:]
+                del self._free_block_ids[-num_blocks:]
+                taken.reverse()
+                allocation = Allocation(tuple(taken), self.block_size, next(self._serial),
+                                        self._id)
+                self._live[allocation.allocation_id] = allocation
+                self._used_block_ids.update(taken)
+                allocations.append(allocation)
+            self._allocs += count
+            return allocations
 
     def free(self, allocation: Allocation) -> None:
         """Return the blocks. A second free, or blocks this allocator never gave, is an error."""

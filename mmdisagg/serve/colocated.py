@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from fastapi.concurrency import run_in_threadpool
 
 from mmdisagg.config import LanguageServerSettings, ServeSettings
-from mmdisagg.core import PromptInput, SamplingParams
+from mmdisagg.core import PrefixHit, PromptInput, SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
+from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req
 from mmdisagg.language.scheduler import Ready
 from mmdisagg.language.server import GenerationService
@@ -37,9 +38,25 @@ class LocalEncodeSource:
         self.max_batch = max_batch
         self.max_patches = max_patches
         self.pending: deque[Req] = deque()
+        self.prefix_cache: KVBlockManager | None = None
+        self._hits: dict[Req, PrefixHit | None] = {}
+        self._hashes: dict[Req, list[bytes]] = {}
+
+    def attach(self, prefix_cache: KVBlockManager | None) -> None:
+        self.prefix_cache = prefix_cache
 
     def add(self, request: Req) -> None:
+        """Looks the prompt up in the prefix cache at once: cached images are not encoded."""
+        hit = None
+        if self.prefix_cache is not None:
+            hashes = self._hashes[request] = request.prepared.block_hashes()
+            hit = self.prefix_cache.match(hashes, request.prepared.total_tokens - 1)
+        self._hits[request] = hit
         self.pending.append(request)
+
+    def _cached_tokens(self, request: Req) -> int:
+        hit = self._hits.get(request)
+        return hit.tokens if hit is not None else 0
 
     def ready(self, limit: int) -> list[Ready]:
         """Encodes only while the engine's waiting queue has ``limit`` room: the prepared
@@ -47,25 +64,39 @@ class LocalEncodeSource:
         done: list[Ready] = []
         if limit <= 0:
             return done
-        for batch in take_batches(self.pending, lambda request: request.prepared, self.cache,
-                                  min(self.max_batch, limit), self.max_patches):
+        for batch in take_batches(
+                self.pending,
+                lambda request: request.prepared.images_after(self._cached_tokens(request)),
+                self.cache, min(self.max_batch, limit), self.max_patches):
             if not batch:
                 continue
             try:
                 encoded = self.half.encode([request.prepared for request in batch], self.cache,
-                                           self.max_patches)
+                                           self.max_patches,
+                                           [self._cached_tokens(request) for request in batch])
             except Exception as exc:  # a model failure fails these requests, not the server
                 done += [(request, ErrorEvent(f"encoding failed: {exc!r}", 500))
                          for request in batch]
+                self._release(batch)
                 continue
-            done += zip(batch, encoded, strict=True)
+            for request, prompt in zip(batch, encoded, strict=True):
+                prompt.block_hashes = self._hashes.pop(request, [])
+                done.append((request, prompt.after(self._hits.pop(request))))
         return done
 
     def abort(self, request: Req) -> bool:
         if request in self.pending:
             self.pending.remove(request)
+            self._release([request])
             return True
         return False
+
+    def _release(self, requests: list[Req]) -> None:
+        for request in requests:
+            self._hashes.pop(request, None)
+            hit = self._hits.pop(request, None)
+            if hit is not None:
+                self.prefix_cache.release(hit)
 
     def queues(self) -> dict[str, int]:
         return {"encode": len(self.pending)}

@@ -72,6 +72,7 @@ class TransferStats:
     bytes: int = 0
     seconds: float = 0.0
     spills: int = 0
+    cached_tokens: int = 0  # prompt tokens not sent: the receiver's prefix cache held them
     refused: int = 0
     peers_lost: int = 0
 

@@ -13,7 +13,7 @@ from enum import IntEnum
 
 import msgspec
 
-VERSION = b"mmdisagg-control/1"
+VERSION = b"mmdisagg-control/2"
 
 
 class ProtocolError(ValueError):
@@ -40,10 +40,21 @@ class Window(msgspec.Struct, tag="window", frozen=True):
 
 
 class Announce(msgspec.Struct, tag="announce", frozen=True):
-    """Sender -> receiver: the prompt's length, known right after tokenizing."""
+    """Sender -> receiver: the prompt's length, known right after tokenizing, and the chain
+    hashes of its full blocks (``core.block_hashes``) for the receiver's prefix cache."""
 
     room: int
     total_tokens: int
+    block_hashes: list[bytes] = []
+
+
+class Cached(msgspec.Struct, tag="cached", frozen=True):
+    """Receiver -> sender, in answer to ``Announce`` when the receiver has a prefix cache: it
+    already holds the first ``tokens`` tokens (0: none); send from there on, never before.
+    A sender to such a receiver writes nothing until it has this answer."""
+
+    room: int
+    tokens: int
 
 
 class ChunkDone(msgspec.Struct, tag="chunk", frozen=True):
@@ -73,7 +84,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
     """Either way, every heartbeat interval: the sending manager is alive."""
 
 
-Message = Window | Announce | ChunkDone | Received | Abort | Heartbeat
+Message = Window | Announce | Cached | ChunkDone | Received | Abort | Heartbeat
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -84,6 +95,7 @@ class Registration(msgspec.Struct, frozen=True):
     backend: str
     layout: dict
     plane: dict
+    prefix_cache: bool = False  # it answers every Announce with Cached
 
 
 class PeerInfo(msgspec.Struct, frozen=True):

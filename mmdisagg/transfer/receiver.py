@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import EncodedPrompt
+from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixCache, PrefixHit
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
 from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
@@ -32,6 +32,7 @@ from mmdisagg.transfer.planes.base import ChunkRefused
 from mmdisagg.transfer.protocol import (
     Abort,
     Announce,
+    Cached,
     ChunkDone,
     Message,
     PeerInfo,
@@ -67,15 +68,21 @@ class EmbeddingReceiver(RoomTransfer):
         self._manager = manager
         self.peer: Peer | None = None
         self.total_tokens: int | None = None
+        self.block_hashes: list[bytes] = []
+        self.prefix: PrefixHit | None = None  # pinned in the prefix cache until taken or failed
+        self.first_token = 0  # the first token sent: the start of the block the hit ends in
         self.mrope_delta = 0
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
         self.created = self.waiting_since = self.last_progress = time.monotonic()
         self.release_by: float | None = None  # set while quarantined
+        self.started = False  # its first window is offered
+
 
     def init(self, allocation: Allocation) -> None:
-        """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on."""
+        """Offer the first window (token 0 on); the receiver owns ``allocation`` from now on.
+        With a prefix cache, tokens it holds are skipped once the sender announces them."""
         self._manager._init(self, allocation)
 
     def resume_transfer(self, allocation: Allocation, sent_tokens: int) -> None:
@@ -87,7 +94,8 @@ class EmbeddingReceiver(RoomTransfer):
         self._manager._abort(self, reason)
 
     def take(self) -> EncodedPrompt:
-        """Once ``Success``: the whole prompt, gathered out of the pool; frees every block."""
+        """Once ``Success``: the prompt after its cached prefix (``prefix``, pinned: the caller
+        owns it now), gathered out of the pool; frees every block."""
         return self._manager._take(self)
 
 
@@ -104,16 +112,15 @@ class ReceiverManager(TransferManager):
     role = "receiver"
 
     def __init__(self, pool: EmbeddingPool, transfer: TransferSettings,
-                 network: NetworkSettings) -> None:
+                 network: NetworkSettings, prefix_cache: PrefixCache | None = None) -> None:
         super().__init__(pool, transfer, network)
+        self.prefix_cache = prefix_cache
         self._receivers: dict[int, EmbeddingReceiver] = {}
         self._quarantine: dict[int, EmbeddingReceiver] = {}
         self._pending: dict[int, EmbeddingReceiver] = {}
         self._encoders: dict[str, _EncoderLink] = {}
         self._bootstrapper = ThreadPoolExecutor(4, thread_name_prefix="bootstrap")
-        self._registration = Registration(
-            self.id, self.control.endpoint, self.plane.name, pool.layout.to_dict(),
-            self.plane.listen(self))
+        self._plane_info = self.plane.listen(self)
         self.start()
 
     def create_receiver(self, room: int, encoder: str) -> EmbeddingReceiver:
@@ -141,6 +148,12 @@ class ReceiverManager(TransferManager):
                 self._fail(receiver, "language server shutting down", notify=True)
         super().close()
         self._bootstrapper.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _registration(self) -> Registration:
+        return Registration(self.id, self.control.endpoint, self.plane.name,
+                            self.pool.layout.to_dict(), self._plane_info,
+                            prefix_cache=self.prefix_cache is not None)
 
     @property
     def live_rooms(self) -> int:
@@ -188,8 +201,9 @@ class ReceiverManager(TransferManager):
 
     def _init(self, receiver: EmbeddingReceiver, allocation: Allocation) -> None:
         with self._lock:
-            if receiver.windows:
+            if receiver.started:
                 raise ValueError(f"room {receiver.room} already has its first window")
+            receiver.started = True
             receiver.waiting_since = time.monotonic()
             self._offer(receiver, allocation, 0)
 
@@ -217,15 +231,17 @@ class ReceiverManager(TransferManager):
             windows = [w for w in receiver.windows if w.allocation is not None]
             receiver.windows = []
             self._receivers.pop(receiver.room, None)
-        out = receiver.staged or self._new_buffer(receiver.total_tokens)
+        out = receiver.staged or self._new_buffer(receiver)
         for window in windows:
-            self._copy_out(window, out)
+            self._copy_out(receiver, window, out)
+        prefix, receiver.prefix = receiver.prefix, None
         with self._lock:
             for window in windows:
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
         return EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
-                             receiver.mrope_delta)
+                             receiver.mrope_delta, prefix, receiver.first_token,
+                             receiver.block_hashes)
 
     # -- offering windows -----------------------------------------------------------------
 
@@ -250,10 +266,10 @@ class ReceiverManager(TransferManager):
     def _offer_more(self, receiver: EmbeddingReceiver) -> None:
         """Offer windows up to the prompt's end, as far as free blocks allow."""
         self._pending.pop(receiver.room, None)
-        if receiver.state in TERMINAL or receiver.total_tokens is None or not receiver.windows:
+        if receiver.state in TERMINAL or receiver.total_tokens is None or not receiver.started:
             return
         allocator = self.pool.allocator
-        end = receiver.windows[-1].end
+        end = receiver.windows[-1].end if receiver.windows else receiver.sent_tokens
         while end < receiver.total_tokens:
             need = allocator.blocks_for(receiver.total_tokens - end)
             want = min(need, self.settings.window_blocks or need)
@@ -306,7 +322,7 @@ class ReceiverManager(TransferManager):
                              "not serve here")
             return
         if isinstance(message, Announce):
-            self._announced(receiver, message.total_tokens)
+            self._announced(receiver, message.total_tokens, message.block_hashes)
         elif isinstance(message, ChunkDone):
             try:
                 window = self._check_chunk(receiver, message, None)
@@ -316,16 +332,44 @@ class ReceiverManager(TransferManager):
         else:
             self._refuse(f"{type(message).__name__} is not for a receiver (room {room})")
 
-    def _announced(self, receiver: EmbeddingReceiver, total_tokens: int) -> None:
+    def _announced(self, receiver: EmbeddingReceiver, total_tokens: int,
+                   block_hashes: list[bytes]) -> None:
         if receiver.state in TERMINAL:
             return
         if total_tokens <= 0 or receiver.total_tokens not in (None, total_tokens):
             return self._fail(receiver, f"inconsistent length {total_tokens} for room "
                                         f"{receiver.room} (had {receiver.total_tokens})",
                               notify=True)
+        first = receiver.total_tokens is None
         receiver.total_tokens = total_tokens
+        if first and self.prefix_cache is not None:
+            receiver.block_hashes = block_hashes[: total_tokens // HASH_BLOCK_TOKENS]
+            self._skip_cached(receiver)
         self._trim(receiver)
         self._offer_more(receiver)
+
+    def _skip_cached(self, receiver: EmbeddingReceiver) -> None:
+        """Pin the longest prefix the cache holds (short of the last token, whose logits
+        prefill must compute), tell the sender, and take only what follows, from the start
+        of the block the hit ends in. NOTE: the sender writes nothing before this answer, so
+        no offered window is filled yet."""
+        limit = receiver.total_tokens - 1
+        hit = self.prefix_cache.match(receiver.block_hashes, limit)
+        if hit is not None and not 0 < hit.tokens <= limit:
+            self.prefix_cache.release(hit)
+            hit = None
+        self.control.send(receiver.peer.endpoint,
+                          Cached(receiver.room, hit.tokens if hit is not None else 0))
+        if hit is None:
+            return
+        receiver.prefix = hit
+        block_size = self.pool.layout.block_size
+        first = receiver.first_token = receiver.sent_tokens = hit.tokens // block_size * block_size
+        self.stats.cached_tokens += first
+        if first:
+            for window in receiver.windows:
+                self.pool.allocator.free(window.allocation)
+            receiver.windows = []
 
     def begin_chunk(self, source: str, notice: ChunkDone, blocks: Sequence[int]) -> None:
         """In-band planes (tcp), before a byte lands: check the chunk and mark it landing."""
@@ -412,23 +456,27 @@ class ReceiverManager(TransferManager):
             return
         if receiver.staged is None:
             try:
-                receiver.staged = self._new_buffer(receiver.total_tokens)
+                receiver.staged = self._new_buffer(receiver)
             except (RuntimeError, TypeError) as exc:  # torch: out of memory, size overflow
                 return self._fail(receiver, f"cannot stage room {receiver.room}'s "
                                             f"{receiver.total_tokens} tokens: {exc}", notify=True)
         for window in filled:
-            self._copy_out(window, receiver.staged)
+            self._copy_out(receiver, window, receiver.staged)
             self.pool.allocator.free(window.allocation)
             window.allocation = None
         self.stats.spills += 1
 
-    def _new_buffer(self, total: int) -> Gathered:
+    def _new_buffer(self, receiver: EmbeddingReceiver) -> Gathered:
+        """Room for the tokens sent (after the cached prefix)."""
+        total = receiver.total_tokens - receiver.first_token
         return Gathered(
             torch.empty(total, self.pool.layout.hidden_size, dtype=self.pool.layout.torch_dtype),
             torch.empty(total, dtype=torch.int32), torch.empty(total, 3, dtype=torch.int32))
 
-    def _copy_out(self, window: OfferedWindow, out: Gathered) -> None:
-        span = slice(window.start, window.start + window.filled)
+    def _copy_out(self, receiver: EmbeddingReceiver, window: OfferedWindow,
+                  out: Gathered) -> None:
+        start = window.start - receiver.first_token
+        span = slice(start, start + window.filled)
         self.pool.arrays.read(window.allocation.blocks, window.filled, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))
 
@@ -437,6 +485,7 @@ class ReceiverManager(TransferManager):
         if receiver.state in TERMINAL:
             return
         receiver._end(Poll.Failed, reason)
+        self._unpin(receiver)
         self.stats.rooms_failed += 1
         log.info("room %d failed: %s", receiver.room, reason)
         self._receivers.pop(receiver.room, None)
@@ -465,12 +514,18 @@ class ReceiverManager(TransferManager):
     def _drop(self, receiver: EmbeddingReceiver) -> None:
         """A Success that will never be taken: free it."""
         self._receivers.pop(receiver.room, None)
+        self._unpin(receiver)
         for window in receiver.windows:
             if window.allocation is not None:
                 self.pool.allocator.free(window.allocation)
         receiver.windows = []
         receiver.staged = None
         self._retry_pending()
+
+    def _unpin(self, receiver: EmbeddingReceiver) -> None:
+        if receiver.prefix is not None:
+            self.prefix_cache.release(receiver.prefix)
+            receiver.prefix = None
 
     def _release_quarantine(self, receiver: EmbeddingReceiver) -> None:
         receiver.release_by = 0.0

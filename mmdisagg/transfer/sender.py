@@ -26,6 +26,7 @@ from mmdisagg.transfer.planes.base import Link, PlaneError
 from mmdisagg.transfer.protocol import (
     Abort,
     Announce,
+    Cached,
     ChunkDone,
     Message,
     PeerInfo,
@@ -45,6 +46,11 @@ class EmbeddingSender(RoomTransfer):
         super().__init__(room)
         self._manager = manager
         self.total_tokens: int | None = None
+        self.block_hashes: list[bytes] = []
+        # Tokens the receiver already holds (its prefix cache): None until it said; nothing is
+        # written before. Sending starts at the block holding the first token it lacks.
+        self.cached_tokens: int | None = None
+        self.first_token = 0
         self.sent_tokens = 0
         self.mrope_delta = 0
         self.peer: Peer | None = None
@@ -57,10 +63,11 @@ class EmbeddingSender(RoomTransfer):
         self.notify_peer = False
         self.released = False
 
-    def announce(self, total_tokens: int) -> None:
+    def announce(self, total_tokens: int, block_hashes: list[bytes] | None = None) -> None:
         """Tell the receiver the prompt's length as soon as it is known (before any vision
-        work), so it can offer every window at once."""
-        self._manager._announce(self, total_tokens)
+        work), so it can offer every window at once, and its full blocks' hashes, so it can
+        say which of them it already holds (``cached_tokens``)."""
+        self._manager._announce(self, total_tokens, block_hashes or [])
 
     def send(self, source: Allocation, mrope_delta: int) -> None:
         """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0).
@@ -140,6 +147,7 @@ class SenderManager(TransferManager):
         self._early: dict[int, _EarlyWindows] = {}
         self._writers: dict[str, _PeerWriter] = {}
         self._claimed: dict[str, dict[int, int]] = {}  # receiver -> its block -> room
+        self._prefix_caching: set[str] = set()  # receivers that answer Announce with Cached
         self.bootstrap = BootstrapServer(network.host, transfer.bootstrap_port,
                                          self.codec.authentic, self._register)
         self.bootstrap_address = f"{network.reachable_host}:{self.bootstrap.port}"
@@ -196,6 +204,10 @@ class SenderManager(TransferManager):
                 registration.receiver, registration.control_endpoint, time.monotonic())
             self._writers[registration.receiver] = _PeerWriter(self, peer, link, layout)
             self._claimed.setdefault(registration.receiver, {})
+            if registration.prefix_cache:
+                self._prefix_caching.add(registration.receiver)
+            else:
+                self._prefix_caching.discard(registration.receiver)
         log.info("registered receiver %s at %s over %s", registration.receiver,
                  registration.control_endpoint, self.plane.name)
         return PeerInfo(self.id, self.control.endpoint, self.plane.name,
@@ -226,6 +238,12 @@ class SenderManager(TransferManager):
                 return self._refuse(f"Received for room {room} not sent to {source}")
             sender.acked = True
             self._maybe_finish(sender)
+        elif isinstance(message, Cached):
+            if sender is None or sender.peer is not peer:
+                if room not in self._recent:
+                    self._refuse(f"Cached for room {room} not sent to {source}")
+                return
+            self._cached(sender, message.tokens)
         elif isinstance(message, Abort):
             if room in self._early and self._early[room].peer is peer:
                 del self._early[room]
@@ -244,6 +262,8 @@ class SenderManager(TransferManager):
         if sender.peer is None:
             sender.peer = peer
             peer.rooms.add(sender.room)
+            if peer.id not in self._prefix_caching:
+                sender.cached_tokens = 0
             sender.state = Poll.WaitingForInput if sender.source is None else Poll.Transferring
             if sender.total_tokens is not None:
                 self._send_announce(sender)
@@ -301,7 +321,8 @@ class SenderManager(TransferManager):
 
     # -- requests (scheduler thread) ------------------------------------------------------
 
-    def _announce(self, sender: EmbeddingSender, total_tokens: int) -> None:
+    def _announce(self, sender: EmbeddingSender, total_tokens: int,
+                  block_hashes: list[bytes]) -> None:
         if total_tokens <= 0:
             raise ValueError(f"total_tokens must be > 0, got {total_tokens}")
         with self._lock:
@@ -309,6 +330,7 @@ class SenderManager(TransferManager):
                 raise ValueError(f"room {sender.room} already announced "
                                  f"{sender.total_tokens} tokens")
             sender.total_tokens = total_tokens
+            sender.block_hashes = block_hashes
             if sender.peer is not None:
                 self._unclaim(sender, list(sender.windows.values()))
                 for window in sender.windows.values():
@@ -318,7 +340,31 @@ class SenderManager(TransferManager):
     def _send_announce(self, sender: EmbeddingSender) -> None:
         if not sender.announced and sender.state not in (Poll.Success, Poll.Failed):
             sender.announced = True
-            self.control.send(sender.peer.endpoint, Announce(sender.room, sender.total_tokens))
+            self.control.send(sender.peer.endpoint, Announce(sender.room, sender.total_tokens,
+                                                             sender.block_hashes))
+
+    def _cached(self, sender: EmbeddingSender, tokens: int) -> None:
+        """The receiver holds the first ``tokens`` tokens: send from the start of the block that
+        holds the first it lacks. Its windows before that were never written (nothing is
+        before this answer); forget them."""
+        if sender.state in (Poll.Success, Poll.Failed):
+            return
+        problem = None
+        if sender.cached_tokens is not None:
+            problem = "said twice"
+        elif sender.total_tokens is None or not 0 <= tokens < sender.total_tokens:
+            problem = f"{tokens} tokens of a {sender.total_tokens}-token prompt"
+        if problem:
+            return self._fail(sender, f"bad Cached for room {sender.room}: {problem}",
+                              notify=True)
+        first = tokens // self.pool.layout.block_size * self.pool.layout.block_size
+        skipped = [window for start, window in sender.windows.items() if start < first]
+        self._unclaim(sender, skipped)
+        for window in skipped:
+            del sender.windows[window.start_token]
+        sender.cached_tokens, sender.first_token = tokens, first
+        sender.sent_tokens = first
+        self._pump(sender)
 
     def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int) -> None:
         with self._lock:
@@ -349,7 +395,7 @@ class SenderManager(TransferManager):
     def _pump(self, sender: EmbeddingSender) -> None:
         """Start writing the next window if the data and that window are both there."""
         if (sender.state in (Poll.Success, Poll.Failed) or sender.writing
-                or sender.source is None or sender.peer is None):
+                or sender.source is None or sender.peer is None or sender.cached_tokens is None):
             return
         window = sender.windows.get(sender.sent_tokens)
         if window is None or sender.sent_tokens >= sender.total_tokens:

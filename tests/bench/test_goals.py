@@ -30,13 +30,22 @@ def test_goals_from_measured_ratios():
         "resume": {"disagg-1+1-windows-1": summary(0.12, 0.01),
                    "disagg-1+1-windows-16": summary(0.1, 0.01)},
         "video": {"disagg-1+1": summary(0.23, 0.01), "colocated": summary(0.2, 0.01)},
+        "chat": {"disagg-1+1": summary(0.1, 0.01),
+                 "disagg-1+1-no-prefix-cache": summary(0.4, 0.01)},
+        "chat-system": {"disagg-1+1": summary(0.1, 0.01),
+                        "disagg-1+1-no-prefix-cache": summary(0.9, 0.01)},
+        "cold": {"disagg-1+1": summary(0.104, 0.01),
+                 "disagg-1+1-no-prefix-cache": summary(0.1, 0.01)},
     }
-    latency, throughput, burst, resume, video = evaluate(results)
+    latency, throughput, burst, resume, chat, chat_system, cold, video = evaluate(results)
     assert latency.ratio == pytest.approx(1.05) and latency.met is True
     assert throughput.ratio == pytest.approx(0.32 / 0.12) and throughput.met is True
     assert burst.ratio == pytest.approx(2.0) and burst.met is False
     assert resume.ratio == pytest.approx(0.12 / 0.14) and resume.met is False
     assert video.ratio == pytest.approx(1.15) and video.met is False
+    assert chat.ratio == pytest.approx(4.0) and chat.met is True
+    assert chat_system.ratio == pytest.approx(9.0) and chat_system.met is False
+    assert cold.ratio == pytest.approx(1.04) and cold.met is True
 
 
 def test_a_missing_system_is_not_measured_rather_than_failed():

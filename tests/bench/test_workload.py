@@ -100,3 +100,20 @@ def test_burstier_arrivals_keep_the_rate_but_vary_more():
 
 def test_infinite_rate_sends_everything_at_once():
     assert arrival_offsets(3, rate=math.inf, burstiness=1.0, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_a_conversation_resends_its_history_with_the_answers():
+    workload = Workload(num_requests=2, images=(1, 1), image_sizes=((16, 16),), turns=3,
+                        system_prompt_words=6)
+    first = build_requests(workload)
+    assert [r.group for r in first] == ["turn 1", "turn 1"]
+    assert first[0].messages[0] == first[1].messages[0]  # one system prompt for all
+    assert len(first[0].messages[0]["content"].split()) == 6
+    second = first[0].follow_up("an answer")
+    assert second.group == "turn 2" and second.messages[:2] == first[0].messages
+    assert second.messages[2] == {"role": "assistant", "content": "an answer"}
+    assert second.messages[3]["role"] == "user"
+    third = second.follow_up("another")
+    assert third.turn == 3 and third.messages[:4] == second.messages
+    assert third.follow_up("done") is None
+    assert first[0].follow_up("an answer") == second  # the same questions every run

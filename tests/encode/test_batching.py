@@ -15,11 +15,11 @@ from mmdisagg.models.base import PreparedImage, PreparedPrompt
 def prompt(*patches: int, tag: str = "") -> PreparedPrompt:
     images = [PreparedImage(torch.zeros(n, 4), (1, 1, n), f"{tag}{i}", n // 4, placeholder_id=9)
               for i, n in enumerate(patches)]
-    return PreparedPrompt(torch.zeros(10, dtype=torch.long), images)
+    return PreparedPrompt(torch.zeros(10, dtype=torch.long), images, [0] * len(images))
 
 
 def take(queue, cache=None, max_batch=16, max_patches=1000):
-    return take_batches(queue, lambda p: p, cache, max_batch, max_patches)
+    return take_batches(queue, lambda p: p.images, cache, max_batch, max_patches)
 
 
 def test_text_prompts_do_not_wait_behind_images():

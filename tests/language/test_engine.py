@@ -170,16 +170,16 @@ def test_allocation_failure_fails_one_request_only(qwen2_vl: TinyModel, where: s
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     engine = paged_engine(qwen2_vl.language)
     allocator = engine.blocks.allocator
-    real = allocator.alloc_blocks
+    real = allocator.alloc_each
     calls = itertools.count()
     failing_call = 1 if where == "admission" else 2  # 0, 1: admissions; 2: first growth
 
-    def alloc_blocks(num_blocks: int):
+    def alloc_each(count: int, num_blocks: int):
         if next(calls) == failing_call:
             raise MemoryError("injected")
-        return real(num_blocks)
+        return real(count, num_blocks)
 
-    monkeypatch.setattr(allocator, "alloc_blocks", alloc_blocks)
+    monkeypatch.setattr(allocator, "alloc_each", alloc_each)
     reqs = [req(qwen2_vl, "text only", SamplingParams(max_tokens=30, ignore_eos=True), str(i))
             for i in range(3)]
     for new in reqs:

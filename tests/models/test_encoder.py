@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from mmdisagg.core import HASH_BLOCK_TOKENS
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
@@ -104,3 +105,40 @@ def test_image_url_as_plain_string_and_null_content(tiny: TinyModel) -> None:
     messages = [{"role": "system", "content": None},
                 {"role": "user", "content": [{"type": "image_url", "image_url": url}]}]
     assert len(tiny.encoder.prepare(messages).images) == 1
+
+
+def test_images_inside_a_cached_prefix_skip_the_vision_tower(tiny: TinyModel,
+                                                              vision_calls: list[int]) -> None:
+    prepared = tiny.encoder.prepare(user(CAT, text_part("and"), DOG))
+    full = tiny.encoder.encode([prepared])[0]
+    cat, dog = prepared.images
+    cat_end = prepared.image_starts[0] + cat.num_tokens
+    before = tiny.encoder.images_encoded
+    skipped = tiny.encoder.encode([prepared], cached_tokens=[cat_end])[0]
+    assert vision_calls[-1] == dog.pixel_values.shape[0]
+    assert tiny.encoder.images_encoded == before + 1
+    torch.testing.assert_close(skipped.embeddings[cat_end:], full.embeddings[cat_end:])
+    assert not skipped.embeddings[prepared.image_starts[0]:cat_end].any()
+    assert torch.equal(skipped.positions, full.positions)
+    tiny.encoder.encode([prepared], cached_tokens=[cat_end - 1])  # cat not wholly cached
+    assert vision_calls[-1] == cat.pixel_values.shape[0] + dog.pixel_values.shape[0]
+
+
+def test_block_hashes_key_images_by_their_pixels(tiny: TinyModel) -> None:
+    """Two images of one size have the same placeholder tokens, but never the same hashes; the
+    same image gives the same hashes, and elsewhere in the prompt it changes what follows."""
+    size = HASH_BLOCK_TOKENS
+
+    def hashes(*parts) -> list[bytes]:
+        return tiny.encoder.prepare(user(*parts)).block_hashes()
+
+    cat, other_cat = hashes(CAT, text_part("x")), hashes(image_part(84, 84, seed=99),
+                                                          text_part("x"))
+    prepared = tiny.encoder.prepare(user(CAT, text_part("x")))
+    first_image_block = prepared.image_starts[0] // size
+    assert cat[:first_image_block] == other_cat[:first_image_block]
+    assert all(a != b for a, b in zip(cat[first_image_block:], other_cat[first_image_block:],
+                                      strict=True))
+    assert hashes(CAT, text_part("x")) == cat
+    moved = hashes(text_part("x"), CAT)
+    assert moved[first_image_block:] != cat[first_image_block:]

@@ -129,7 +129,7 @@ def test_bad_image_data(url: str, status: int, message: str) -> None:
 
 def test_fetch_over_http(http_base: str) -> None:
     patient = replace(FAST, image_fetch_timeout=30)  # under load a local fetch may take > 0.5 s
-    assert load_image(f"{http_base}/image.png", patient).image.size == (64, 48)
+    assert load_image(f"{http_base}/image.png", patient).size == (64, 48)
 
 
 @pytest.mark.parametrize("path, status, message", [
@@ -161,7 +161,7 @@ PUBLIC = replace(FAST, deny_private_image_urls=True)
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_private_hosts_refused_when_asked(http_base: str, host: str) -> None:
     url = http_base.replace("127.0.0.1", host) + "/image.png"
-    assert load_image(url, FAST).image.size == (64, 48)  # the default: local development
+    assert load_image(url, FAST).size == (64, 48)  # the default: local development
     assert "not a public address" in refused(url, PUBLIC).message
 
 
@@ -183,7 +183,7 @@ def test_private_peer_refused_though_the_host_first_resolved_public(
 
 def test_local_files_only_inside_allowed_folders(media_dir: Path, tmp_path: Path) -> None:
     allowed = replace(FAST, allowed_local_media_dirs=(str(media_dir),))
-    assert load_image(f"file://{media_dir}/ok.png", allowed).image.size == (64, 48)
+    assert load_image(f"file://{media_dir}/ok.png", allowed).size == (64, 48)
     assert "disabled" in refused(f"file://{media_dir}/ok.png").message
     outside = tmp_path / "secret.png"
     outside.write_bytes(PNG)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.core import HASH_BLOCK_TOKENS, PrefixHit, block_hashes
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -35,6 +36,33 @@ def make_prompt(room: int, total: int, hidden: int, dtype: torch.dtype):
             int(torch.randint(-1000, 1000, (1,), generator=gen)))
 
 
+def prompt_hashes(room: int, total: int) -> list[bytes]:
+    _, ids, _, _ = make_prompt(room, total, 1, torch.float32)
+    return block_hashes(ids.tolist())
+
+
+class HeldPrefixes:
+    """A prefix cache holding the blocks it is told of (``op: cache``): no KV behind them, but
+    the transfer layer's side of the protocol is the real one."""
+
+    def __init__(self) -> None:
+        self.held: set[bytes] = set()
+        self.pinned = 0
+
+    def match(self, hashes: list[bytes], max_tokens: int) -> PrefixHit | None:
+        blocks = 0
+        while (blocks < len(hashes) and hashes[blocks] in self.held
+               and (blocks + 1) * HASH_BLOCK_TOKENS <= max_tokens):
+            blocks += 1
+        if blocks == 0:
+            return None
+        self.pinned += 1
+        return PrefixHit(blocks * HASH_BLOCK_TOKENS, [])
+
+    def release(self, hit: PrefixHit) -> None:
+        self.pinned -= 1
+
+
 def emit(event: dict) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
@@ -46,7 +74,7 @@ class SendTask:
         self.room = cmd["room"]
         self.sender = manager.create_sender(self.room)
         self.total = cmd["total"]
-        self.sender.announce(self.total)
+        self.sender.announce(self.total, prompt_hashes(self.room, self.total))
         emit({"event": "announced", "room": self.room})
         # "hold": the "vision work" lasts until a "go" command
         self.send_at = float("inf") if cmd.get("hold") else time.monotonic() + cmd.get(
@@ -113,12 +141,16 @@ class RecvTask:
     def finish(self) -> None:
         layout = self.manager.pool.layout
         got = self.receiver.take()
-        emb, ids, pos, delta = make_prompt(self.room, got.total_tokens, layout.hidden_size,
+        emb, ids, pos, delta = make_prompt(self.room, got.prompt_tokens, layout.hidden_size,
                                            layout.torch_dtype)
-        exact = (torch.equal(got.embeddings, emb) and torch.equal(got.token_ids, ids)
-                 and torch.equal(got.positions, pos) and got.mrope_delta == delta)
+        skip = got.first_token
+        exact = (torch.equal(got.embeddings, emb[skip:]) and torch.equal(got.token_ids, ids[skip:])
+                 and torch.equal(got.positions, pos[skip:]) and got.mrope_delta == delta)
+        if got.prefix is not None:
+            self.manager.prefix_cache.release(got.prefix)
         emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
-              "total": got.total_tokens, "expected_total": self.cmd.get("total")})
+              "total": got.prompt_tokens, "cached": got.cached_tokens, "first": skip,
+              "expected_total": self.cmd.get("total")})
 
 
 def main() -> None:
@@ -130,8 +162,11 @@ def main() -> None:
     backing = plane_class(transfer.transfer_backend).receiver_backing if role == "receiver" \
         else "process"
     pool = EmbeddingPool(layout, backing, default_blocks=config.get("default_blocks", 8))
-    manager_class = SenderManager if role == "sender" else ReceiverManager
-    manager = manager_class(pool, transfer, network)
+    if role == "sender":
+        manager = SenderManager(pool, transfer, network)
+    else:
+        cache = HeldPrefixes() if config.get("prefix_cache") else None
+        manager = ReceiverManager(pool, transfer, network, prefix_cache=cache)
     emit({"event": "ready", "id": manager.id, "control": manager.control.endpoint,
           "bootstrap": getattr(manager, "bootstrap_address", None)})
     commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -159,6 +194,9 @@ def main() -> None:
                 tasks[cmd["room"]] = RecvTask(manager, cmd)
             elif op == "release":
                 held.pop(cmd["room"]).finish()
+            elif op == "cache":
+                hashes = prompt_hashes(cmd["room"], cmd["total"])
+                manager.prefix_cache.held.update(hashes[: cmd["tokens"] // HASH_BLOCK_TOKENS])
             elif op == "go" and cmd["room"] in tasks:  # (a room that failed is gone)
                 tasks[cmd["room"]].send_at = time.monotonic()
             elif op == "stats":
@@ -167,7 +205,9 @@ def main() -> None:
                       "total_blocks": stats.total_blocks, "live": stats.live_allocations,
                       "refused": manager.stats.refused, "spills": manager.stats.spills,
                       "resumes": manager.stats.resumes, "windows": manager.stats.windows,
-                      "chunks": manager.stats.chunks,
+                      "chunks": manager.stats.chunks, "bytes": manager.stats.bytes,
+                      "cached_tokens": manager.stats.cached_tokens,
+                      "pinned": getattr(getattr(manager, "prefix_cache", None), "pinned", 0),
                       "rejected": manager.control.rejected,
                       # windows waiting for their room's request (sender side)
                       "early_windows": len(getattr(manager, "_early", ()))})

@@ -26,8 +26,10 @@ class PeerExited(AssertionError):
 
 class Peer:
     def __init__(self, role: str, backend: str, layout: dict, transfer: dict | None = None,
-                 network: dict | None = None, default_blocks: int = 8) -> None:
+                 network: dict | None = None, default_blocks: int = 8,
+                 prefix_cache: bool = False) -> None:
         config = {"role": role, "layout": layout, "default_blocks": default_blocks,
+                  "prefix_cache": prefix_cache,
                   "transfer": {**FAST, "transfer_backend": backend, **(transfer or {})},
                   "network": {"auth_token": "secret", **(network or {})}}
         self.proc = subprocess.Popen([sys.executable, str(PEER), json.dumps(config)],

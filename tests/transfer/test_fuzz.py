@@ -34,6 +34,7 @@ from mmdisagg.transfer.protocol import (
     VERSION,
     Abort,
     Announce,
+    Cached,
     ChunkDone,
     ControlCodec,
     Heartbeat,
@@ -57,9 +58,9 @@ def fuzz_settings(examples: int) -> settings:
 # -- the control codec --------------------------------------------------------------------
 
 TOKEN = "fuzz-secret"
-TAGS = ["window", "announce", "chunk", "received", "abort", "heartbeat"]
+TAGS = ["window", "announce", "cached", "chunk", "received", "abort", "heartbeat"]
 FIELDS = ["room", "start_token", "blocks", "allocated_tokens", "total_tokens", "num_tokens",
-          "mrope_delta", "reason"]
+          "mrope_delta", "reason", "block_hashes", "tokens"]
 MSGPACK_INTS = st.integers(-(2**63), 2**64 - 1)
 
 msgpack_values = st.recursive(
@@ -71,7 +72,8 @@ msgpack_values = st.recursive(
 messages = st.one_of(
     st.builds(Window, MSGPACK_INTS, MSGPACK_INTS, st.lists(MSGPACK_INTS, max_size=8),
               MSGPACK_INTS),
-    st.builds(Announce, MSGPACK_INTS, MSGPACK_INTS),
+    st.builds(Announce, MSGPACK_INTS, MSGPACK_INTS, st.lists(st.binary(max_size=20), max_size=4)),
+    st.builds(Cached, MSGPACK_INTS, MSGPACK_INTS),
     st.builds(ChunkDone, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS),
     st.builds(Received, MSGPACK_INTS),
     st.builds(Abort, MSGPACK_INTS, st.text()),
@@ -139,8 +141,9 @@ def deeply_nested(tag: str, depth: int) -> list[bytes]:
 def well_typed(message: object) -> bool:
     fields = {name: getattr(message, name) for name in message.__struct_fields__}
     return all(isinstance(value, str) if name == "reason" else
-               all(type(b) is int for b in value) if name == "blocks" else type(value) is int
-               for name, value in fields.items())
+               all(type(b) is int for b in value) if name == "blocks" else
+               all(type(b) is bytes for b in value) if name == "block_hashes" else
+               type(value) is int for name, value in fields.items())
 
 
 @fuzz_settings(2000)
@@ -152,7 +155,8 @@ def test_codec_decodes_or_raises_protocol_error(raw):
     except ProtocolError:
         return
     assert isinstance(source, str)
-    assert isinstance(message, Window | Announce | ChunkDone | Received | Abort | Heartbeat)
+    assert isinstance(message, Window | Announce | Cached | ChunkDone | Received | Abort
+                      | Heartbeat)
     assert well_typed(message)
 
 
@@ -556,8 +560,8 @@ def to_sender(data, cluster: Cluster) -> None:
         else:
             blocks, allocated = [], 0
         return cluster.push(manager, cluster.receiver.id, Window(room, start, blocks, allocated))
-    kind = data.draw(st.sampled_from(["window", "window", "received", "abort", "other"]),
-                     label="message")
+    kind = data.draw(st.sampled_from(["window", "window", "received", "abort", "cached",
+                                      "other"]), label="message")
     if kind == "window":
         num_blocks = cluster.rogue_receiver.pool.layout.num_blocks
         blocks = data.draw(st.lists(st.integers(-1, num_blocks) | st.sampled_from(BIG),
@@ -568,6 +572,8 @@ def to_sender(data, cluster: Cluster) -> None:
         message = Received(room)
     elif kind == "abort":
         message = Abort(room, data.draw(st.text(max_size=20)))
+    elif kind == "cached":
+        message = Cached(room, number(data, sent, total, *starts, BLOCK))
     else:
         message = data.draw(st.sampled_from([Announce(room, 5), ChunkDone(room, 0, 5, 5, 0)]))
     cluster.push(manager, cluster.rogue_receiver.id, message)
