@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import typing
@@ -361,6 +362,41 @@ class ImageSettings:
         "cache; 0 = no cache", check=non_negative)
 
 
+# generation_config.json fields that become sampling defaults (vLLM's list).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                          "max_new_tokens")
+
+
+def generation_overrides(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(parsed, dict):
+        return "must be a JSON object, e.g. '{\"temperature\": 0.7}'"
+    unknown = sorted(set(parsed) - set(GENERATION_CONFIG_KEYS))
+    if unknown:
+        return f"unknown key {', '.join(unknown)} (known: {', '.join(GENERATION_CONFIG_KEYS)})"
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in parsed.values()):
+        return "values must be numbers"
+    return None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    generation_config: str = knob(
+        "auto", "sampling defaults for fields a request leaves out: auto = the checkpoint's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+        "max_new_tokens), none = mmdisagg's neutral defaults", choices=("auto", "none"))
+    override_generation_config: str = knob(
+        "", "JSON object of sampling defaults that replace the checkpoint's, e.g. "
+        "'{\"temperature\": 0.7}'", check=generation_overrides)
+
+    @property
+    def overrides(self) -> dict[str, float]:
+        return json.loads(self.override_generation_config or "{}")
 BYTE_UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
@@ -471,6 +507,7 @@ class LanguageServerSettings:
     pool: PoolSettings = field(default_factory=PoolSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
@@ -525,6 +562,7 @@ class ServeSettings:
     transfer: TransferSettings = field(default_factory=TransferSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 

@@ -11,14 +11,26 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """Output constrained to compact JSON that matches ``json_schema`` (JSON text), written
+    between the literal texts ``begin`` and ``end`` (a tool call's tags), then a stop token."""
+
+    json_schema: str
+    begin: str = ""
+    end: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
+    """How to pick tokens. ``temperature == 0`` means greedy. The OpenAI fields keep their
+    OpenAI meaning; ``logprobs`` is how many alternatives to report per token (None: no
+    logprobs); ``n`` choices share one prompt, choice i seeded with ``seed + i``."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -28,10 +40,30 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    n: int = 1
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """What a request asks to have encoded: chat ``messages`` (and ``tools``) rendered by the
+    chat template, or, when ``text`` is set, a raw completion prompt (a string or token ids)
+    taken as is."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    text: str | list[int] | None = None
 
 
 @dataclass(eq=False)

@@ -28,20 +28,32 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
-class ApiError(Exception):
-    """An error a client should see, with its HTTP status."""
+# OpenAI's error codes are strings (or null); the HTTP status says the rest.
+ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+
+class ApiError(Exception):
+    """An error a client should see, with its HTTP status (and OpenAI ``code``, if any)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": kind, "param": param, "code": status}})
+    return {"error": {"message": message, "type": kind, "param": param,
+                      "code": code or ERROR_CODES.get(status)}}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param, code))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -57,7 +69,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -146,6 +158,12 @@ def role_app(server: RoleServer, token: str) -> FastAPI:
     return app
 
 
+# NOTE: longer than any of our clients keeps an idle connection (httpx: 5 s). With equal
+# limits a client can reuse a connection the server is just closing: a ReadError, which the
+# router took for a dead encode server (503s until the next health check).
+KEEP_ALIVE_S = 30
+
+
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM, then return by exception so the caller's cleanup runs.
 
@@ -154,7 +172,7 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     any ``finally`` unlinks shared memory; this handler turns it into SystemExit instead."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_S)
     uvicorn.Server(config).run()
 
 

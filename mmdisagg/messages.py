@@ -3,18 +3,16 @@ codec (msgspec JSON). Imports nothing of ours but ``core``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
-from mmdisagg.core import SamplingParams
+from mmdisagg.core import PromptInput, SamplingParams
 
 
 class EncodeRequest(msgspec.Struct, frozen=True):
-    """Router -> encode server: prepare, encode and send this chat to ``room``'s receiver."""
+    """Router -> encode server: prepare, encode and send this prompt to ``room``'s receiver."""
 
     room: int
-    messages: list[dict[str, Any]]
+    prompt: PromptInput
     request_id: str = ""
 
 
@@ -39,14 +37,25 @@ class AbortRequest(msgspec.Struct, frozen=True):
     room: int
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's text and log-probability, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = []
+
+
 class TokenEvent(msgspec.Struct, frozen=True, tag="token", tag_field="event"):
-    """New text of one request (``text`` may be empty while a stop string is possible)."""
+    """New text of choice ``index`` of one request (``text`` may be empty while a stop string
+    is possible); ``logprobs``, when asked for, one per token id."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 TRANSFER_FAILED = "transfer_failed"
@@ -75,6 +84,8 @@ class ServerInfo(msgspec.Struct, frozen=True):
     load: int  # requests queued and running
     bootstrap: str | None = None
     max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
+    # language servers: defaults for sampling fields a request leaves out
+    sampling_defaults: dict[str, float] = {}
     kv_block_size: int = 0  # language servers: tokens per KV-cache block
     kv_blocks: int = 0  # language servers: blocks in the KV cache
     kv_blocks_used: int = 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 import openai
@@ -29,6 +30,7 @@ class Endpoint:
     timeout_s: float = 300.0
     temperature: float = 0.0
     extensions: tuple[str, ...] = ()  # of EXTENSIONS, those the server accepts
+    response_format: dict[str, Any] | None = None  # sent with every request when set
 
     def client(self) -> AsyncOpenAI:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -78,8 +80,7 @@ async def connect(endpoint: Endpoint) -> Endpoint:
                                         f"HTTP {exc.status_code}: {exc.message}") from None
                 continue
             accepted.append(extension)
-    return Endpoint(endpoint.base_url, model, endpoint.api_key, endpoint.timeout_s,
-                    endpoint.temperature, tuple(accepted))
+    return replace(endpoint, model=model, extensions=tuple(accepted))
 
 
 def error_kind(exc: BaseException) -> str:
@@ -99,10 +100,13 @@ async def send(client: AsyncOpenAI, endpoint: Endpoint, request: ChatRequest) ->
     record = RequestRecord(request.index, request.group, start=time.perf_counter())
     chunks = 0
     try:
+        structured = ({"response_format": endpoint.response_format}
+                      if endpoint.response_format else {})
         stream = await client.chat.completions.create(
             model=endpoint.model, messages=request.messages, max_tokens=request.max_tokens,
             temperature=endpoint.temperature, stream=True,
-            stream_options={"include_usage": True}, extra_body=endpoint.extra_body())
+            stream_options={"include_usage": True}, extra_body=endpoint.extra_body(),
+            **structured)
         async for chunk in stream:
             if chunk.usage is not None:
                 record.output_tokens = chunk.usage.completion_tokens

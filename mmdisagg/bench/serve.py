@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -86,6 +88,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="closed loop: requests in flight (default 1 if no rate is given)")
     group.add_argument("--max-seconds", type=float, default=600.0,
                        help="no new request starts after this long in a run")
+    parser.add_argument("--json-schema", type=Path, default=None,
+                        help="also run every load with this JSON schema as response_format "
+                             "(structured outputs), right after the plain run: the overhead "
+                             "side by side")
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve"),
                         help="folder for results.json and the PNG plots")
 
@@ -118,6 +124,14 @@ def loads_from(args: argparse.Namespace) -> list[Load]:
                 + [Load(concurrency=c, max_seconds=args.max_seconds) for c in concurrencies])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def json_schema_format(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--json-schema {path}: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
 def connect_or_explain(endpoint: Endpoint) -> Endpoint:
@@ -171,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         slo = slo_from(args)
         loads = loads_from(args)
         workload = workload_from(args)
+        structured_format = json_schema_format(args.json_schema) if args.json_schema else None
         endpoint = connect_or_explain(Endpoint(args.base_url, args.model, args.api_key,
                                                args.timeout, args.temperature))
     except (UsageError, EndpointError) as exc:
@@ -178,14 +193,23 @@ def run(args: argparse.Namespace) -> int:
         return 2 if isinstance(exc, UsageError) else 1
     if args.warmup:
         asyncio.run(warm_up(endpoint, build_requests(warmup_workload(workload, args.warmup))))
+    variants = [(endpoint, "")]
+    if structured_format is not None:
+        variants.append((replace(endpoint, response_format=structured_format), " json_schema"))
     runs = []
-    for number, load in enumerate(loads):
+    for number, (load, (variant, suffix)) in enumerate(itertools.product(loads, variants)):
         # NOTE: run n draws its images with seed + n: the server's image cache must not turn
         # later runs into cache hits (--repeat-images asks for hits within a run)
         stream = replace(workload, seed=workload.seed + number)
-        runs.append(asyncio.run(measure(endpoint, load.label,
+        runs.append(asyncio.run(measure(variant, load.label + suffix,
                                         [Stream(build_requests(stream), load)], stream.seed)))
     print_table([summary_row(run.label, run.summary(slo)) for run in runs], TABLE)
+    if structured_format is not None:
+        for plain, structured in zip(runs[::2], runs[1::2], strict=True):
+            ratio = (structured.summary(slo).output_throughput
+                     / plain.summary(slo).output_throughput)
+            print(f"{structured.label}: output tokens/s {ratio:.3f}x the plain run",
+                  file=sys.stderr)
     payload = {"bench": "serve",
                "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model,
                             "extensions": list(endpoint.extensions)},

@@ -108,7 +108,7 @@ class EncodeServer:
                                 f"(--max-queued-encodes {limit}); try again later")
         self.preparing += 1
         try:
-            prepared = await run_in_threadpool(self.half.prepare, request.messages)
+            prepared = await run_in_threadpool(self.half.prepare_input, request.prompt)
         except InputError as exc:
             log.info("request %s room %d refused: %s", request.request_id, request.room,
                      exc.message)

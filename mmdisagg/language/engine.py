@@ -28,6 +28,7 @@ from mmdisagg.language.runner import ModelRunner
 from mmdisagg.language.sampler import check_params, request_seed
 from mmdisagg.models.base import LanguageHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.grammar import new_matcher
 from mmdisagg.models.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StepOutput:
     token_id: int
     finish_reason: str | None
     error: str | None = None
+    logprob: tuple[float, list[tuple[int, float]]] | None = None  # if the request asked
 
     @property
     def request_id(self) -> str:
@@ -83,13 +85,15 @@ class Engine:
     def add(self, req: Req) -> None:
         """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
         can never run."""
-        check_params(req.params)
+        check_params(req.params, self.half.vocab_size)
         problem = self.length_problem(req.prompt_tokens)
         if problem is not None:
             raise InputError(problem)
         if req.prompt.prefix is not None:
             self.blocks.adopt(req, req.prompt.prefix)
-        req.seed = request_seed(req.params)
+        req.seed = request_seed(req.params, req.index)
+        if req.grammar is not None and req.matcher is None:
+            req.matcher = new_matcher(req.grammar)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
 
@@ -123,7 +127,7 @@ class Engine:
         prefill = self._schedule_prefill(failed)
         if not decode and not prefill:
             return failed
-        tokens = self.runner.run(decode, prefill)
+        sampled_tokens = self.runner.run(decode, prefill)
         for req in decode:
             req.num_computed += 1
         for req, count in prefill:
@@ -131,8 +135,8 @@ class Engine:
             if req.num_computed - count < req.prompt_tokens <= req.num_computed:
                 self.blocks.index(req, req.prompt.block_hashes)
         sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
-        return failed + [self._emit(req, token)
-                         for req, token in zip(sampled, tokens, strict=True)]
+        return failed + [self._emit(req, token, logprob) for req, token, logprob in zip(
+            sampled, sampled_tokens.tokens, sampled_tokens.logprobs, strict=True)]
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -221,14 +225,15 @@ class Engine:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _emit(self, req: Req, token: int) -> StepOutput:
+    def _emit(self, req: Req, token: int,
+              logprob: tuple[float, list[tuple[int, float]]] | None) -> StepOutput:
         req.output_ids.append(token)
         finish_reason = self._finish_reason(req, token)
         if finish_reason is not None:
             self.running.remove(req)
             self._release(req)
             req.finish_reason = finish_reason
-        return StepOutput(req, token, finish_reason)
+        return StepOutput(req, token, finish_reason, logprob=logprob)
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)
@@ -246,6 +251,8 @@ class Engine:
         params = req.params
         if token in params.stop_token_ids or (token in self.half.eos_token_ids
                                               and not params.ignore_eos):
+            return "stop"
+        if req.matcher is not None and req.matcher.is_terminated():  # the grammar is complete
             return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_len:
             return "length"

@@ -151,6 +151,14 @@ class KVBlockManager:
             self._unref(hit.blocks)
             self._pinned -= len(hit.blocks)
 
+    def share(self, hit: PrefixHit) -> PrefixHit:
+        """Another pin of ``hit``'s blocks: for another choice of the same prompt."""
+        with self._lock:
+            for block in hit.blocks:
+                self._refs[block] += 1
+            self._pinned += len(hit.blocks)
+        return PrefixHit(hit.tokens, list(hit.blocks))
+
     def adopt(self, req: Req, hit: PrefixHit) -> None:
         """``req`` starts with ``hit``'s blocks (their pins become its references)."""
         if req.block_table:

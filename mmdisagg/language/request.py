@@ -8,7 +8,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -71,11 +71,30 @@ class Req:
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
+    index: int = 0  # which of the request's ``params.n`` choices this is
+    choices: list[Req] = field(default_factory=list)  # n > 1: every choice, this one too
+    grammar: Any = None  # structured output: the compiled grammar (xgrammar)
+    matcher: Any = None  # ... and this choice's place in it
+    _prompt_vocab: list[int] | None = None
 
     @property
     def prompt_tokens(self) -> int:
         """The whole prompt's, a cached prefix included."""
         return self.prompt.prompt_tokens if self.prompt is not None else 0
+
+    def prompt_vocab(self) -> list[int]:
+        """The distinct token ids of the prompt (image placeholders included), found once."""
+        if self._prompt_vocab is None:
+            self._prompt_vocab = (self.prompt.token_ids.unique().tolist()
+                                  if self.prompt is not None else [])
+        return self._prompt_vocab
+
+    def fork(self, index: int) -> Req:
+        """Choice ``index`` of this request: the same prompt, room and emitter; its own
+        output, seed and grammar state."""
+        return Req(f"{self.request_id}/{index}", self.params, self.prompt, self.emit,
+                   self.room, self.encoder, grammar=self.grammar, index=index,
+                   arrived=self.arrived)
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from mmdisagg.language.request import Req
-from mmdisagg.language.sampler import Sampler, SamplingBatch
+from mmdisagg.language.sampler import Sampled, Sampler, SamplingBatch
 from mmdisagg.models.base import ForwardBatch, LanguageHalf, PagedRows, PrefillRows
 from mmdisagg.models.kv_cache import PagedKVCache
 
@@ -22,10 +22,10 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
         self.device = half.device
 
-    def run(self, decode: Sequence[Req], prefill: Sequence[tuple[Req, int]]) -> list[int]:
+    def run(self, decode: Sequence[Req], prefill: Sequence[tuple[Req, int]]) -> Sampled:
         """One step: ``decode`` rows feed their last output token; each prefill row its next
-        ``count`` pending tokens. Returns the next token of every decode row, then of every
-        prefill row whose chunk ends its pending tokens, in that order.
+        ``count`` pending tokens. Returns the next token (and logprobs, where asked) of every
+        decode row, then of every prefill row whose chunk ends its pending tokens, in order.
 
         NOTE: the caller has given every row the blocks for its new tokens, and advances
         ``num_computed`` afterwards."""
@@ -34,13 +34,14 @@ class ModelRunner:
         finishing = [req for req, count in prefill if count == req.num_pending]
         reqs = [*decode, *finishing]
         if not reqs:
-            return []
+            return Sampled([], [])
         if len(finishing) < len(prefill):
             rows = [row for row, (req, count) in enumerate(prefill, start=len(decode))
                     if count == req.num_pending]
             hidden = hidden[torch.tensor([*range(len(decode)), *rows], device=self.device)]
         logits = self.half.logits(hidden)
-        return self.sampler(logits, SamplingBatch.of(reqs, logits.device))
+        return self.sampler.sample(logits, SamplingBatch.of(
+            reqs, logits.device, logits.shape[-1], self.half.eos_token_ids))
 
     def _batch(self, decode: Sequence[Req], prefill: Sequence[tuple[Req, int]]) -> ForwardBatch:
         embeddings, positions, slots, counts = [], [], [], []

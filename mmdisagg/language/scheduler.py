@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from mmdisagg.config import LanguageServerSettings
@@ -179,7 +180,8 @@ class LanguageScheduler(LoopThread):
 
     def drain(self) -> None:
         for request in list(self._requests.values()):
-            self.engine.abort(request)
+            for choice in request.choices or [request]:
+                self.engine.abort(choice)
             self._finish(request, ErrorEvent("language server shutting down", 503))
 
     def _receive(self) -> None:
@@ -200,14 +202,20 @@ class LanguageScheduler(LoopThread):
             if request is None:
                 continue
             if not self.source.abort(request):
-                self.engine.abort(request)
+                for choice in request.choices or [request]:
+                    self.engine.abort(choice)
             request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
         while self._stops:
             request = self._stops.popleft()
-            if self._requests.pop(request.room, None) is request:
-                self.engine.abort(request)
-                request.status = ReqStatus.FINISHED
+            owner = self._requests.get(request.room)
+            if owner is None or request not in (owner.choices or [owner]):
+                continue  # aborted or failed meanwhile
+            self.engine.abort(request)
+            request.status = ReqStatus.FINISHED
+            request.finish_reason = request.finish_reason or "stop"
+            if all_done(request):
+                del self._requests[request.room]
                 self.outcomes["ok"] += 1
 
     def _collect(self) -> None:
@@ -219,9 +227,26 @@ class LanguageScheduler(LoopThread):
                 self._finish(request, prompt)
                 continue
             request.prompt = prompt
+            # NOTE: n choices: the prompt was encoded and sent once; each choice holds its own
+            # pins of a prefix-cache hit and prefills the rest of the prompt itself.
+            choices = [request, *(request.fork(i) for i in range(1, request.params.n))]
+            if prompt.prefix is not None:
+                for choice in choices[1:]:
+                    choice.prompt = replace(prompt, prefix=self.engine.blocks.share(prompt.prefix))
+            if len(choices) > 1:
+                for choice in choices:
+                    choice.choices = choices
+            added: list[Req] = []
             try:
-                self.engine.add(request)
+                for choice in choices:
+                    self.engine.add(choice)
+                    added.append(choice)
             except InputError as exc:
+                for choice in choices:  # NOTE: a choice not added still holds its pins
+                    if choice not in added and choice.prompt.prefix is not None:
+                        self.engine.blocks.release(choice.prompt.prefix)
+                for choice in added:
+                    self.engine.abort(choice)
                 self._finish(request, ErrorEvent(exc.message, exc.status))
 
     def _forward(self) -> list[StepOutput]:
@@ -248,7 +273,12 @@ class LanguageScheduler(LoopThread):
                 else:
                     self.on_next_token(now - request.last_token_at)
                 request.last_token_at = now
-            if output.finish_reason is not None and request.room in self._requests:
+            else:  # one choice failed: so does the request
+                for choice in request.choices:
+                    if self.engine.abort(choice):
+                        choice.finish_reason = "error"
+            if (output.finish_reason is not None and all_done(request)
+                    and request.room in self._requests):
                 del self._requests[request.room]
                 self.outcomes["failed" if output.error else "ok"] += 1
         if outputs:
@@ -259,3 +289,8 @@ class LanguageScheduler(LoopThread):
         request.status = ReqStatus.FINISHED
         self.outcomes["ok" if isinstance(event, TokenEvent) else "failed"] += 1
         self.output.put(Direct(request, event))
+
+
+def all_done(request: Req) -> bool:
+    """Every choice of ``request``'s room has finished."""
+    return all(choice.finish_reason is not None for choice in request.choices or [request])

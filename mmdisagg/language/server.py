@@ -12,14 +12,24 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
 
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
-from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
+from mmdisagg.core import SamplingParams
+from mmdisagg.httpapp import (
+    ApiError,
+    StatsCollector,
+    check_bearer,
+    decode_body,
+    role_app,
+    serve,
+)
 from mmdisagg.language.engine import Engine
 from mmdisagg.language.output import Delivered, emit_each
 from mmdisagg.language.request import Req
@@ -34,6 +44,9 @@ from mmdisagg.metrics import (
     transfer_metrics,
 )
 from mmdisagg.models.base import LanguageHalf
+from mmdisagg.models.errors import InputError
+from mmdisagg.models.generation_config import sampling_defaults
+from mmdisagg.models.grammar import GrammarCompiler
 from mmdisagg.pool.layout import PoolLayout, dtype_name
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -53,6 +66,8 @@ class GenerationService:
         self.engine = engine
         source.attach(engine.blocks if engine.blocks.prefix_caching else None)
         self.scheduler = LanguageScheduler(self.engine, source, settings)
+        self.grammars = GrammarCompiler(self.half.tokenizer, self.half.vocab_size,
+                                        self.half.eos_token_ids)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
                                  "Arrival to first token, at this server", self.registry)
@@ -72,14 +87,29 @@ class GenerationService:
         request.loop = asyncio.get_running_loop()
         self.scheduler.submit(request)
         finished = False
+        choices_left = request.params.n
         try:
             while not finished:
                 event = await queue.get()
-                finished = isinstance(event, ErrorEvent) or event.finish_reason is not None
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                else:
+                    choices_left -= event.finish_reason is not None
+                    finished = not choices_left
                 yield event
         finally:
             if not finished:
                 self.scheduler.abort(request.room)
+
+    async def compile(self, params: SamplingParams) -> Any:
+        """The compiled grammar of a structured-output request (None without one), compiled
+        off the event loop; ApiError (400) for a schema that cannot be compiled."""
+        if params.grammar is None:
+            return None
+        try:
+            return await run_in_threadpool(self.grammars.compile, params.grammar)
+        except InputError as exc:
+            raise ApiError(exc.status, exc.message) from None
 
     def close(self) -> None:
         self.scheduler.close()
@@ -114,6 +144,7 @@ class LanguageServer:
         self.manager = ReceiverManager(self.pool, settings.transfer, settings.network,
                                        check_length=engine.length_problem)
         self.service = GenerationService(engine, TransferSource(self.manager), settings)
+        self.sampling_defaults = sampling_defaults(model.model_path, settings.generation)
         self.registry = self.service.registry
         self.registry.register(StatsCollector(self._metrics))
 
@@ -142,6 +173,7 @@ class LanguageServer:
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
                           max_model_len=engine.max_len, kv_block_size=engine.blocks.block_size,
                           kv_blocks=stats.total_blocks, kv_blocks_used=stats.used_blocks,
+                          sampling_defaults=self.sampling_defaults,
                           pool_free_blocks=self.pool.allocator.num_free_blocks)
 
 
@@ -176,9 +208,10 @@ def build_app(server: LanguageServer) -> FastAPI:
         body = decode_body(await request.body(), GenerateRequest)
         log.debug("request %s room %d: from encoder %s", body.request_id, body.room,
                   body.encoder)
+        grammar = await server.service.compile(body.params)
         events = server.service.events(lambda emit: Req(
             body.request_id or str(body.room), body.params, emit=emit, room=body.room,
-            encoder=body.encoder))
+            encoder=body.encoder, grammar=grammar))
         return StreamingResponse(ndjson(logged(events, body)),
                                  media_type="application/x-ndjson")
 

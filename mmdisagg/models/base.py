@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from mmdisagg.config import ImageSettings
-from mmdisagg.core import EncodedPrompt, ImageSpan, block_hashes
+from mmdisagg.core import EncodedPrompt, ImageSpan, PromptInput, block_hashes
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 
 # model_type in config.json -> module with ``ENCODER_HALF`` and ``LANGUAGE_HALF`` classes.
@@ -175,13 +175,24 @@ class EncoderHalf(ABC):
             max_model_len=max_model_len)
 
     @abstractmethod
-    def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
-        """Tokenize OpenAI-style chat messages (with the assistant turn opened) and fetch, check
-        and process their images; no vision forward yet, so ``total_tokens`` is known early.
+    def prepare(self, messages: Sequence[Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> PreparedPrompt:
+        """Tokenize OpenAI-style chat messages (and ``tools``) through the chat template (with
+        the assistant turn opened) and fetch, check and process their images; no vision forward
+        yet, so ``total_tokens`` is known early.
 
         Raises ``InputError`` (with a client-readable ``message`` and ``status``) for anything
         the request itself got wrong: malformed messages, bad or too many images, a prompt
-        longer than the model takes."""
+        longer than the model takes, tools the chat template cannot render."""
+
+    @abstractmethod
+    def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
+        """A raw completion prompt, text or token ids, as is: no chat template, no images."""
+
+    def prepare_input(self, prompt: PromptInput) -> PreparedPrompt:
+        if prompt.text is not None:
+            return self.prepare_text(prompt.text)
+        return self.prepare(prompt.messages, prompt.tools)
 
     @abstractmethod
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
@@ -207,8 +218,8 @@ class LanguageHalf(ABC):
     """Decoder layers, final norm, LM head and token embedding table: never the vision tower.
 
     Attributes: ``hidden_size``, ``dtype``, ``device``, ``eos_token_ids``, ``max_model_len``,
-    ``tokenizer``. Positions are ``[n, 3]`` (M-RoPE t/h/w). A decoded token sits at ``tokens so
-    far + mrope_delta`` on all three rows.
+    ``tokenizer``, ``vocab_size`` (the logits' width). Positions are ``[n, 3]`` (M-RoPE
+    t/h/w). A decoded token sits at ``tokens so far + mrope_delta`` on all three rows.
     """
 
     hidden_size: int
@@ -217,6 +228,7 @@ class LanguageHalf(ABC):
     eos_token_ids: frozenset[int]
     max_model_len: int
     tokenizer: Any
+    vocab_size: int
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,

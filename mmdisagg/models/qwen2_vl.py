@@ -46,7 +46,7 @@ from mmdisagg.models.errors import InputError
 from mmdisagg.models.images import load_image
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
-from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.prompts import ChatPrompt, ImageRef, parse_messages
 from mmdisagg.models.videos import VideoRules, load_video
 from mmdisagg.models.weights import CheckpointWeights
 
@@ -192,31 +192,31 @@ class QwenVLEncoderHalf(EncoderHalf):
     def loaded_weights(self) -> Mapping[str, torch.Tensor]:
         return self._loaded_weights
 
-    def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
-        chat = parse_messages(messages)
+    def prepare(self, messages: Sequence[Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> PreparedPrompt:
+        chat = parse_messages(messages, tools)
         if chat.text_bytes > self.max_text_bytes:  # seconds of tokenizing, spared
             raise InputError(f"the prompt's text is {chat.text_bytes} bytes; this model takes "
                              f"fewer than {self.max_model_len} tokens (prompt and output "
                              f"together), which cannot hold more than {self.max_text_bytes}")
         limit = self.image_settings.max_images_per_request
-        if len(chat.image_urls) > limit:
-            raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")
+        if len(chat.images) > limit:
+            raise InputError(f"{len(chat.images)} images in one request; the limit is {limit}")
         limit = self.image_settings.max_videos_per_request
         if len(chat.video_urls) > limit:
             raise InputError(f"{len(chat.video_urls)} videos in one request; the limit is {limit}")
-        text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self._render(chat)
         template_ids = self.tokenizer.encode(text, add_special_tokens=False)
         placed = template_ids.count(self.video_token_id)
         if chat.video_urls and not placed:
             raise InputError("this model's chat template has no place for videos")
         if placed != len(chat.video_urls):
             raise InputError("message text may not contain the video placeholder token")
-        if template_ids.count(self.image_token_id) != len(chat.image_urls):
+        if template_ids.count(self.image_token_id) != len(chat.images):
             raise InputError("message text may not contain the image placeholder token")
         pending = {
-            self.image_token_id: iter([self._prepare_image(number, url)
-                                       for number, url in enumerate(chat.image_urls, start=1)]),
+            self.image_token_id: iter([self._prepare_image(number, image)
+                                       for number, image in enumerate(chat.images, start=1)]),
             self.video_token_id: iter([self._prepare_video(number, url)
                                        for number, url in enumerate(chat.video_urls, start=1)]),
         }
@@ -230,15 +230,48 @@ class QwenVLEncoderHalf(EncoderHalf):
                 token_ids.extend([token_id] * visuals[-1].num_tokens)
             else:
                 token_ids.append(token_id)
+        return self._prompt(token_ids, visuals, image_starts)
+
+    def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
+        if isinstance(prompt, str):
+            if len(prompt.encode()) > self.max_text_bytes:
+                raise InputError(f"the prompt is {len(prompt.encode())} bytes; this model takes "
+                                 f"fewer than {self.max_model_len} tokens")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = len(self.tokenizer)
+            if any(not 0 <= token < vocab for token in token_ids):
+                raise InputError(f"prompt token ids must be in [0, {vocab})")
+        if not token_ids:
+            raise InputError("the prompt is empty")
+        if self.image_token_id in token_ids or self.video_token_id in token_ids:
+            raise InputError("a text prompt may not contain an image or video placeholder token")
+        return self._prompt(token_ids, [], [])
+
+    def _render(self, chat: ChatPrompt) -> str:
+        """The chat template's text; tools the template would silently leave out are refused."""
+        text = self.tokenizer.apply_chat_template(chat.messages, tools=chat.tools,
+                                                  tokenize=False, add_generation_prompt=True)
+        if chat.tools and text == self.tokenizer.apply_chat_template(
+                chat.messages, tokenize=False, add_generation_prompt=True):
+            raise InputError("this checkpoint's chat template does not render tools")
+        return text
+
+    def _prompt(self, token_ids: list[int], visuals: list[PreparedImage],
+                image_starts: list[int]) -> PreparedPrompt:
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
         return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), visuals, image_starts)
 
-    def _prepare_image(self, number: int, url: str) -> PreparedImage:
+    def _prepare_image(self, number: int, ref: ImageRef) -> PreparedImage:
+        smallest = self.image_processor.size.shortest_edge  # the processor's minimum pixels
+        budget = ({"size": {"shortest_edge": smallest, "longest_edge": smallest}}
+                  if ref.detail == "low" else {})
         try:
-            image = load_image(url, self.image_settings)
-            features = self.image_processor(images=[image], return_tensors="pt")
+            image = load_image(ref.url, self.image_settings)
+            features = self.image_processor(images=[image], return_tensors="pt", **budget)
         except InputError as exc:
             raise InputError(f"image {number}: {exc.message}", exc.status) from None
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
@@ -363,6 +396,7 @@ class QwenVLLanguageHalf(LanguageHalf):
         self.device = checkpoint.device
         self.tokenizer = checkpoint.tokenizer()
         self.eos_token_ids = _eos_token_ids(checkpoint)
+        self.vocab_size = lm_head.out_features
         self.max_model_len = max_model_len
         self.text_model = text_model
         self.lm_head = lm_head

@@ -24,12 +24,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from mmdisagg.config import RouterSettings, add_arguments, load
-from mmdisagg.core import SamplingParams
+from mmdisagg.core import PromptInput, SamplingParams
 from mmdisagg.httpapp import (
     ApiError,
     StatsCollector,
     add_metrics_route,
     check_bearer,
+    error_body,
     error_response,
     install_error_handlers,
     serve,
@@ -37,9 +38,17 @@ from mmdisagg.httpapp import (
 from mmdisagg.messages import TokenEvent
 from mmdisagg.metrics import latency_histogram, outcome_metrics, server_metrics
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.prompts import parse_messages, parse_tools
 from mmdisagg.router.dispatch import Dispatcher
-from mmdisagg.router.openai import ChatCompletionRequest, Completion, model_list
+from mmdisagg.router.openai import (
+    ChatCompletionRequest,
+    ChatReply,
+    CompletionRequest,
+    SamplingRequest,
+    TextReply,
+    model_card,
+    model_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,11 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """The served checkpoint's sampling defaults (generation_config.json)."""
+
+    def generate(self, prompt: PromptInput, params: SamplingParams,
                  request_id: str) -> AsyncIterator[TokenEvent]:
         """Events of one request; ApiError before the first if it cannot be served."""
 
@@ -87,7 +100,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
+def parse_request(body: bytes, kind: type[SamplingRequest]) -> Any:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -97,7 +110,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
-        chat = ChatCompletionRequest.model_validate(data)
+        request = kind.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
@@ -105,18 +118,20 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         if first["type"] == "extra_forbidden":
             message = "unknown field (not supported by mmdisagg)"
         raise ApiError(400, f"{param}: {message}" if param else message, param) from None
-    try:
-        parse_messages(chat.messages)
-    except InputError as exc:
-        raise ApiError(exc.status, exc.message, "messages") from None
-    return chat
+    if isinstance(request, ChatCompletionRequest):
+        for param, check in (("messages", lambda: parse_messages(request.messages)),
+                             ("tools", lambda: parse_tools(request.tools or []))):
+            try:
+                check()
+            except InputError as exc:
+                raise ApiError(exc.status, exc.message, param) from None
+    return request
 
 
-def check_length(chat: ChatCompletionRequest, max_model_len: int | None) -> None:
+def check_length(request: SamplingRequest, max_model_len: int | None) -> None:
     """Refuse output that could never fit the model (the prompt takes tokens too)."""
-    asked = chat.max_tokens or chat.max_completion_tokens
+    field, asked = request.asked_max_tokens
     if asked and max_model_len and asked >= max_model_len:
-        field = "max_tokens" if chat.max_tokens else "max_completion_tokens"
         raise ApiError(400, f"{field}: {asked} is too large; this model takes fewer than "
                             f"{max_model_len} tokens, prompt and output together", field)
 
@@ -153,10 +168,22 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
             raise ApiError(503, "no healthy server is serving a model yet")
         return model
 
+    def check_model(name: str) -> str:
+        model = served_model()
+        if name != model:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves "
+                                f"'{model}'", "model", code="model_not_found")
+        return model
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_bearer(request, api_key, "API key")
         return model_list(served_model(), started)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict:
+        check_bearer(request, api_key, "API key")
+        return model_card(check_model(name), started)
 
     @app.get("/health")
     async def health() -> Response:
@@ -169,28 +196,27 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         return JSONResponse({"status": "degraded" if degraded else "ok", "servers": {
             role: {"healthy": up, "configured": total} for role, (up, total) in servers.items()}})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        request_id = client_request_id(request)
-        try:
-            response = await completions(request, request_id)
-        except ApiError as exc:
-            response = error_response(exc.status, exc.message, exc.param)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+    def identified(handler):
+        """The route around ``handler(request, request_id)``: the id is the client's
+        ``X-Request-Id`` (or a new one), sent back on every answer, errors included."""
 
-    async def completions(request: Request, request_id: str) -> Response:
+        async def route(request: Request) -> Response:
+            request_id = client_request_id(request)
+            try:
+                response = await handler(request, request_id)
+            except ApiError as exc:
+                response = error_response(exc.status, exc.message, exc.param, exc.code)
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+
+        return route
+
+    async def complete(request: Request, request_id: str, parsed: SamplingRequest,
+                       prompt: PromptInput, reply: ChatReply | TextReply) -> Response:
         arrived = time.monotonic()
-        check_bearer(request, api_key, "API key")
-        chat = parse_request(await read_body(request, max_request_bytes))
-        model = served_model()
-        if chat.model != model:
-            raise ApiError(404, f"the model '{chat.model}' does not exist; this server serves "
-                                f"'{model}'", "model")
-        check_length(chat, backend.max_model_len)
-        completion = Completion(model, chat.return_token_ids, request_id)
-        events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
-                                  request_id)
+        check_length(parsed, backend.max_model_len)
+        params = parsed.sampling_params(backend.sampling_defaults, default_max_tokens)
+        events = backend.generate(prompt, params, request_id)
         waiting = asyncio.ensure_future(anext(events))
         if not await unless_gone(request, waiting):
             outcomes["aborted"] += 1
@@ -206,12 +232,11 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
             e2e.observe(time.monotonic() - arrived)
             outcomes["ok" if last.finish_reason else "aborted"] += 1
 
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        if parsed.stream:
             return StreamingResponse(
-                _sse(completion, first, events, include_usage, finished, outcomes),
+                _sse(reply, first, events, parsed.include_usage, finished, outcomes),
                 media_type="text/event-stream")
-        collected = asyncio.create_task(_collect(first, events))
+        collected = asyncio.create_task(_collect(first, events, params.n))
         if not await unless_gone(request, collected):
             outcomes["aborted"] += 1
             return Response(status_code=499)
@@ -221,7 +246,26 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
             outcomes["failed"] += 1
             raise
         finished(result[-1])
-        return JSONResponse(completion.whole(result))
+        return JSONResponse(reply.whole(result))
+
+    async def chat_completion(request: Request, request_id: str) -> Response:
+        check_bearer(request, api_key, "API key")
+        chat = parse_request(await read_body(request, max_request_bytes), ChatCompletionRequest)
+        model = check_model(chat.model)
+        parsing = chat.parallel_tool_calls if chat.parses_tool_calls else None
+        return await complete(request, request_id, chat, chat.prompt(),
+                              ChatReply(model, chat.return_token_ids, request_id, chat.n,
+                                        parsing))
+
+    async def text_completion(request: Request, request_id: str) -> Response:
+        check_bearer(request, api_key, "API key")
+        text = parse_request(await read_body(request, max_request_bytes), CompletionRequest)
+        model = check_model(text.model)
+        return await complete(request, request_id, text, text.prompt_input(),
+                              TextReply(model, text.return_token_ids, request_id, text.n))
+
+    app.post("/v1/chat/completions")(identified(chat_completion))
+    app.post("/v1/completions")(identified(text_completion))
 
     return app
 
@@ -243,32 +287,39 @@ async def unless_gone(request: Request, work: asyncio.Future) -> bool:
     return True
 
 
-async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+async def _collect(first: TokenEvent, events: AsyncIterator[TokenEvent], n: int
+                   ) -> list[TokenEvent]:
+    """Every event of a request, until each of its ``n`` choices has finished."""
     collected = [first]
-    while first.finish_reason is None:
-        first = await anext(events)
-        collected.append(first)
+    finished = int(first.finish_reason is not None)
+    while finished < n:
+        collected.append(await anext(events))
+        finished += collected[-1].finish_reason is not None
     return collected
 
 
-async def _sse(completion: Completion, first: TokenEvent, events: AsyncIterator[TokenEvent],
-               include_usage: bool, finished, outcomes: Counter[str]) -> AsyncIterator[bytes]:
+async def _sse(reply: ChatReply | TextReply, first: TokenEvent,
+               events: AsyncIterator[TokenEvent], include_usage: bool, finished,
+               outcomes: Counter[str]) -> AsyncIterator[bytes]:
     def line(payload: dict) -> bytes:
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
     event = first
+    finals: list[TokenEvent] = []
     try:
-        yield line(completion.chunk(None))
+        for chunk in reply.first_chunks():
+            yield line(chunk)
         while True:
-            if event.text or event.finish_reason or completion.return_token_ids:
-                yield line(completion.chunk(event))
+            for chunk in reply.chunks(event):
+                yield line(chunk)
             if event.finish_reason is not None:
-                break
+                finals.append(event)
+                if len(finals) == reply.n:
+                    break
             event = await anext(events)
     except ApiError as exc:
         outcomes["failed"] += 1
-        yield line({"error": {"message": exc.message, "type": "server_error",
-                              "param": None, "code": exc.status}})
+        yield line(error_body(exc.status, exc.message, exc.param, exc.code))
         yield b"data: [DONE]\n\n"
         return
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
@@ -276,7 +327,7 @@ async def _sse(completion: Completion, first: TokenEvent, events: AsyncIterator[
         raise
     finished(event)
     if include_usage:
-        yield line(completion.usage_chunk(event))
+        yield line(reply.usage_chunk(finals))
     yield b"data: [DONE]\n\n"
 
 

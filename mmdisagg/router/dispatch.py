@@ -19,13 +19,13 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import httpx
 import msgspec
 
 from mmdisagg.config import RouterSettings
-from mmdisagg.core import SamplingParams
+from mmdisagg.core import PromptInput, SamplingParams
 from mmdisagg.httpapp import ApiError
 from mmdisagg.messages import (
     LANGUAGE_ABORT,
@@ -174,6 +174,13 @@ class Dispatcher:
         return min(lengths, default=None)
 
     @property
+    def sampling_defaults(self) -> dict[str, float]:
+        for server in self.languages.servers:
+            if server.healthy and server.info is not None:
+                return server.info.sampling_defaults
+        return {}
+
+    @property
     def healthy(self) -> bool:
         return (any(s.healthy for s in self.encoders.servers)
                 and any(s.healthy for s in self.languages.servers))
@@ -182,7 +189,7 @@ class Dispatcher:
         return {group.role: (sum(s.healthy for s in group.servers), len(group.servers))
                 for group in (self.encoders, self.languages)}
 
-    async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+    async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
         """Token events of one request; ApiError before the first one if it cannot run."""
         tried: set[str] = set()
@@ -196,7 +203,7 @@ class Dispatcher:
                     raise
                 raise ApiError(503, f"{exc.message} to retry on; last failure: {last}") from None
             try:
-                async for event in self._attempt(encoder, language, messages, params,
+                async for event in self._attempt(encoder, language, prompt, params,
                                                  request_id):
                     yield event
                 return
@@ -211,14 +218,15 @@ class Dispatcher:
                 last = str(exc)
         raise ApiError(503, f"every attempt failed; last: {last}")
 
-    async def _attempt(self, encoder: Server, language: Server, messages: list[dict[str, Any]],
+    async def _attempt(self, encoder: Server, language: Server, prompt: PromptInput,
                        params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         room = secrets.randbits(63)
         bootstrap = encoder.info.bootstrap
-        encoding = asyncio.create_task(self._encode(encoder, room, messages, request_id))
+        encoding = asyncio.create_task(self._encode(encoder, room, prompt, request_id))
         events = self._generate(language, room, bootstrap, params, request_id)
         next_event = asyncio.ensure_future(anext(events))
         finished = False
+        choices_left = params.n
         try:
             with language.hold():
                 await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,7 +248,8 @@ class Dispatcher:
                             await self._blame_transfer(encoder, room, encoding, event)
                         raise ApiError(event.status, event.message)
                     yield event
-                    if event.finish_reason is not None:
+                    choices_left -= event.finish_reason is not None
+                    if not choices_left:
                         finished = True
                         return
                     next_event = asyncio.ensure_future(anext(events))
@@ -278,9 +287,9 @@ class Dispatcher:
                 raise
         raise EncoderFailed(f"transfer from {encoder.url} failed: {event.message}")
 
-    async def _encode(self, server: Server, room: int, messages: list[dict[str, Any]],
+    async def _encode(self, server: Server, room: int, prompt: PromptInput,
                       request_id: str) -> None:
-        body = msgspec.json.encode(EncodeRequest(room, messages, request_id))
+        body = msgspec.json.encode(EncodeRequest(room, prompt, request_id))
         try:
             with server.hold():
                 response = await self.client.post(f"{server.url}/encode", content=body,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import secrets
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
 from mmdisagg.config import LanguageServerSettings, ServeSettings
-from mmdisagg.core import PrefixHit, SamplingParams
+from mmdisagg.core import PrefixHit, PromptInput, SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
@@ -27,6 +26,7 @@ from mmdisagg.language.server import GenerationService
 from mmdisagg.messages import ErrorEvent, TokenEvent
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.generation_config import sampling_defaults
 
 
 class LocalEncodeSource:
@@ -117,11 +117,13 @@ class ColocatedBackend:
         source = LocalEncodeSource(self.encoder, ImageCache(cache_bytes) if cache_bytes else None,
                                    settings.encoding.max_encode_batch,
                                    settings.encoding.max_encode_patches)
-        server_settings = LanguageServerSettings(engine=settings.engine, model=model)
+        server_settings = LanguageServerSettings(engine=settings.engine, model=model,
+                                                 generation=settings.generation)
         engine = Engine.build(language, settings.engine, server_settings.max_running_requests)
         self.service = GenerationService(engine, source, server_settings)
         self.model = model.name
         self.max_model_len = language.max_model_len
+        self.sampling_defaults = sampling_defaults(model_path, settings.generation)
         self.healthy = True
 
     @property
@@ -137,14 +139,16 @@ class ColocatedBackend:
     async def close(self) -> None:
         self.service.close()
 
-    async def generate(self, messages: list[dict[str, Any]], params: SamplingParams,
+    async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
         try:
-            prepared = await run_in_threadpool(self.encoder.prepare, messages)
+            prepared = await run_in_threadpool(self.encoder.prepare_input, prompt)
         except InputError as exc:
             raise ApiError(exc.status, exc.message) from None
+        grammar = await self.service.compile(params)
         events = self.service.events(lambda emit: Req(
-            request_id, params, emit=emit, room=secrets.randbits(63), prepared=prepared))
+            request_id, params, emit=emit, room=secrets.randbits(63), prepared=prepared,
+            grammar=grammar))
         async for event in events:
             if isinstance(event, ErrorEvent):
                 raise ApiError(event.status, event.message)

@@ -182,7 +182,17 @@ CASES = [
     Case("a stop sequence of 10,000 characters", lambda paths: chat(text_part("hi"),
                                                                     stop=["x" * 10_000]),
          400, "stop sequences must be 1 to 256 characters"),
-    Case("n = 2", lambda paths: chat(text_part("hi"), n=2), 400, "n: Input should be 1"),
+    Case("n = 17", lambda paths: chat(text_part("hi"), n=17), 400,
+         "n: Input should be less than or equal to 16"),
+    Case("logit_bias for a token id past the vocabulary", lambda paths: chat(
+        text_part("hi"), logit_bias={"99999999": 5}), 400, "logit_bias: token ids must be in"),
+    Case("a json_schema that is no schema", lambda paths: chat(text_part("hi"), response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}),
+         400, "the JSON schema cannot be used"),
+    Case("tool_choice naming a function not in tools", lambda paths: chat(
+        text_part("hi"), tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice={"type": "function", "function": {"name": "g"}}), 400,
+         "not among the tools"),
     Case("not a video", lambda paths: chat(video_url(data_url(b"MZ\x90\0 not a film",
                                                               "video/mp4"))),
          400, "video 1: data is not a video this server can read"),

@@ -59,7 +59,7 @@ def test_every_port_follows_host(tiny_checkpoints, tmp_path: Path) -> None:
 def test_internal_apis_refuse_callers_without_the_token(served: Served, header) -> None:
     servers = served.servers()
     headers = {"Authorization": header} if header else {}
-    calls = [(servers["encode-0"], "/encode", {"room": 1, "messages": []}),
+    calls = [(servers["encode-0"], "/encode", {"room": 1, "prompt": {"messages": []}}),
              (servers["encode-0"], "/abort", {"room": 1}),
              (servers["language-0"], "/generate", {"room": 1, "encoder": "x", "params": {}}),
              (servers["language-0"], "/abort", {"room": 1})]

@@ -11,6 +11,7 @@ import openai
 import pytest
 from cluster import TOKEN, Cluster, metrics, wait_pools_free
 
+from mmdisagg.core import PromptInput
 from mmdisagg.messages import AbortRequest, EncodeRequest
 from tests.faults.harness import wait_until
 from tests.models.fixtures import image_part, text_part, user
@@ -38,11 +39,11 @@ def test_a_full_encode_queue_answers_503(cluster):
     stuck: dict[str, httpx.Response] = {}
     first = threading.Thread(target=lambda: stuck.setdefault("reply", httpx.post(
         f"{encoder}/encode", headers=HEADERS, timeout=120,
-        content=msgspec.json.encode(EncodeRequest(1001, messages, "held-one")))))
+        content=msgspec.json.encode(EncodeRequest(1001, PromptInput(messages), "held-one")))))
     first.start()
     try:
         wait_until(lambda: held(encoder) == 1, 60, "the first request waits in the encoder")
-        one_more = EncodeRequest(1002, messages, "one-too-many")
+        one_more = EncodeRequest(1002, PromptInput(messages), "one-too-many")
         refused = httpx.post(f"{encoder}/encode", headers=HEADERS, timeout=30,
                              content=msgspec.json.encode(one_more))
         assert refused.status_code == 503, refused.text
