@@ -38,16 +38,71 @@ class EncodedPrompt:
     ``token_ids [L]`` the prompt's token ids (image placeholders included), ``positions [L, 3]``
     the M-RoPE t/h/w position ids (1-D models repeat one value), and ``mrope_delta`` the offset
     that decode positions add to the number of tokens so far.
+
+    Models with deepstack features (Qwen3-VL) also have ``visual_mask [L]`` (bool: the visual
+    tokens) and ``deepstack [layers, visual tokens, H]``: what the decoder adds to the visual
+    tokens' hidden states after each of its first ``layers`` layers. Both None otherwise.
     """
 
     embeddings: torch.Tensor
     token_ids: torch.Tensor
     positions: torch.Tensor
     mrope_delta: int = 0
+    deepstack: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
 
     @property
     def total_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def visual_runs(self) -> list[tuple[int, int]]:
+        """(first token, count) of each run of visual tokens carrying deepstack rows."""
+        if self.deepstack is None:
+            return []
+        return mask_runs(self.visual_mask)
+
+    def split(self, count: int) -> tuple[EncodedPrompt, EncodedPrompt]:
+        """The first ``count`` tokens and the rest, each with its share of deepstack rows."""
+        head_deepstack = tail_deepstack = head_mask = tail_mask = None
+        if self.deepstack is not None:
+            visual = int(self.visual_mask[:count].sum())
+            head_deepstack, tail_deepstack = self.deepstack[:, :visual], self.deepstack[:, visual:]
+            head_mask, tail_mask = self.visual_mask[:count], self.visual_mask[count:]
+        return (EncodedPrompt(self.embeddings[:count], self.token_ids[:count],
+                              self.positions[:count], self.mrope_delta, head_deepstack, head_mask),
+                EncodedPrompt(self.embeddings[count:], self.token_ids[count:],
+                              self.positions[count:], self.mrope_delta, tail_deepstack, tail_mask))
+
+    @classmethod
+    def join(cls, pieces: list[EncodedPrompt]) -> EncodedPrompt:
+        """Consecutive pieces of one prompt as one."""
+        if len(pieces) == 1:
+            return pieces[0]
+        deepstack = visual_mask = None
+        if pieces[0].deepstack is not None:
+            deepstack = torch.cat([piece.deepstack for piece in pieces], dim=1)
+            visual_mask = torch.cat([piece.visual_mask for piece in pieces])
+        return cls(torch.cat([piece.embeddings for piece in pieces]),
+                   torch.cat([piece.token_ids for piece in pieces]),
+                   torch.cat([piece.positions for piece in pieces]), pieces[-1].mrope_delta,
+                   deepstack, visual_mask)
+
+
+def mask_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, count) of each run of True in a 1-D bool tensor."""
+    edges = torch.diff(mask.to(torch.int8), prepend=mask.new_zeros(1, dtype=torch.int8),
+                       append=mask.new_zeros(1, dtype=torch.int8))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+def runs_mask(runs: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """The bool mask of ``length`` tokens that is True on ``runs``."""
+    mask = torch.zeros(length, dtype=torch.bool)
+    for first, count in runs:
+        mask[first: first + count] = True
+    return mask
 
 
 class RecentRooms:

@@ -214,10 +214,10 @@ class EncodeScheduler(LoopThread):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
             prompt = result[i]
-            self.pool.write(job.allocation, 0, prompt.embeddings, prompt.token_ids,
-                            prompt.positions)
+            visual_runs = self.pool.write_prompt(job.allocation, prompt)
             allocation, job.allocation = job.allocation, None
-            job.sender.send(allocation, prompt.mrope_delta)  # the sender owns the blocks now
+            # the sender owns the blocks now
+            job.sender.send(allocation, prompt.mrope_delta, visual_runs)
             self.sending.append(job)
 
     def _reply(self) -> None:

@@ -54,20 +54,17 @@ class _Request:
     def decoding(self) -> bool:
         return bool(self.output_ids)
 
-    def take_prompt(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to ``limit`` arrived prompt tokens: embeddings and positions."""
-        embeddings, positions = [], []
+    def take_prompt(self, limit: int) -> EncodedPrompt:
+        """Up to ``limit`` arrived prompt tokens."""
+        pieces = []
         while self.arrived and limit > 0:
             piece = self.arrived.popleft()
-            count = min(limit, piece.total_tokens)
-            embeddings.append(piece.embeddings[:count])
-            positions.append(piece.positions[:count])
-            if count < piece.total_tokens:
-                self.arrived.appendleft(EncodedPrompt(
-                    piece.embeddings[count:], piece.token_ids[count:], piece.positions[count:],
-                    piece.mrope_delta))
-            limit -= count
-        return torch.cat(embeddings), torch.cat(positions)
+            if limit < piece.total_tokens:
+                piece, rest = piece.split(limit)
+                self.arrived.appendleft(rest)
+            pieces.append(piece)
+            limit -= piece.total_tokens
+        return EncodedPrompt.join(pieces)
 
 
 class Engine:
@@ -157,9 +154,10 @@ class Engine:
                 break
             if request.decoding or not request.arrived:
                 continue
-            embeddings, positions = request.take_prompt(budget)
-            budget -= embeddings.shape[0]
-            scheduled.append((request, Chunk(request.cache, embeddings, positions)))
+            prompt = request.take_prompt(budget)
+            budget -= prompt.total_tokens
+            scheduled.append((request, Chunk(request.cache, prompt.embeddings, prompt.positions,
+                                             prompt.deepstack, prompt.visual_mask)))
         return scheduled
 
     def _emit(self, request: _Request, token: int) -> StepOutput:

@@ -27,6 +27,7 @@ from mmdisagg.models.kv_cache import KVCache
 FAMILY_MODULES = {
     "qwen2_vl": "mmdisagg.models.qwen2_vl",
     "qwen2_5_vl": "mmdisagg.models.qwen2_vl",
+    "qwen3_vl": "mmdisagg.models.qwen3_vl",
 }
 
 
@@ -72,6 +73,8 @@ class Chunk:
     cache: KVCache
     embeddings: torch.Tensor  # [n, hidden]
     positions: torch.Tensor  # [n, 3]
+    deepstack: torch.Tensor | None = None  # [layers, visual tokens among the n, hidden]
+    visual_mask: torch.Tensor | None = None  # [n] bool, where deepstack is given
 
 
 class ImageFeatureCache(Protocol):
@@ -86,9 +89,11 @@ class EncoderHalf(ABC):
     """Image processor, tokenizer, vision tower and token embedding table: never the decoder.
 
     Attributes: ``hidden_size`` and ``dtype`` of the embeddings it produces, the ``device`` it
-    runs on, ``tokenizer``.
+    runs on, ``tokenizer``, and ``deepstack_layers``: how many deepstack rows each visual token
+    of an ``EncodedPrompt`` has (0: the model has none).
     """
 
+    deepstack_layers: int = 0
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
@@ -133,9 +138,11 @@ class LanguageHalf(ABC):
 
     Attributes: ``hidden_size``, ``dtype``, ``device``, ``eos_token_ids``, ``max_model_len``,
     ``tokenizer``. Positions are ``[n, 3]`` (M-RoPE t/h/w). A decoded token sits at ``tokens so
-    far + mrope_delta`` on all three rows.
+    far + mrope_delta`` on all three rows. ``deepstack_layers``: how many decoder layers take
+    deepstack features (0: none).
     """
 
+    deepstack_layers: int = 0
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
@@ -175,11 +182,13 @@ class LanguageHalf(ABC):
     def loaded_weights(self) -> Mapping[str, torch.Tensor]:
         """Checkpoint tensor name -> tensor held: what this half loaded, and nothing else."""
 
-    def prefill(self, cache: KVCache, embeddings: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+    def prefill(self, cache: KVCache, embeddings: torch.Tensor, positions: torch.Tensor,
+                deepstack: torch.Tensor | None = None,
+                visual_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append prompt tokens (all of them, or the next part) to ``cache``; return the
         ``[vocab]`` logits after the last one."""
-        return self.logits(self.forward([Chunk(cache, embeddings, positions)]))[0]
+        chunk = Chunk(cache, embeddings, positions, deepstack, visual_mask)
+        return self.logits(self.forward([chunk]))[0]
 
     def decode(self, caches: Sequence[KVCache], token_ids: Sequence[int],
                mrope_deltas: Sequence[int]) -> torch.Tensor:

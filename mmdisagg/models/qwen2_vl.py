@@ -79,11 +79,11 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype | str | None,
-             device: str | torch.device) -> Checkpoint:
+             device: str | torch.device, families: Mapping[str, Family]) -> Checkpoint:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if config.text_config.use_sliding_window:
+        if getattr(config.text_config, "use_sliding_window", False):
             raise ValueError(f"{path}: sliding-window attention is not supported")
-        return cls(Path(path), config, FAMILIES[config.model_type], CheckpointWeights(path),
+        return cls(Path(path), config, families[config.model_type], CheckpointWeights(path),
                    _resolve_dtype(dtype, config), torch.device(device))
 
     def load_module(self, build: Callable[[], nn.Module], prefixes: Sequence[str],
@@ -140,6 +140,8 @@ def longest_token_bytes(tokenizer: Any) -> int:
 
 
 class QwenVLEncoderHalf(EncoderHalf):
+    FAMILIES = FAMILIES
+
     def __init__(self, *, checkpoint: Checkpoint, vision_tower: nn.Module,
                  embed_tokens: nn.Embedding, loaded_weights: dict[str, torch.Tensor],
                  image_settings: ImageSettings, max_model_len: int) -> None:
@@ -166,7 +168,7 @@ class QwenVLEncoderHalf(EncoderHalf):
     def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device = "cpu", image_settings: ImageSettings | None = None,
              max_model_len: int | None = None) -> QwenVLEncoderHalf:
-        checkpoint = Checkpoint.open(path, dtype, device)
+        checkpoint = Checkpoint.open(path, dtype, device, cls.FAMILIES)
         config = checkpoint.config
         vision_tower, vision_weights = checkpoint.load_module(
             lambda: checkpoint.family.vision_tower._from_config(config.vision_config),
@@ -245,8 +247,7 @@ class QwenVLEncoderHalf(EncoderHalf):
         if missing:
             pixel_values = torch.cat([image.pixel_values for image in missing.values()])
             grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
-            merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
-                                       grid_thw=grids).pooler_output
+            merged = self._vision_forward(pixel_values.to(self.device, self.dtype), grids)
             pieces = merged.split([image.num_tokens for image in missing.values()])
             for key, piece in zip(missing, pieces, strict=True):
                 found[key] = piece.clone()
@@ -254,20 +255,32 @@ class QwenVLEncoderHalf(EncoderHalf):
                     cache.put(key, found[key])
         return found
 
+    def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """Image tokens' features, ``[tokens, 1 + deepstack_layers, hidden]``: the input
+        embedding, then (a subclass's) deepstack rows."""
+        return self.vision_tower(pixel_values, grid_thw=grids).pooler_output[:, None]
+
     def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
-        if prompt.images:
-            image_rows = token_ids == self.image_token_id
-            embeddings[image_rows] = torch.cat([features[image.content_hash]
-                                                for image in prompt.images])
+        image_rows = token_ids == self.image_token_id
+        image_features = torch.cat([features[image.content_hash] for image in prompt.images]
+                                   ) if prompt.images else embeddings.new_empty(
+            0, 1 + self.deepstack_layers, self.hidden_size)
+        embeddings[image_rows] = image_features[:, 0]
         positions, mrope_delta = mrope_positions(
             prompt.token_ids, self.image_token_id, [image.grid_thw for image in prompt.images],
             self.merge_size)
-        return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+        encoded = EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+        if self.deepstack_layers:
+            encoded.deepstack = image_features[:, 1:].transpose(0, 1)
+            encoded.visual_mask = image_rows
+        return encoded
 
 
 class QwenVLLanguageHalf(LanguageHalf):
+    FAMILIES = FAMILIES
+
     def __init__(self, *, checkpoint: Checkpoint, text_model: nn.Module, lm_head: nn.Linear,
                  loaded_weights: dict[str, torch.Tensor], max_model_len: int) -> None:
         text_config = checkpoint.config.text_config
@@ -280,14 +293,15 @@ class QwenVLLanguageHalf(LanguageHalf):
         self.text_model = text_model
         self.lm_head = lm_head
         self.num_kv_heads = text_config.num_key_value_heads
-        self.head_dim = text_config.hidden_size // text_config.num_attention_heads
+        self.head_dim = (getattr(text_config, "head_dim", None)
+                         or text_config.hidden_size // text_config.num_attention_heads)
         self._loaded_weights = loaded_weights
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device = "cpu",
              max_model_len: int | None = None) -> QwenVLLanguageHalf:
-        checkpoint = Checkpoint.open(path, dtype, device)
+        checkpoint = Checkpoint.open(path, dtype, device, cls.FAMILIES)
         text_config = checkpoint.config.text_config
         text_model, text_weights = checkpoint.load_module(
             lambda: checkpoint.family.text_model._from_config(text_config), TEXT_PREFIXES,
@@ -329,25 +343,47 @@ class QwenVLLanguageHalf(LanguageHalf):
         position_embeddings = self.text_model.rotary_emb(hidden, positions.T[:, None, :])
         for chunk, length in zip(chunks, lengths, strict=True):
             chunk.cache.reserve(length)
+        visual_rows, deepstack = self._deepstack(chunks, lengths)
         for index, layer in enumerate(self.text_model.layers):
             attention = self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
                                         position_embeddings, chunks, lengths)
             hidden = hidden + attention
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if index < len(deepstack):
+                hidden.index_add_(0, visual_rows, deepstack[index])
         for chunk, length in zip(chunks, lengths, strict=True):
             chunk.cache.advance(length)
         last_tokens = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         return self.text_model.norm(hidden[last_tokens])
+
+    def _deepstack(self, chunks: Sequence[Chunk], lengths: list[int]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | Sequence[torch.Tensor]]:
+        """Rows of the batch that get deepstack features, and ``[layers, rows, hidden]`` to add
+        to them after each of the first layers (nothing when no chunk has any)."""
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]]
+        given = [(offset, chunk) for offset, chunk in zip(offsets, chunks, strict=True)
+                 if chunk.deepstack is not None]
+        if not any(chunk.deepstack.shape[1] for _, chunk in given):
+            return None, ()
+        rows = torch.cat([chunk.visual_mask.nonzero().flatten() + offset
+                          for offset, chunk in given])
+        features = torch.cat([chunk.deepstack for _, chunk in given], dim=1)
+        return rows.to(self.device), features.to(self.device, self.dtype)
+
+    def _project(self, attention: nn.Module, hidden: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[1, heads, n, head_dim]`` of all tokens at once."""
+        shape = (1, hidden.shape[0], -1, self.head_dim)
+        return (attention.q_proj(hidden).view(shape).transpose(1, 2),
+                attention.k_proj(hidden).view(shape).transpose(1, 2),
+                attention.v_proj(hidden).view(shape).transpose(1, 2))
 
     def _attention(self, layer: int, attention: nn.Module, hidden: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    chunks: Sequence[Chunk], lengths: list[int]) -> torch.Tensor:
         """Projections and rotary embedding over all tokens at once; attention per sequence,
         each against its own cache."""
-        shape = (1, hidden.shape[0], -1, self.head_dim)
-        queries = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
-        values = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        queries, keys, values = self._project(attention, hidden)
         queries, keys = modeling_qwen2_vl.apply_rotary_pos_emb(queries, keys, *position_embeddings)
         outputs = []
         for chunk, query, key, value in zip(chunks, queries.split(lengths, dim=2),

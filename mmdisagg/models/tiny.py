@@ -1,4 +1,5 @@
-"""``mmdisagg make-tiny-model``: a random-weight Qwen2-VL or Qwen2.5-VL checkpoint, built offline.
+"""``mmdisagg make-tiny-model``: a random-weight Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, built
+offline.
 
 Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
 trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
@@ -22,10 +23,12 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
 )
 from transformers.utils import logging as transformers_logging
 
-FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
+FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig,
+                  "qwen3_vl": Qwen3VLConfig}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
                   "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
                   "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
@@ -55,8 +58,11 @@ Les enfants jouent au parc. Der Hund läuft schnell. 猫がいます。 Café, n
 """
 # Ids up to here are the tokenizer's byte alphabet and merges; the special tokens follow.
 BPE_VOCAB_SIZE = 1024
-MIN_PIXELS = 28 * 28 * 4
-MAX_PIXELS = 28 * 28 * 64
+# Qwen2-VL and Qwen2.5-VL see 14-pixel patches, Qwen3-VL 16-pixel ones (normalized to [-1, 1]
+# rather than by CLIP's mean and std); every family merges 2x2 patches into one token. Images
+# are limited to 4..64 tokens.
+PATCH_SIZES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
+MIN_TOKENS, MAX_TOKENS = 4, 64
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,19 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
         if progress_bars:
             transformers_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    build_image_processor(family).save_pretrained(path)
     return path
+
+
+def build_image_processor(family: str) -> Qwen2VLImageProcessorPil:
+    patch = PATCH_SIZES[family]
+    token_pixels = (2 * patch) ** 2
+    if family == "qwen3_vl":
+        return Qwen2VLImageProcessorPil(
+            min_pixels=MIN_TOKENS * token_pixels, max_pixels=MAX_TOKENS * token_pixels,
+            patch_size=patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_TOKENS * token_pixels,
+                                    max_pixels=MAX_TOKENS * token_pixels)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -143,6 +160,19 @@ def build_config(family: str, size: Size, tokenizer: PreTrainedTokenizerFast) ->
         vision = {"depth": size.vision_depth, "embed_dim": size.vision_hidden,
                   "num_heads": size.vision_heads, "mlp_ratio": 2,
                   "hidden_size": size.text_hidden, "initializer_range": 0.2}
+    elif family == "qwen3_vl":
+        # Interleaved M-RoPE: h and w each take 5/16 of the rotary pairs, t the rest. The last
+        # (up to three) vision layers feed deepstack features to as many decoder layers.
+        spatial = rotary_pairs * 5 // 16
+        text["rope_parameters"]["mrope_section"] = [rotary_pairs - 2 * spatial, spatial, spatial]
+        text["rope_parameters"]["mrope_interleaved"] = True
+        text["head_dim"] = head_dim
+        vision = {"depth": size.vision_depth, "hidden_size": size.vision_hidden,
+                  "intermediate_size": 2 * size.vision_hidden, "num_heads": size.vision_heads,
+                  "out_hidden_size": size.text_hidden, "patch_size": PATCH_SIZES[family],
+                  "num_position_embeddings": 256,
+                  "deepstack_visual_indexes": list(range(size.vision_depth))[-3:],
+                  "initializer_range": 0.2}
     elif family == "qwen2_5_vl":
         # window_size 56 px = 2x2 merged tokens, so images of 112 px and up use several windows
         vision = {"depth": size.vision_depth, "hidden_size": size.vision_hidden,

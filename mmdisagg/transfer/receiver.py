@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import EncodedPrompt
+from mmdisagg.core import EncodedPrompt, runs_mask
 from mmdisagg.pool.allocator import Allocation
+from mmdisagg.pool.layout import runs_problem
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
 from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
 from mmdisagg.transfer.manager import Peer, RoomTransfer, TransferManager
@@ -52,6 +53,7 @@ class OfferedWindow:
     allocation: Allocation | None  # None once spilled
     filled: int = 0
     landing: bool = False
+    visual_runs: tuple[tuple[int, int], ...] = ()  # of the filled tokens, from ``start``
 
     @property
     def end(self) -> int:
@@ -71,6 +73,8 @@ class EmbeddingReceiver(RoomTransfer):
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
+        # window start -> its visual runs (from that start) and their deepstack rows
+        self.deepstack: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
         self.created = self.waiting_since = self.last_progress = time.monotonic()
         self.release_by: float | None = None  # set while quarantined
 
@@ -219,13 +223,28 @@ class ReceiverManager(TransferManager):
             self._receivers.pop(receiver.room, None)
         out = receiver.staged or self._new_buffer(receiver.total_tokens)
         for window in windows:
-            self._copy_out(window, out)
+            self._copy_out(receiver, window, out)
         with self._lock:
             for window in windows:
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
-        return EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
-                             receiver.mrope_delta)
+        prompt = EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
+                               receiver.mrope_delta)
+        if self.pool.layout.deepstack_layers:
+            self._attach_deepstack(receiver, prompt)
+        return prompt
+
+    def _attach_deepstack(self, receiver: EmbeddingReceiver, prompt: EncodedPrompt) -> None:
+        """The visual mask and ``[layers, visual tokens, hidden]`` rows, in token order."""
+        layout = self.pool.layout
+        starts = sorted(receiver.deepstack)
+        runs = [(start + first, count) for start in starts
+                for first, count in receiver.deepstack[start][0]]
+        rows = [receiver.deepstack[start][1] for start in starts]
+        receiver.deepstack = {}
+        prompt.visual_mask = runs_mask(runs, prompt.total_tokens)
+        prompt.deepstack = torch.cat(rows).transpose(0, 1) if rows else torch.empty(
+            layout.deepstack_layers, 0, layout.hidden_size, dtype=layout.torch_dtype)
 
     # -- offering windows -----------------------------------------------------------------
 
@@ -375,6 +394,11 @@ class ReceiverManager(TransferManager):
         if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
                                f"room {room}; its window takes {expected} of {total}")
+        problem = runs_problem(notice.visual_runs, expected)
+        if problem is None and notice.visual_runs and not self.pool.layout.deepstack_layers:
+            problem = "visual runs for a pool without deepstack rows"
+        if problem:
+            raise ChunkRefused(f"chunk at token {notice.start_token} of room {room}: {problem}")
         if blocks is not None:
             used = window.allocation.blocks[: self.pool.allocator.blocks_for(expected)]
             if list(blocks) != list(used):
@@ -385,12 +409,13 @@ class ReceiverManager(TransferManager):
     def _landed(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                 notice: ChunkDone) -> None:
         window.filled = notice.num_tokens
+        window.visual_runs = notice.visual_runs
         receiver.total_tokens = notice.total_tokens
         receiver.mrope_delta = notice.mrope_delta
         receiver.sent_tokens = notice.start_token + notice.num_tokens
         receiver.last_progress = time.monotonic()
         self.stats.chunks += 1
-        self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
+        self.stats.bytes += self.pool.layout.chunk_bytes(notice.num_tokens, notice.visual_runs)
         if receiver.sent_tokens == receiver.total_tokens:
             receiver._end(Poll.Success)
             self.stats.rooms_succeeded += 1
@@ -417,7 +442,7 @@ class ReceiverManager(TransferManager):
                 return self._fail(receiver, f"cannot stage room {receiver.room}'s "
                                             f"{receiver.total_tokens} tokens: {exc}", notify=True)
         for window in filled:
-            self._copy_out(window, receiver.staged)
+            self._copy_out(receiver, window, receiver.staged)
             self.pool.allocator.free(window.allocation)
             window.allocation = None
         self.stats.spills += 1
@@ -427,10 +452,15 @@ class ReceiverManager(TransferManager):
             torch.empty(total, self.pool.layout.hidden_size, dtype=self.pool.layout.torch_dtype),
             torch.empty(total, dtype=torch.int32), torch.empty(total, 3, dtype=torch.int32))
 
-    def _copy_out(self, window: OfferedWindow, out: Gathered) -> None:
+    def _copy_out(self, receiver: EmbeddingReceiver, window: OfferedWindow,
+                  out: Gathered) -> None:
         span = slice(window.start, window.start + window.filled)
-        self.pool.arrays.read(window.allocation.blocks, window.filled, out=Gathered(
+        blocks = window.allocation.blocks
+        self.pool.arrays.read(blocks, window.filled, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))
+        if window.visual_runs:
+            receiver.deepstack[window.start] = (window.visual_runs, self.pool.arrays.read_deepstack(
+                blocks, 0, window.visual_runs))
 
     def _fail(self, receiver: EmbeddingReceiver, reason: str, notify: bool) -> None:
         """``notify``: tell the sender, and keep unfilled blocks until it confirms."""
@@ -443,6 +473,7 @@ class ReceiverManager(TransferManager):
         self._pending.pop(receiver.room, None)
         self._finished(receiver.room)
         receiver.staged = None
+        receiver.deepstack = {}
         if receiver.peer is not None:
             receiver.peer.rooms.discard(receiver.room)
         waits_for_sender = notify and receiver.peer is not None
@@ -470,6 +501,7 @@ class ReceiverManager(TransferManager):
                 self.pool.allocator.free(window.allocation)
         receiver.windows = []
         receiver.staged = None
+        receiver.deepstack = {}
         self._retry_pending()
 
     def _release_quarantine(self, receiver: EmbeddingReceiver) -> None:

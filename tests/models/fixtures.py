@@ -27,7 +27,7 @@ from mmdisagg.models.tiny import make_tiny_model
 
 torch.set_num_threads(1)
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
@@ -166,13 +166,12 @@ def split_greedy(tiny: TinyModel, prompt: EncodedPrompt, max_new_tokens: int,
     then the rest), then one decode step per token, stopping at EOS like generate()."""
     language = tiny.language
     cache = language.new_cache()
-    start = 0
+    rest = prompt
     for size in (*prefill_chunks, prompt.total_tokens):
-        end = min(start + size, prompt.total_tokens)
-        if end > start:
-            logits = language.prefill(cache, prompt.embeddings[start:end],
-                                      prompt.positions[start:end])
-        start = end
+        if rest.total_tokens:
+            piece, rest = rest.split(size)
+            logits = language.prefill(cache, piece.embeddings, piece.positions, piece.deepstack,
+                                      piece.visual_mask)
     tokens = [int(logits.argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in language.eos_token_ids:
         logits = language.decode([cache], [tokens[-1]], [prompt.mrope_delta])[0]

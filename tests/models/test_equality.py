@@ -98,7 +98,8 @@ def test_decode_batch_of_different_lengths_matches_generate(tiny: TinyModel) -> 
     assert len({prompt.total_tokens for prompt in prompts}) == 3
     language = tiny.language
     caches = [language.new_cache() for _ in prompts]
-    tokens = [[int(language.prefill(cache, p.embeddings, p.positions).argmax())]
+    tokens = [[int(language.prefill(cache, p.embeddings, p.positions, p.deepstack,
+                                    p.visual_mask).argmax())]
               for cache, p in zip(caches, prompts, strict=True)]
     for _ in range(NEW_TOKENS - 1):
         logits = language.decode(caches, [t[-1] for t in tokens], [p.mrope_delta for p in prompts])
@@ -115,6 +116,7 @@ def test_lower_precision_runs(tiny: TinyModel) -> None:
     prompt = encoder.encode([encoder.prepare(PROMPTS["one image"])])[0]
     assert prompt.embeddings.dtype == torch.bfloat16
     cache = language.new_cache()
-    logits = language.prefill(cache, prompt.embeddings, prompt.positions)
+    logits = language.prefill(cache, prompt.embeddings, prompt.positions, prompt.deepstack,
+                              prompt.visual_mask)
     logits = language.decode([cache], [int(logits.argmax())], [prompt.mrope_delta])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -17,6 +17,7 @@ import time
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.core import EncodedPrompt
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -27,12 +28,34 @@ from mmdisagg.transfer.sender import SenderManager
 torch.set_num_threads(1)
 
 
-def make_prompt(room: int, total: int, hidden: int, dtype: torch.dtype):
+def make_prompt(room: int, total: int, layout: PoolLayout) -> EncodedPrompt:
+    """The room's prompt. With deepstack rows in the pool, an odd room has up to three runs of
+    visual tokens (an even one is text only), each with its own rows."""
     gen = torch.Generator().manual_seed(room)
-    return (torch.randn(total, hidden, generator=gen).to(dtype),
-            torch.randint(0, 150_000, (total,), generator=gen),
-            torch.randint(0, 100_000, (total, 3), generator=gen),
-            int(torch.randint(-1000, 1000, (1,), generator=gen)))
+    prompt = EncodedPrompt(torch.randn(total, layout.hidden_size, generator=gen).to(
+        layout.torch_dtype), torch.randint(0, 150_000, (total,), generator=gen),
+        torch.randint(0, 100_000, (total, 3), generator=gen),
+        int(torch.randint(-1000, 1000, (1,), generator=gen)))
+    if layout.deepstack_layers:
+        prompt.visual_mask = torch.zeros(total, dtype=torch.bool)
+        for _ in range(3 if room % 2 else 0):
+            first = int(torch.randint(0, total, (1,), generator=gen))
+            prompt.visual_mask[first: first + int(torch.randint(1, total // 3 + 2, (1,),
+                                                                 generator=gen))] = True
+        prompt.deepstack = torch.randn(layout.deepstack_layers, int(prompt.visual_mask.sum()),
+                                       layout.hidden_size, generator=gen).to(layout.torch_dtype)
+    return prompt
+
+
+def same_prompt(got: EncodedPrompt, expected: EncodedPrompt) -> bool:
+    same = (torch.equal(got.embeddings, expected.embeddings)
+            and torch.equal(got.token_ids, expected.token_ids)
+            and torch.equal(got.positions, expected.positions)
+            and got.mrope_delta == expected.mrope_delta)
+    if expected.deepstack is None:
+        return same and got.deepstack is None and got.visual_mask is None
+    return (same and torch.equal(got.visual_mask, expected.visual_mask)
+            and torch.equal(got.deepstack, expected.deepstack))
 
 
 def emit(event: dict) -> None:
@@ -55,10 +78,9 @@ class SendTask:
         if not self.sent and time.monotonic() >= self.send_at:
             source = pool.allocator.alloc(self.total)
             if source is not None:
-                emb, ids, pos, delta = make_prompt(self.room, self.total, pool.layout.hidden_size,
-                                                   pool.layout.torch_dtype)
-                pool.write(source, 0, emb, ids, pos)
-                self.sender.send(source, delta)
+                prompt = make_prompt(self.room, self.total, pool.layout)
+                runs = pool.write_prompt(source, prompt)
+                self.sender.send(source, prompt.mrope_delta, runs)
                 self.sent = True
         kill_after = self.cmd.get("kill_after_tokens")
         if kill_after is not None and self.sender.sent_tokens >= kill_after:
@@ -104,12 +126,9 @@ class RecvTask:
         return False
 
     def finish(self) -> None:
-        layout = self.manager.pool.layout
         got = self.receiver.take()
-        emb, ids, pos, delta = make_prompt(self.room, got.total_tokens, layout.hidden_size,
-                                           layout.torch_dtype)
-        exact = (torch.equal(got.embeddings, emb) and torch.equal(got.token_ids, ids)
-                 and torch.equal(got.positions, pos) and got.mrope_delta == delta)
+        exact = same_prompt(got, make_prompt(self.room, got.total_tokens,
+                                             self.manager.pool.layout))
         emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
               "total": got.total_tokens, "expected_total": self.cmd.get("total")})
 
@@ -158,7 +177,7 @@ def main() -> None:
                       "total_blocks": stats.total_blocks, "live": stats.live_allocations,
                       "refused": manager.stats.refused, "spills": manager.stats.spills,
                       "resumes": manager.stats.resumes, "windows": manager.stats.windows,
-                      "chunks": manager.stats.chunks,
+                      "chunks": manager.stats.chunks, "bytes": manager.stats.bytes,
                       "rejected": manager.control.rejected})
         for room, task in list(tasks.items()):
             if isinstance(task, RecvTask) and task.cmd.get("hold") and (

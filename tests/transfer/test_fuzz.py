@@ -59,8 +59,9 @@ def fuzz_settings(examples: int) -> settings:
 TOKEN = "fuzz-secret"
 TAGS = ["window", "announce", "chunk", "received", "abort", "heartbeat"]
 FIELDS = ["room", "start_token", "blocks", "allocated_tokens", "total_tokens", "num_tokens",
-          "mrope_delta", "reason"]
+          "mrope_delta", "visual_runs", "reason"]
 MSGPACK_INTS = st.integers(-(2**63), 2**64 - 1)
+RUNS = st.lists(st.tuples(MSGPACK_INTS, MSGPACK_INTS), max_size=3).map(tuple)
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | MSGPACK_INTS | st.floats() | st.text() | st.binary(),
@@ -72,7 +73,8 @@ messages = st.one_of(
     st.builds(Window, MSGPACK_INTS, MSGPACK_INTS, st.lists(MSGPACK_INTS, max_size=8),
               MSGPACK_INTS),
     st.builds(Announce, MSGPACK_INTS, MSGPACK_INTS),
-    st.builds(ChunkDone, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS),
+    st.builds(ChunkDone, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS,
+              RUNS),
     st.builds(Received, MSGPACK_INTS),
     st.builds(Abort, MSGPACK_INTS, st.text()),
     st.just(Heartbeat()),
@@ -139,7 +141,9 @@ def deeply_nested(tag: str, depth: int) -> list[bytes]:
 def well_typed(message: object) -> bool:
     fields = {name: getattr(message, name) for name in message.__struct_fields__}
     return all(isinstance(value, str) if name == "reason" else
-               all(type(b) is int for b in value) if name == "blocks" else type(value) is int
+               all(type(b) is int for b in value) if name == "blocks" else
+               all(len(run) == 2 and all(type(n) is int for n in run) for run in value)
+               if name == "visual_runs" else type(value) is int
                for name, value in fields.items())
 
 
@@ -183,7 +187,8 @@ def start_manager(cls, backend: str, blocks: int, timeout: float, transfer_timeo
 
 
 def prompt(room: int, total: int):
-    return make_prompt(room, total, HIDDEN, torch.float32)
+    made = make_prompt(room, total, PoolLayout(1, BLOCK, HIDDEN, "float32"))
+    return made.embeddings, made.token_ids, made.positions, made.mrope_delta
 
 
 class Troubles(logging.Handler):
@@ -492,7 +497,7 @@ def to_receiver(data, cluster: Cluster) -> None:
     windows = windows or [(0, 2 * BLOCK)]
     starts, sizes = [s for s, _ in windows], [n for _, n in windows]
     if data.draw(st.booleans(), label="as the honest sender"):
-        flaw = data.draw(st.sampled_from(["misaligned", "num", "total"]), label="flaw")
+        flaw = data.draw(st.sampled_from(["misaligned", "num", "total", "runs"]), label="flaw")
         start = pick(data, starts, "start")
         start += data.draw(st.integers(1, BLOCK - 1)) if flaw == "misaligned" else 0
         num = number(data, *sizes, label="num")
@@ -501,7 +506,10 @@ def to_receiver(data, cluster: Cluster) -> None:
             num = data.draw(st.sampled_from([0, -1, -BLOCK, -(2**63)]), label="bad num")
         elif flaw == "total":
             whole = data.draw(st.sampled_from([0, -1, -(2**63)]), label="bad total")
-        return cluster.push(manager, cluster.sender.id, ChunkDone(room, start, num, whole, 0))
+        # this pool has no deepstack rows: any visual run is refused
+        runs = data.draw(RUNS.filter(bool), label="runs") if flaw == "runs" else ()
+        return cluster.push(manager, cluster.sender.id,
+                            ChunkDone(room, start, num, whole, 0, runs))
     kind = data.draw(st.sampled_from(["plausible", "chunk", "announce", "abort", "other"]),
                      label="message")
     if kind == "plausible":  # the chunk S2 would send next: drives rooms to Success

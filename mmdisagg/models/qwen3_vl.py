@@ -1,0 +1,70 @@
+"""Qwen3-VL (dense), split into an encoder half and a language half.
+
+Chat format, image processing, checkpoint loading and the batched decoder pass are Qwen2-VL's
+(``qwen2_vl``); three things differ, and only they live here:
+
+* **deepstack**: besides each image token's input embedding, the vision tower emits one feature
+  per layer in ``deepstack_visual_indexes``; the decoder adds the k-th to the image tokens'
+  hidden states after its k-th layer. The encoder half returns them as
+  ``EncodedPrompt.deepstack`` (the pool and every data plane carry them, for visual tokens
+  only), the language half adds them (``QwenVLLanguageHalf._deepstack``).
+* each attention head normalizes its queries and keys (Qwen3's ``q_norm``/``k_norm``);
+* M-RoPE is interleaved (t, h, w frequencies alternate): transformers' rotary module does it.
+
+Image positions follow the same rule as Qwen2-VL's (``models/positions.py``). NOTE for video:
+Qwen3-VL gives each frame its own timestamp text and ``<|vision_start|>...<|vision_end|>``, and
+positions every frame as an image of t = 1 (``get_rope_index`` splits a video's grid that way);
+a video's frames therefore go through ``_vision_forward`` and ``mrope_positions`` as a run of
+one-frame grids, with no change here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+from mmdisagg.models.qwen2_vl import (
+    Checkpoint,
+    Family,
+    QwenVLEncoderHalf,
+    QwenVLLanguageHalf,
+)
+
+FAMILIES = {"qwen3_vl": Family(modeling_qwen3_vl.Qwen3VLVisionModel,
+                               modeling_qwen3_vl.Qwen3VLTextModel)}
+
+
+def deepstack_layers(checkpoint: Checkpoint) -> int:
+    return len(checkpoint.config.vision_config.deepstack_visual_indexes)
+
+
+class Qwen3VLEncoderHalf(QwenVLEncoderHalf):
+    FAMILIES = FAMILIES
+
+    def __init__(self, *, checkpoint: Checkpoint, **parts) -> None:
+        super().__init__(checkpoint=checkpoint, **parts)
+        self.deepstack_layers = deepstack_layers(checkpoint)
+
+    def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        output = self.vision_tower(pixel_values, grid_thw=grids)
+        return torch.stack([output.pooler_output, *output.deepstack_features], dim=1)
+
+
+class Qwen3VLLanguageHalf(QwenVLLanguageHalf):
+    FAMILIES = FAMILIES
+
+    def __init__(self, *, checkpoint: Checkpoint, **parts) -> None:
+        super().__init__(checkpoint=checkpoint, **parts)
+        self.deepstack_layers = deepstack_layers(checkpoint)
+
+    def _project(self, attention: nn.Module, hidden: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (1, hidden.shape[0], -1, self.head_dim)
+        return (attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2),
+                attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2),
+                attention.v_proj(hidden).view(shape).transpose(1, 2))
+
+
+ENCODER_HALF = Qwen3VLEncoderHalf
+LANGUAGE_HALF = Qwen3VLLanguageHalf
