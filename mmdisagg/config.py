@@ -348,11 +348,54 @@ class ImageSettings:
         "cache; 0 = no cache", check=non_negative)
 
 
+BYTE_UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``4GiB``, ``512MiB``, ``1.5GB``, ``1048576`` -> bytes; ValueError with the reason."""
+    stripped = text.strip()
+    number = stripped.rstrip("".join({c for unit in BYTE_UNITS for c in unit}))
+    unit = stripped[len(number):].strip()
+    if unit not in BYTE_UNITS:
+        raise ValueError(f"unknown unit {unit!r} (use one of "
+                         f"{', '.join(unit for unit in BYTE_UNITS if unit)})")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError("not a size (e.g. 4GiB, 512MiB)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("not a size (e.g. 4GiB, 512MiB)")
+    return int(value * BYTE_UNITS[unit])
+
+
+def byte_size(value: str) -> str | None:
+    try:
+        return None if parse_bytes(value) > 0 else "must be more than 0 bytes"
+    except ValueError as exc:
+        return str(exc)
+
+
+def fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     max_prefill_tokens: int = knob(
         2048, "prompt tokens the language engine prefills per step; longer prompts take several "
         "steps while others keep decoding")
+    kv_block_size: int = knob(16, "tokens per block of the paged KV cache", check=power_of_two)
+    kv_cache_memory: str = knob(
+        "4GiB", "memory of the language server's paged KV cache (units B, KiB, MiB, GiB, ...); "
+        "on CUDA used only when --gpu-memory-utilization is 0", check=byte_size)
+    gpu_memory_utilization: float = knob(
+        0.9, "CUDA: fraction of the device's memory for weights, activations and the KV cache "
+             "(sized by a dry run at start); 0 = use --kv-cache-memory", check=fraction)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)
 
 
 def urls(value: tuple[str, ...]) -> str | None:

@@ -61,31 +61,17 @@ class EncodedPrompt:
             return []
         return mask_runs(self.visual_mask)
 
-    def split(self, count: int) -> tuple[EncodedPrompt, EncodedPrompt]:
-        """The first ``count`` tokens and the rest, each with its share of deepstack rows."""
-        head_deepstack = tail_deepstack = head_mask = tail_mask = None
-        if self.deepstack is not None:
-            visual = int(self.visual_mask[:count].sum())
-            head_deepstack, tail_deepstack = self.deepstack[:, :visual], self.deepstack[:, visual:]
-            head_mask, tail_mask = self.visual_mask[:count], self.visual_mask[count:]
-        return (EncodedPrompt(self.embeddings[:count], self.token_ids[:count],
-                              self.positions[:count], self.mrope_delta, head_deepstack, head_mask),
-                EncodedPrompt(self.embeddings[count:], self.token_ids[count:],
-                              self.positions[count:], self.mrope_delta, tail_deepstack, tail_mask))
-
-    @classmethod
-    def join(cls, pieces: list[EncodedPrompt]) -> EncodedPrompt:
-        """Consecutive pieces of one prompt as one."""
-        if len(pieces) == 1:
-            return pieces[0]
-        deepstack = visual_mask = None
-        if pieces[0].deepstack is not None:
-            deepstack = torch.cat([piece.deepstack for piece in pieces], dim=1)
-            visual_mask = torch.cat([piece.visual_mask for piece in pieces])
-        return cls(torch.cat([piece.embeddings for piece in pieces]),
-                   torch.cat([piece.token_ids for piece in pieces]),
-                   torch.cat([piece.positions for piece in pieces]), pieces[-1].mrope_delta,
-                   deepstack, visual_mask)
+    def deepstack_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Of tokens ``[start, end)``: the visual ones (counted from ``start``) and their
+        ``[layers, visual, H]`` deepstack rows; None when there are none."""
+        if self.deepstack is None:
+            return None
+        mask = self.visual_mask[start:end]
+        first = int(self.visual_mask[:start].sum())
+        rows = mask.nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        return rows, self.deepstack[:, first: first + rows.numel()]
 
 
 def mask_runs(mask: torch.Tensor) -> list[tuple[int, int]]:

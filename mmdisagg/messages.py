@@ -72,6 +72,9 @@ class ServerInfo(msgspec.Struct, frozen=True):
     load: int
     bootstrap: str | None = None
     max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
+    kv_block_size: int = 0  # language servers: tokens per KV-cache block
+    kv_blocks: int = 0  # language servers: blocks in the KV cache
+    kv_blocks_used: int = 0
 
 
 encode = msgspec.json.encode

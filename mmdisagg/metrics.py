@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mmdisagg.pool.pool import EmbeddingPool
+
+if TYPE_CHECKING:
+    from mmdisagg.language.engine import Engine
 from mmdisagg.transfer.manager import TransferStats
 
 # Latencies from tens of microseconds (tiny models) to minutes (huge images, CPU).
@@ -57,6 +61,22 @@ def pool_metrics(pool: EmbeddingPool) -> Iterator[Metric]:
     yield CounterMetricFamily("mmdisagg_pool_failed_allocs",
                               "Allocations refused for lack of free blocks",
                               value=stats.failed_allocs)
+
+
+def kv_metrics(engine: Engine) -> Iterator[Metric]:
+    stats = engine.blocks.stats()
+    blocks = GaugeMetricFamily("mmdisagg_kv_blocks", "Paged KV-cache blocks by state",
+                               labels=["state"])
+    blocks.add_metric(["free"], stats.free_blocks)
+    blocks.add_metric(["used"], stats.used_blocks)
+    yield blocks
+    yield GaugeMetricFamily("mmdisagg_kv_blocks_total", "Blocks in the paged KV cache",
+                            value=stats.total_blocks)
+    yield GaugeMetricFamily("mmdisagg_kv_block_size", "Tokens per KV-cache block",
+                            value=engine.blocks.block_size)
+    yield CounterMetricFamily("mmdisagg_kv_preemptions",
+                              "Requests preempted (KV freed, recomputed later)",
+                              value=engine.preemptions)
 
 
 def transfer_metrics(stats: TransferStats) -> Iterator[Metric]:

@@ -1,183 +1,216 @@
-"""Iteration-level batching over a LanguageHalf: requests join and leave between steps.
+"""Iteration-level batching over a paged KV cache: admission by KV blocks, preemption by
+recompute, one forward pass per step.
 
-A request's prompt may arrive whole (``add``) or in pieces (``begin`` then ``extend``, as the
-transfer layer delivers windows); the part that has arrived is prefilled while the rest is
-still on its way. Each ``step`` runs one forward pass over every request with work: the next
-prompt tokens of those still prefilling (at most ``max_prefill_tokens`` in all) and one token
-for each request that is decoding. Sampling is per request, so a request's tokens do not
-depend on what shares its batch.
+Requests wait in ``waiting`` until the KV blocks for their known tokens plus one are free,
+then run. Each ``step`` feeds one token to every decoding request and the next prompt tokens
+(at most ``max_prefill_tokens`` in all) to those still prefilling, in one forward pass, and
+samples where a sequence reached its last token. When a decoding request needs a new block
+and none is free, the most recently admitted request is preempted: its blocks are freed and
+it goes back to the front of ``waiting``, to be recomputed from its prompt and the tokens it
+already produced (kept in host memory) — its output is what an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from mmdisagg.config import EngineSettings
-from mmdisagg.core import EncodedPrompt, SamplingParams
 from mmdisagg.language.detokenizer import Detokenizer
-from mmdisagg.models.base import Chunk, LanguageHalf, decode_position
+from mmdisagg.language.kv_blocks import KVBlockManager
+from mmdisagg.language.request import Req, ReqStatus
+from mmdisagg.language.runner import ModelRunner
+from mmdisagg.language.sampler import check_params, request_seed
+from mmdisagg.models.base import LanguageHalf
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.kv_cache import KVCache
-from mmdisagg.models.sampling import check_params, new_generator, sample
+from mmdisagg.models.kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One generated token of one request. ``text`` is the new text it made safe to show (often
-    empty); ``finish_reason`` is None while the request goes on, else "stop" or "length"."""
+    """What one step did for one request: a new token (``text`` is the new text it made safe
+    to show, often empty), or ``error`` set when the request failed. ``finish_reason`` is
+    None while the request goes on, else "stop", "length" or "error"."""
 
-    request_id: str
+    req: Req
     token_id: int
     text: str
     finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class _Request:
-    request_id: str
-    params: SamplingParams
-    total_tokens: int
-    cache: KVCache
-    generator: torch.Generator
-    detokenizer: Detokenizer
-    mrope_delta: int = 0
-    arrived: deque[EncodedPrompt] = field(default_factory=deque)  # not yet prefilled
-    received_tokens: int = 0
-    output_ids: list[int] = field(default_factory=list)
+    error: str | None = None
 
     @property
-    def decoding(self) -> bool:
-        return bool(self.output_ids)
-
-    def take_prompt(self, limit: int) -> EncodedPrompt:
-        """Up to ``limit`` arrived prompt tokens."""
-        pieces = []
-        while self.arrived and limit > 0:
-            piece = self.arrived.popleft()
-            if limit < piece.total_tokens:
-                piece, rest = piece.split(limit)
-                self.arrived.appendleft(rest)
-            pieces.append(piece)
-            limit -= piece.total_tokens
-        return EncodedPrompt.join(pieces)
+    def request_id(self) -> str:
+        return self.req.request_id
 
 
 class Engine:
-    """Runs requests through a LanguageHalf: each ``step`` schedules, runs one forward pass,
-    samples and reports. Not thread-safe: one scheduler loop owns it."""
+    """Runs requests through a LanguageHalf over one paged KV cache. Not thread-safe: one
+    scheduler loop owns it."""
 
-    def __init__(self, half: LanguageHalf, settings: EngineSettings | None = None) -> None:
+    def __init__(self, half: LanguageHalf, cache: PagedKVCache,
+                 settings: EngineSettings | None = None, max_running: int = 64) -> None:
         self.half = half
         self.settings = settings or EngineSettings()
-        self._requests: dict[str, _Request] = {}
+        self.max_running = max_running
+        self.blocks = KVBlockManager(cache.num_blocks, cache.block_size)
+        self.runner = ModelRunner(half, cache)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.preemptions = 0
+        # NOTE: a sequence never outgrows the cache: it ends ("length") before it would.
+        self.max_len = min(half.max_model_len, self.blocks.num_tokens)
 
     def __len__(self) -> int:
-        return len(self._requests)
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
-
-    def add(self, request_id: str, prompt: EncodedPrompt, params: SamplingParams) -> None:
-        """A request whose whole prompt is here."""
-        self.begin(request_id, params, prompt.total_tokens)
-        self.extend(request_id, prompt)
-
-    def begin(self, request_id: str, params: SamplingParams, total_tokens: int) -> None:
-        """A request whose ``total_tokens``-token prompt will come through ``extend``."""
-        if request_id in self._requests:
-            raise ValueError(f"request {request_id!r} is already in the engine")
-        check_params(params)
-        if total_tokens < 1:
-            raise InputError("the prompt is empty")
-        if total_tokens >= self.half.max_model_len:
-            raise InputError(f"the prompt is {total_tokens} tokens; this model takes fewer than "
-                             f"{self.half.max_model_len} (prompt and output together)")
-        cache = self.half.new_cache()
-        cache.reserve(total_tokens)
-        self._requests[request_id] = _Request(
-            request_id, params, total_tokens, cache, new_generator(params.seed, self.half.device),
-            Detokenizer(self.half.tokenizer, params.stop))
-
-    def extend(self, request_id: str, piece: EncodedPrompt) -> None:
-        """The next prompt tokens of a begun request, in order. ``piece.mrope_delta`` is the
-        whole prompt's."""
-        request = self._requests.get(request_id)
-        if request is None:
-            raise KeyError(f"request {request_id!r} is not in the engine")
-        if request.received_tokens + piece.total_tokens > request.total_tokens:
-            raise ValueError(f"request {request_id!r}: {request.received_tokens} + "
-                             f"{piece.total_tokens} tokens is more than its prompt's "
-                             f"{request.total_tokens}")
-        request.mrope_delta = piece.mrope_delta
-        request.arrived.append(piece)
-        request.received_tokens += piece.total_tokens
-
-    def abort(self, request_id: str) -> bool:
-        """Drop a request wherever it is; False if it was not here (already finished)."""
-        return self._requests.pop(request_id, None) is not None
+        return len(self.waiting) + len(self.running)
 
     def has_work(self) -> bool:
-        return any(request.decoding or request.arrived for request in self._requests.values())
+        return bool(self.running or self.waiting)
+
+    def add(self, req: Req) -> None:
+        """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
+        can never run."""
+        check_params(req.params)
+        length = req.prompt_tokens
+        if length < 1:
+            raise InputError("the prompt is empty")
+        if length >= self.half.max_model_len:
+            raise InputError(f"the prompt is {length} tokens; this model takes fewer than "
+                             f"{self.half.max_model_len} (prompt and output together)")
+        if length >= self.blocks.num_tokens:
+            raise InputError(f"the prompt is {length} tokens; this language server's KV cache "
+                             f"holds {self.blocks.num_tokens} tokens in all (prompt and output "
+                             "together)")
+        req.seed = request_seed(req.params)
+        req.detokenizer = Detokenizer(self.half.tokenizer, req.params.stop)
+        req.status = ReqStatus.WAITING
+        self.waiting.append(req)
+
+    def abort(self, req: Req) -> bool:
+        """Drop ``req`` wherever it is here and free its blocks; False if it was not here."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            return False
+        self._release(req)
+        return True
 
     def step(self) -> list[StepOutput]:
-        scheduled = self._schedule()
-        if not scheduled:
-            return []
-        hidden = self.half.forward([chunk for _, chunk in scheduled])
-        rows = [row for row, (request, _) in enumerate(scheduled)
-                if request.cache.length >= request.total_tokens]
-        if not rows:
-            return []
-        requests = [scheduled[row][0] for row in rows]
-        tokens = sample(self.half.logits(hidden[rows]), [r.params for r in requests],
-                        [r.generator for r in requests])
-        return [self._emit(request, token) for request, token in zip(requests, tokens, strict=True)]
+        failed: list[StepOutput] = []
+        decode = self._grow_decoding(failed)
+        prefill = self._schedule_prefill(failed)
+        if not decode and not prefill:
+            return failed
+        tokens = self.runner.run(decode, prefill)
+        for req in decode:
+            req.num_computed += 1
+        for req, count in prefill:
+            req.num_computed += count
+        sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
+        return failed + [self._emit(req, token)
+                         for req, token in zip(sampled, tokens, strict=True)]
 
-    def _schedule(self) -> list[tuple[_Request, Chunk]]:
-        """One decode token for every decoding request, then prompt tokens within budget."""
-        decoding = [request for request in self._requests.values() if request.decoding]
-        scheduled = []
-        if decoding:
-            last_tokens = torch.tensor([request.output_ids[-1] for request in decoding])
-            embeddings = self.half.embed(last_tokens)
-            for row, request in enumerate(decoding):
-                position = decode_position(request.cache, request.mrope_delta, self.half.device)
-                scheduled.append((request, Chunk(request.cache, embeddings[row:row + 1], position)))
-        budget = self.settings.max_prefill_tokens
-        for request in self._requests.values():
-            if budget == 0:
-                break
-            if request.decoding or not request.arrived:
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _grow_decoding(self, failed: list[StepOutput]) -> list[Req]:
+        """Running requests whose next token is a decode, each given a slot for it; preempts
+        the most recently admitted while blocks are short."""
+        decode = []
+        for req in list(self.running):
+            if req.status is not ReqStatus.RUNNING or not self._decoding(req):
                 continue
-            prompt = request.take_prompt(budget)
-            budget -= prompt.total_tokens
-            scheduled.append((request, Chunk(request.cache, prompt.embeddings, prompt.positions,
-                                             prompt.deepstack, prompt.visual_mask)))
-        return scheduled
+            while req.status is ReqStatus.RUNNING:
+                try:
+                    grown = self.blocks.allocate(req, req.num_tokens)
+                except Exception as exc:  # an allocator failure fails this request only
+                    failed.append(self._fail(req, f"could not grow the KV cache: {exc!r}"))
+                    break
+                if grown:
+                    decode.append(req)
+                    break
+                self._preempt(self.running[-1])
+        return decode
 
-    def _emit(self, request: _Request, token: int) -> StepOutput:
-        request.output_ids.append(token)
-        text, finish_reason = self._text_and_finish(request, token)
+    @staticmethod
+    def _decoding(req: Req) -> bool:
+        return req.num_pending == 1 and req.num_computed >= req.prompt_tokens
+
+    def _schedule_prefill(self, failed: list[StepOutput]) -> list[tuple[Req, int]]:
+        """Next prompt (or recomputed) tokens of running requests, then of admitted ones,
+        within ``max_prefill_tokens``."""
+        budget = self.settings.max_prefill_tokens
+        prefill = []
+        for req in self.running:
+            if budget == 0:
+                return prefill
+            if not self._decoding(req):
+                count = min(req.num_pending, budget)
+                prefill.append((req, count))
+                budget -= count
+        while budget and self.waiting and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            try:
+                admitted = self.blocks.allocate(req, req.num_tokens + 1)
+            except Exception as exc:  # an allocator failure fails this request only
+                self.waiting.popleft()
+                failed.append(self._fail(req, f"could not allocate KV blocks: {exc!r}",
+                                         running=False))
+                continue
+            if not admitted:
+                break
+            self.waiting.popleft()
+            req.status = ReqStatus.RUNNING
+            self.running.append(req)
+            count = min(req.num_pending, budget)
+            prefill.append((req, count))
+            budget -= count
+        return prefill
+
+    def _preempt(self, req: Req) -> None:
+        self.running.remove(req)
+        self.blocks.free(req)
+        req.status = ReqStatus.PREEMPTED
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+        log.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _emit(self, req: Req, token: int) -> StepOutput:
+        req.output_ids.append(token)
+        text, finish_reason = self._text_and_finish(req, token)
         if finish_reason is not None:
-            del self._requests[request.request_id]
-        return StepOutput(request.request_id, token, text, finish_reason, request.total_tokens,
-                          len(request.output_ids))
+            self.running.remove(req)
+            self._release(req)
+            req.finish_reason = finish_reason
+        return StepOutput(req, token, text, finish_reason)
 
-    def _text_and_finish(self, request: _Request, token: int) -> tuple[str, str | None]:
-        params = request.params
-        detokenizer = request.detokenizer
+    def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
+        log.error("request %s failed: %s", req.request_id, error)
+        if running:
+            self.running.remove(req)
+        self._release(req)
+        req.finish_reason = "error"
+        return StepOutput(req, -1, "", "error", error)
+
+    def _release(self, req: Req) -> None:
+        self.blocks.free(req)
+        req.status = ReqStatus.FINISHED
+
+    def _text_and_finish(self, req: Req, token: int) -> tuple[str, str | None]:
+        params = req.params
+        detokenizer = req.detokenizer
         if token in params.stop_token_ids or (token in self.half.eos_token_ids
                                               and not params.ignore_eos):
             return detokenizer.flush(), "stop"
         text = detokenizer.push(token)
         if detokenizer.stopped:
             return text, "stop"
-        if (len(request.output_ids) >= params.max_tokens
-                or request.total_tokens + len(request.output_ids) >= self.half.max_model_len):
+        if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_len:
             return text + detokenizer.flush(), "length"
         return text, None

@@ -13,17 +13,16 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from mmdisagg.config import LanguageServerSettings
-from mmdisagg.core import EncodedPrompt, LoopThread, SamplingParams
+from mmdisagg.core import EncodedPrompt, LoopThread
 from mmdisagg.language.engine import Engine, StepOutput
+from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.messages import TRANSFER_FAILED, ErrorEvent, Event, TokenEvent
-from mmdisagg.models.base import PreparedPrompt
 from mmdisagg.models.errors import InputError
 from mmdisagg.transfer.protocol import Poll
-from mmdisagg.transfer.receiver import EmbeddingReceiver, ReceiverManager
+from mmdisagg.transfer.receiver import ReceiverManager
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +30,19 @@ IDLE_WAIT_S = 0.1
 BUSY_WAIT_S = 0.0005
 
 
-@dataclass(eq=False)
-class GenerationRequest:
-    room: int
-    params: SamplingParams
-    emit: Callable[[Event], None]  # called from the loop thread, once per event
-    encoder: str = ""  # bootstrap address of the encode server sending the prompt
-    prepared: PreparedPrompt | None = None  # colocated: the prompt to encode here
-    receiver: EmbeddingReceiver | None = None
-    arrived: float = field(default_factory=time.monotonic)
-    last_token_at: float | None = None
-
-    @property
-    def request_id(self) -> str:
-        return str(self.room)
-
-
-Ready = tuple[GenerationRequest, EncodedPrompt | ErrorEvent]
+Ready = tuple[Req, EncodedPrompt | ErrorEvent]
 
 
 class PromptSource(Protocol):
     """Where prompts come from. All methods run on the scheduler's loop thread."""
 
-    def add(self, request: GenerationRequest) -> None: ...
+    def add(self, request: Req) -> None: ...
 
-    def ready(self) -> list[Ready]:
-        """Requests whose prompt is here (or failed), since the last call."""
+    def ready(self, limit: int) -> list[Ready]:
+        """Requests whose prompt is here (at most ``limit`` of them; the others stay where
+        they are, holding their embedding-pool blocks) or failed, since the last call."""
 
-    def abort(self, request: GenerationRequest) -> bool:
+    def abort(self, request: Req) -> bool:
         """Drop ``request`` if it is still here; False if it is not."""
 
     def queues(self) -> dict[str, int]: ...
@@ -69,14 +53,14 @@ class TransferSource:
 
     def __init__(self, manager: ReceiverManager) -> None:
         self.manager = manager
-        self.prealloc: deque[GenerationRequest] = deque()
-        self.transfer: list[GenerationRequest] = []
+        self.prealloc: deque[Req] = deque()
+        self.transfer: list[Req] = []
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: Req) -> None:
         request.receiver = self.manager.create_receiver(request.room, request.encoder)
         self.prealloc.append(request)
 
-    def ready(self) -> list[Ready]:
+    def ready(self, limit: int) -> list[Ready]:
         done: list[Ready] = []
         allocator = self.manager.pool.allocator
         while self.prealloc:
@@ -89,19 +73,21 @@ class TransferSource:
             if allocation is None:
                 break
             request.receiver.init(allocation)
+            request.status = ReqStatus.TRANSFER
             self.transfer.append(self.prealloc.popleft())
         for request in list(self.transfer):
             state = request.receiver.poll()
-            if state == Poll.Success:
+            if state == Poll.Success and limit > 0:
                 self.transfer.remove(request)
                 done.append((request, request.receiver.take()))
+                limit -= 1
             elif state == Poll.Failed:
                 self.transfer.remove(request)
                 done.append((request, ErrorEvent(f"transfer failed: {request.receiver.failure}",
                                                  503, TRANSFER_FAILED)))
         return done
 
-    def abort(self, request: GenerationRequest) -> bool:
+    def abort(self, request: Req) -> bool:
         for queue in (self.prealloc, self.transfer):
             if request in queue:
                 queue.remove(request)
@@ -114,19 +100,20 @@ class TransferSource:
 
 
 class LanguageScheduler(LoopThread):
+    """Every live request is in ``_requests`` (by room); where it is, is its ``status``: in
+    the source (prealloc, transfer), or in the engine (waiting, running, preempted)."""
+
     def __init__(self, engine: Engine, source: PromptSource,
                  settings: LanguageServerSettings) -> None:
         super().__init__("language-scheduler")
         self.engine = engine
         self.source = source
         self.settings = settings
-        self.waiting: deque[tuple[GenerationRequest, EncodedPrompt]] = deque()
-        self.running: dict[str, GenerationRequest] = {}
         self.outcomes: Counter[str] = Counter()
         self.on_first_token: Callable[[float], None] = lambda seconds: None
         self.on_next_token: Callable[[float], None] = lambda seconds: None
-        self._requests: dict[int, GenerationRequest] = {}
-        self._inbox: deque[GenerationRequest] = deque()
+        self._requests: dict[int, Req] = {}
+        self._inbox: deque[Req] = deque()
         self._aborts: deque[int] = deque()
 
     @property
@@ -134,10 +121,10 @@ class LanguageScheduler(LoopThread):
         return len(self._requests) + len(self._inbox)
 
     def queues(self) -> dict[str, int]:
-        return {**self.source.queues(), "waiting": len(self.waiting),
-                "running": len(self.running)}
+        return {**self.source.queues(), "waiting": len(self.engine.waiting),
+                "running": len(self.engine.running)}
 
-    def submit(self, request: GenerationRequest) -> None:
+    def submit(self, request: Req) -> None:
         """Any thread. Overloaded: the request gets a 503 event at once."""
         if self.load >= self.settings.max_queued_requests:
             self.outcomes["overloaded"] += 1
@@ -157,14 +144,14 @@ class LanguageScheduler(LoopThread):
     def step(self) -> float:
         self._receive()
         self._collect()
-        self._admit()
         self._reply(self._forward())
-        if self.engine.has_work():
+        if self.engine.running:
             return 0.0
         return BUSY_WAIT_S if self._requests or self._inbox else IDLE_WAIT_S
 
     def drain(self) -> None:
         for request in list(self._requests.values()):
+            self.engine.abort(request)
             self._finish(request, ErrorEvent("language server shutting down", 503))
 
     def _receive(self) -> None:
@@ -180,32 +167,27 @@ class LanguageScheduler(LoopThread):
                 continue
             self._requests[request.room] = request
         while self._aborts:
-            request = self._requests.get(self._aborts.popleft())
+            request = self._requests.pop(self._aborts.popleft(), None)
             if request is None:
                 continue
             if not self.source.abort(request):
-                self.engine.abort(request.request_id)
-                self.running.pop(request.request_id, None)
-                self.waiting = deque(item for item in self.waiting if item[0] is not request)
-            self._requests.pop(request.room, None)
+                self.engine.abort(request)
+            request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
 
     def _collect(self) -> None:
-        for request, prompt in self.source.ready():
+        """Landed prompts join the engine's waiting queue while it is shorter than
+        ``max_running_requests``; the rest wait in the embedding pool (back-pressure)."""
+        room = self.settings.max_running_requests - len(self.engine.waiting)
+        for request, prompt in self.source.ready(max(room, 0)):
             if isinstance(prompt, ErrorEvent):
                 self._finish(request, prompt)
-            else:
-                self.waiting.append((request, prompt))
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.settings.max_running_requests:
-            request, prompt = self.waiting.popleft()
+                continue
+            request.prompt = prompt
             try:
-                self.engine.add(request.request_id, prompt, request.params)
+                self.engine.add(request)
             except InputError as exc:
                 self._finish(request, ErrorEvent(exc.message, exc.status))
-                continue
-            self.running[request.request_id] = request
 
     def _forward(self) -> list[StepOutput]:
         if not self.engine.has_work():
@@ -214,16 +196,17 @@ class LanguageScheduler(LoopThread):
             return self.engine.step()
         except Exception as exc:  # a model failure fails the batch, not the server
             log.exception("forward pass failed")
-            for request_id, request in list(self.running.items()):
-                self.engine.abort(request_id)
+            for request in [*self.engine.running, *self.engine.waiting]:
+                self.engine.abort(request)
                 self._finish(request, ErrorEvent(f"generation failed: {exc!r}", 500))
             return []
 
     def _reply(self, outputs: list[StepOutput]) -> None:
         now = time.monotonic()
         for output in outputs:
-            request = self.running.get(output.request_id)
-            if request is None:
+            request = output.req
+            if output.error is not None:
+                self._finish(request, ErrorEvent(output.error, 503))
                 continue
             if request.last_token_at is None:
                 self.on_first_token(now - request.arrived)
@@ -231,14 +214,14 @@ class LanguageScheduler(LoopThread):
                 self.on_next_token(now - request.last_token_at)
             request.last_token_at = now
             event = TokenEvent(output.text, [output.token_id], output.finish_reason,
-                               output.prompt_tokens, output.completion_tokens)
+                               request.prompt_tokens, len(request.output_ids))
             if output.finish_reason is None:
                 request.emit(event)
             else:
                 self._finish(request, event)
 
-    def _finish(self, request: GenerationRequest, event: Event) -> None:
-        self.running.pop(request.request_id, None)
+    def _finish(self, request: Req, event: Event) -> None:
         self._requests.pop(request.room, None)
+        request.status = ReqStatus.FINISHED
         self.outcomes["ok" if isinstance(event, TokenEvent) else "failed"] += 1
         request.emit(event)

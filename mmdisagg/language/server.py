@@ -19,14 +19,12 @@ from prometheus_client import CollectorRegistry
 from mmdisagg.config import LanguageServerSettings, add_arguments, load
 from mmdisagg.httpapp import StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.language.engine import Engine
-from mmdisagg.language.scheduler import (
-    GenerationRequest,
-    LanguageScheduler,
-    PromptSource,
-    TransferSource,
-)
+from mmdisagg.language.kv_memory import build_kv_cache
+from mmdisagg.language.request import Req
+from mmdisagg.language.scheduler import LanguageScheduler, PromptSource, TransferSource
 from mmdisagg.messages import ErrorEvent, Event, GenerateRequest, ServerInfo
 from mmdisagg.metrics import (
+    kv_metrics,
     latency_histogram,
     outcome_metrics,
     pool_metrics,
@@ -50,7 +48,9 @@ class GenerationService:
                  settings: LanguageServerSettings) -> None:
         self.half = half
         self.settings = settings
-        self.scheduler = LanguageScheduler(Engine(half, settings.engine), source, settings)
+        self.engine = Engine(half, build_kv_cache(half, settings.engine), settings.engine,
+                             settings.max_running_requests)
+        self.scheduler = LanguageScheduler(self.engine, source, settings)
         self.registry = CollectorRegistry()
         ttft = latency_histogram("mmdisagg_time_to_first_token_seconds",
                                  "Arrival to first token, at this server", self.registry)
@@ -60,7 +60,7 @@ class GenerationService:
         self.scheduler.on_next_token = tpot.observe
         self.scheduler.start()
 
-    async def events(self, make: Callable[[Callable[[Event], None]], GenerationRequest],
+    async def events(self, make: Callable[[Callable[[Event], None]], Req],
                      ) -> AsyncIterator[Event]:
         """Submit the request ``make`` builds around an emitter; yield its events. Leaving
         early (the client went away) aborts it."""
@@ -111,6 +111,7 @@ class LanguageServer:
         yield from outcome_metrics("language", self.service.scheduler.outcomes)
         yield from queue_metrics(self.service.scheduler.queues())
         yield from pool_metrics(self.pool)
+        yield from kv_metrics(self.service.engine)
         yield from transfer_metrics(self.manager.stats)
 
     @property
@@ -121,8 +122,11 @@ class LanguageServer:
         self.service.scheduler.abort(room)
 
     def info(self) -> ServerInfo:
+        engine = self.service.engine
+        stats = engine.blocks.stats()
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
-                          max_model_len=self.service.half.max_model_len)
+                          max_model_len=engine.max_len, kv_block_size=engine.blocks.block_size,
+                          kv_blocks=stats.total_blocks, kv_blocks_used=stats.used_blocks)
 
 
 def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
@@ -140,8 +144,9 @@ def build_app(server: LanguageServer) -> FastAPI:
     async def generate(request: Request) -> StreamingResponse:
         check_bearer(request, token)
         body = decode_body(await request.body(), GenerateRequest)
-        events = server.service.events(lambda emit: GenerationRequest(
-            body.room, body.params, emit, encoder=body.encoder))
+        events = server.service.events(lambda emit: Req(
+            body.request_id or str(body.room), body.params, emit=emit, room=body.room,
+            encoder=body.encoder))
         return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
 
     return app

@@ -3,6 +3,6 @@
 ``base`` states the interfaces (EncoderHalf, LanguageHalf); ``qwen2_vl`` implements them for
 Qwen2-VL and Qwen2.5-VL. The rest are the parts they are built from: ``prompts`` (chat
 messages), ``images`` (fetching and decoding), ``positions`` (M-RoPE), ``weights``
-(selective safetensors loading), ``kv_cache``, ``sampling``; ``tiny`` writes random test
+(selective safetensors loading), ``kv_cache`` (the paged KV memory); ``tiny`` writes random test
 checkpoints. Importing this package imports neither torch nor transformers.
 """

@@ -21,7 +21,7 @@ import torch
 
 from mmdisagg.config import ImageSettings
 from mmdisagg.core import EncodedPrompt
-from mmdisagg.models.kv_cache import KVCache
+from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 
 # model_type in config.json -> module with ``ENCODER_HALF`` and ``LANGUAGE_HALF`` classes.
 FAMILY_MODULES = {
@@ -66,15 +66,51 @@ class PreparedPrompt:
 
 
 @dataclass(eq=False)
-class Chunk:
-    """Tokens appended to one sequence in one forward pass: a whole prompt, part of one, or one
-    decoded token."""
+class PagedRows:
+    """Sequences whose new tokens attend to their cached keys and values through block tables.
 
-    cache: KVCache
-    embeddings: torch.Tensor  # [n, hidden]
-    positions: torch.Tensor  # [n, 3]
-    deepstack: torch.Tensor | None = None  # [layers, visual tokens among the n, hidden]
-    visual_mask: torch.Tensor | None = None  # [n] bool, where deepstack is given
+    ``block_tables [rows, max_blocks]`` (padded with any valid block id) and ``mask [rows, 1,
+    queries, max_blocks * block_size]``: True where a query may see a key (its own sequence,
+    causal, within the cached length). Built once per step, shared by every layer.
+    """
+
+    block_tables: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(eq=False)
+class PrefillRows(PagedRows):
+    """Prefill chunks, padded to the longest: ``query_index [n]`` is where each chunk token
+    sits in the flattened ``[rows * max_query]`` padded queries."""
+
+    query_index: torch.Tensor
+    max_query: int
+
+
+@dataclass(eq=False)
+class ForwardBatch:
+    """The new tokens of several sequences for one forward pass: decode rows first (one token
+    each), then prefill chunks, in the order of ``last_rows``.
+
+    ``embeddings [n, hidden]``, ``positions [n, 3]`` (M-RoPE t/h/w), ``slots [n]``: the KV
+    cache slot (``block * block_size + offset``) each token's keys and values go to;
+    ``last_rows [sequences]``: each sequence's last token among the n. Models with deepstack
+    features: ``visual_rows [v]`` (which of the n tokens have them) and ``deepstack [layers, v,
+    hidden]`` (None when no token of the batch has any).
+    """
+
+    embeddings: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    last_rows: torch.Tensor
+    decode: PagedRows | None
+    prefill: PrefillRows | None
+    visual_rows: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode is None else int(self.decode.block_tables.shape[0])
 
 
 class ImageFeatureCache(Protocol):
@@ -159,19 +195,27 @@ class LanguageHalf(ABC):
         return family_module(path).LANGUAGE_HALF.load(
             path, dtype=dtype, device=device, max_model_len=max_model_len)
 
+    @property
     @abstractmethod
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for one sequence."""
+    def kv_layout(self) -> KVLayout:
+        """What one token's keys and values take, for sizing the paged KV cache."""
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``[n]`` token ids -> ``[n, hidden]`` input embeddings (for decoded tokens)."""
 
     @abstractmethod
-    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """Run the decoder over several sequences' new tokens in one pass, appending them to
-        each sequence's cache. Returns the final-norm hidden state of each chunk's last token,
-        ``[len(chunks), hidden]``: the only rows worth an LM head."""
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Run the decoder over ``batch`` in one pass, writing each new token's keys and values
+        into its slot of ``cache``. Returns the final-norm hidden state of each sequence's last
+        token, ``[sequences, hidden]``: the only rows worth an LM head.
+
+        NOTE: layers run in one loop; ``after_layer`` is the place for a family that adds
+        something to the hidden states after a layer (Qwen3-VL's deepstack features)."""
+
+    def after_layer(self, layer: int, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """``hidden [n, hidden]`` after decoder layer ``layer``; the default changes nothing."""
+        return hidden
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,25 +225,3 @@ class LanguageHalf(ABC):
     @abstractmethod
     def loaded_weights(self) -> Mapping[str, torch.Tensor]:
         """Checkpoint tensor name -> tensor held: what this half loaded, and nothing else."""
-
-    def prefill(self, cache: KVCache, embeddings: torch.Tensor, positions: torch.Tensor,
-                deepstack: torch.Tensor | None = None,
-                visual_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Append prompt tokens (all of them, or the next part) to ``cache``; return the
-        ``[vocab]`` logits after the last one."""
-        chunk = Chunk(cache, embeddings, positions, deepstack, visual_mask)
-        return self.logits(self.forward([chunk]))[0]
-
-    def decode(self, caches: Sequence[KVCache], token_ids: Sequence[int],
-               mrope_deltas: Sequence[int]) -> torch.Tensor:
-        """Feed one token to each sequence, in one batch; return ``[len(caches), vocab]``."""
-        embeddings = self.embed(torch.tensor(list(token_ids), device=self.device))
-        chunks = [Chunk(cache, embeddings[i:i + 1], decode_position(cache, delta, self.device))
-                  for i, (cache, delta) in enumerate(zip(caches, mrope_deltas, strict=True))]
-        return self.logits(self.forward(chunks))
-
-
-def decode_position(cache: KVCache, mrope_delta: int, device: torch.device) -> torch.Tensor:
-    """``[1, 3]`` position of the next token: tokens so far plus the prompt's M-RoPE offset, the
-    same on all three rows."""
-    return torch.full((1, 3), cache.length + mrope_delta, dtype=torch.long, device=device)

@@ -3,8 +3,9 @@
 The two families differ only in their vision tower; chat format, M-RoPE and decoder are the
 same, so one pair of classes serves both. The vision tower and decoder weights live in the
 transformers modules (built on the meta device, then given only the tensors each half needs);
-the decoder's forward pass is ours, so that sequences of different lengths, each with its own
-KV cache, run through the layers in one batch.
+the decoder's forward pass is ours, so that sequences of different lengths run through the
+layers in one batch against the paged KV cache: one attention call per layer for the decode
+rows and one for the prefill chunks.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from mmdisagg.config import ImageSettings
 from mmdisagg.core import EncodedPrompt
 from mmdisagg.models.base import (
-    Chunk,
     EncoderHalf,
+    ForwardBatch,
     ImageFeatureCache,
     LanguageHalf,
+    PagedRows,
+    PrefillRows,
     PreparedImage,
     PreparedPrompt,
 )
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.images import load_image
-from mmdisagg.models.kv_cache import KVCache
+from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
 from mmdisagg.models.prompts import parse_messages
 from mmdisagg.models.weights import CheckpointWeights
@@ -323,9 +326,9 @@ class QwenVLLanguageHalf(LanguageHalf):
     def loaded_weights(self) -> Mapping[str, torch.Tensor]:
         return self._loaded_weights
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.text_model.layers), self.num_kv_heads, self.head_dim,
-                       dtype=self.dtype, device=self.device)
+    @property
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(len(self.text_model.layers), self.num_kv_heads, self.head_dim, self.dtype)
 
     @torch.no_grad()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -336,39 +339,16 @@ class QwenVLLanguageHalf(LanguageHalf):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        lengths = [chunk.embeddings.shape[0] for chunk in chunks]
-        hidden = torch.cat([chunk.embeddings for chunk in chunks]).to(self.device, self.dtype)
-        positions = torch.cat([chunk.positions for chunk in chunks]).to(self.device)
-        position_embeddings = self.text_model.rotary_emb(hidden, positions.T[:, None, :])
-        for chunk, length in zip(chunks, lengths, strict=True):
-            chunk.cache.reserve(length)
-        visual_rows, deepstack = self._deepstack(chunks, lengths)
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        hidden = batch.embeddings.to(self.device, self.dtype)
+        position_embeddings = self.text_model.rotary_emb(hidden, batch.positions.T[:, None, :])
         for index, layer in enumerate(self.text_model.layers):
             attention = self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
-                                        position_embeddings, chunks, lengths)
+                                        position_embeddings, batch, cache)
             hidden = hidden + attention
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            if index < len(deepstack):
-                hidden.index_add_(0, visual_rows, deepstack[index])
-        for chunk, length in zip(chunks, lengths, strict=True):
-            chunk.cache.advance(length)
-        last_tokens = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        return self.text_model.norm(hidden[last_tokens])
-
-    def _deepstack(self, chunks: Sequence[Chunk], lengths: list[int]
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | Sequence[torch.Tensor]]:
-        """Rows of the batch that get deepstack features, and ``[layers, rows, hidden]`` to add
-        to them after each of the first layers (nothing when no chunk has any)."""
-        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]]
-        given = [(offset, chunk) for offset, chunk in zip(offsets, chunks, strict=True)
-                 if chunk.deepstack is not None]
-        if not any(chunk.deepstack.shape[1] for _, chunk in given):
-            return None, ()
-        rows = torch.cat([chunk.visual_mask.nonzero().flatten() + offset
-                          for offset, chunk in given])
-        features = torch.cat([chunk.deepstack for _, chunk in given], dim=1)
-        return rows.to(self.device), features.to(self.device, self.dtype)
+            hidden = self.after_layer(index, hidden, batch)
+        return self.text_model.norm(hidden[batch.last_rows])
 
     def _project(self, attention: nn.Module, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,32 +359,53 @@ class QwenVLLanguageHalf(LanguageHalf):
                 attention.v_proj(hidden).view(shape).transpose(1, 2))
 
     def _attention(self, layer: int, attention: nn.Module, hidden: torch.Tensor,
-                   position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                   chunks: Sequence[Chunk], lengths: list[int]) -> torch.Tensor:
-        """Projections and rotary embedding over all tokens at once; attention per sequence,
-        each against its own cache."""
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                   cache: PagedKVCache) -> torch.Tensor:
+        """Projections and rotary embedding over all tokens at once; new keys and values into
+        their slots with one index op each; then one attention call for the decode rows and
+        one for the prefill chunks, both reading the cache through block tables."""
+        count = hidden.shape[0]
         queries, keys, values = self._project(attention, hidden)
         queries, keys = modeling_qwen2_vl.apply_rotary_pos_emb(queries, keys, *position_embeddings)
+        key_slots, value_slots = cache.slots(layer)
+        key_slots.index_copy_(0, batch.slots, keys[0].transpose(0, 1))
+        value_slots.index_copy_(0, batch.slots, values[0].transpose(0, 1))
+        queries = queries[0].transpose(0, 1)  # [n, heads, head_dim]
+        decoded = batch.num_decode
         outputs = []
-        for chunk, query, key, value in zip(chunks, queries.split(lengths, dim=2),
-                                            keys.split(lengths, dim=2),
-                                            values.split(lengths, dim=2), strict=True):
-            all_keys, all_values = chunk.cache.write(layer, key[0], value[0])
-            outputs.append(_causal_attention(query, all_keys[None], all_values[None],
-                                             attention.scaling))
-        output = torch.cat(outputs, dim=2).transpose(1, 2).reshape(hidden.shape[0], -1)
-        return attention.o_proj(output)
+        if batch.decode is not None:
+            outputs.append(self._paged_attention(
+                queries[:decoded, None], layer, cache, batch.decode, attention.scaling)[:, 0])
+        if batch.prefill is not None:
+            outputs.append(self._prefill_attention(queries[decoded:], layer, cache,
+                                                   batch.prefill, attention.scaling))
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return attention.o_proj(output.reshape(count, -1))
 
+    def _paged_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
+                         rows: PagedRows, scale: float) -> torch.Tensor:
+        """``queries [rows, q, heads, head_dim]`` -> same shape, each row attending to its
+        sequence's cached keys and values under ``rows.mask``."""
+        count, width = rows.block_tables.shape
+        shape = (count, width * cache.block_size, self.num_kv_heads, self.head_dim)
+        keys = cache.keys[layer][rows.block_tables].view(shape).transpose(1, 2)
+        values = cache.values[layer][rows.block_tables].view(shape).transpose(1, 2)
+        output = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values,
+                                                attn_mask=rows.mask, scale=scale,
+                                                enable_gqa=True)
+        return output.transpose(1, 2)
 
-def _causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """``query [1, heads, n, d]`` holds the last n of the ``keys``' positions."""
-    new, total = query.shape[2], keys.shape[2]
-    mask = None
-    if new > 1:
-        mask = torch.ones(new, total, dtype=torch.bool, device=query.device).tril(total - new)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                          enable_gqa=True)
+    def _prefill_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
+                           rows: PrefillRows, scale: float) -> torch.Tensor:
+        """``queries [n, heads, head_dim]`` of every prefill chunk, padded to the longest chunk
+        for one call, then unpadded."""
+        count = rows.block_tables.shape[0]
+        heads = queries.shape[1]
+        padded = queries.new_zeros(count * rows.max_query, heads, self.head_dim)
+        padded.index_copy_(0, rows.query_index, queries)
+        output = self._paged_attention(padded.view(count, rows.max_query, heads, self.head_dim),
+                                       layer, cache, rows, scale)
+        return output.reshape(count * rows.max_query, heads, self.head_dim)[rows.query_index]
 
 
 def _eos_token_ids(checkpoint: Checkpoint) -> frozenset[int]:

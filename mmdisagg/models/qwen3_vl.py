@@ -7,7 +7,8 @@ Chat format, image processing, checkpoint loading and the batched decoder pass a
   per layer in ``deepstack_visual_indexes``; the decoder adds the k-th to the image tokens'
   hidden states after its k-th layer. The encoder half returns them as
   ``EncodedPrompt.deepstack`` (the pool and every data plane carry them, for visual tokens
-  only), the language half adds them (``QwenVLLanguageHalf._deepstack``).
+  only; ``ModelRunner`` hands each forward pass those of its tokens), the language half adds
+  them (``after_layer``).
 * each attention head normalizes its queries and keys (Qwen3's ``q_norm``/``k_norm``);
 * M-RoPE is interleaved (t, h, w frequencies alternate): transformers' rotary module does it.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
+from mmdisagg.models.base import ForwardBatch
 from mmdisagg.models.qwen2_vl import (
     Checkpoint,
     Family,
@@ -57,6 +59,12 @@ class Qwen3VLLanguageHalf(QwenVLLanguageHalf):
     def __init__(self, *, checkpoint: Checkpoint, **parts) -> None:
         super().__init__(checkpoint=checkpoint, **parts)
         self.deepstack_layers = deepstack_layers(checkpoint)
+
+    def after_layer(self, layer: int, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Deepstack: after each of the first layers, the visual tokens' features for it."""
+        if batch.deepstack is None or layer >= batch.deepstack.shape[0]:
+            return hidden
+        return hidden.index_add(0, batch.visual_rows, batch.deepstack[layer])
 
     def _project(self, attention: nn.Module, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ from mmdisagg.core import SamplingParams
 from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
-from mmdisagg.language.scheduler import GenerationRequest, Ready
+from mmdisagg.language.request import Req
+from mmdisagg.language.scheduler import Ready
 from mmdisagg.language.server import GenerationService
 from mmdisagg.messages import ErrorEvent, TokenEvent
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
@@ -35,15 +36,19 @@ class LocalEncodeSource:
         self.cache = cache
         self.max_batch = max_batch
         self.max_patches = max_patches
-        self.pending: deque[GenerationRequest] = deque()
+        self.pending: deque[Req] = deque()
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: Req) -> None:
         self.pending.append(request)
 
-    def ready(self) -> list[Ready]:
+    def ready(self, limit: int) -> list[Ready]:
+        """Encodes only while the engine's waiting queue has ``limit`` room: the prepared
+        prompts wait here, embeddings are not made early."""
         done: list[Ready] = []
+        if limit <= 0:
+            return done
         for batch in take_batches(self.pending, lambda request: request.prepared, self.cache,
-                                  self.max_batch, self.max_patches):
+                                  min(self.max_batch, limit), self.max_patches):
             if not batch:
                 continue
             try:
@@ -55,7 +60,7 @@ class LocalEncodeSource:
             done += zip(batch, encoded, strict=True)
         return done
 
-    def abort(self, request: GenerationRequest) -> bool:
+    def abort(self, request: Req) -> bool:
         if request in self.pending:
             self.pending.remove(request)
             return True
@@ -104,8 +109,8 @@ class ColocatedBackend:
             prepared = await run_in_threadpool(self.encoder.prepare, messages)
         except InputError as exc:
             raise ApiError(exc.status, exc.message) from None
-        events = self.service.events(lambda emit: GenerationRequest(
-            secrets.randbits(63), params, emit, prepared=prepared))
+        events = self.service.events(lambda emit: Req(
+            request_id, params, emit=emit, room=secrets.randbits(63), prepared=prepared))
         async for event in events:
             if isinstance(event, ErrorEvent):
                 raise ApiError(event.status, event.message)

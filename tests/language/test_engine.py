@@ -1,5 +1,5 @@
-"""The batching engine: same tokens as generate(), requests joining and leaving, sampling and
-stop conditions."""
+"""The paged batching engine: same tokens as generate(), requests joining and leaving,
+admission by KV blocks, preemption by recompute, sampling and stop conditions."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections import defaultdict
 
 import pytest
 
-from mmdisagg.config import EngineSettings
 from mmdisagg.core import EncodedPrompt, SamplingParams
 from mmdisagg.language.engine import Engine, StepOutput
+from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.models.base import LanguageHalf
 from mmdisagg.models.errors import InputError
 from tests.models.fixtures import (
@@ -20,6 +20,8 @@ from tests.models.fixtures import (
     encode,
     generate_greedy,
     image_part,
+    paged_engine,
+    run_engine,
     text_part,
     user,
 )
@@ -37,6 +39,11 @@ GREEDY = SamplingParams(max_tokens=12)
 @pytest.fixture
 def qwen2_vl(tiny_models: dict[str, TinyModel]) -> TinyModel:
     return tiny_models["qwen2_vl"]
+
+
+def req(tiny: TinyModel, name: str, params: SamplingParams = GREEDY,
+        request_id: str | None = None) -> Req:
+    return Req(request_id or name, params, encode(tiny, PROMPTS[name]))
 
 
 def drain(engine: Engine, steps: int | None = None) -> dict[str, list[StepOutput]]:
@@ -57,25 +64,57 @@ def text(outputs: list[StepOutput]) -> str:
     return "".join(output.text for output in outputs)
 
 
+def assert_idle(engine: Engine) -> None:
+    engine.blocks.check()
+    assert engine.blocks.stats().used_blocks == 0 and len(engine) == 0
+
+
 def test_batch_of_three_lengths_matches_generate(tiny: TinyModel) -> None:
-    engine = Engine(tiny.language)
     names = ("one image", "two images", "text only")
+    generated = run_engine(paged_engine(tiny.language), [req(tiny, name) for name in names])
     for name in names:
-        engine.add(name, encode(tiny, PROMPTS[name]), GREEDY)
+        assert_same_tokens(generated[name], generate_greedy(tiny, PROMPTS[name], 12))
+
+
+def test_preempted_many_times_still_matches_generate(tiny: TinyModel) -> None:
+    """A cache of 144 tokens in 2-token blocks holds two of these prompts at most: requests
+    are admitted as blocks free up, preempted as decoding ones grow, and recomputed."""
+    names = ("one image", "two images", "text only", "long text")
+    engine = paged_engine(tiny.language, kv_tokens=144, block_size=2, max_prefill_tokens=32)
+    generated = run_engine(engine, [req(tiny, name, request_id=f"{name} {copy}")
+                                    for copy in range(3) for name in names])
+    assert engine.preemptions >= 5
+    for name in names:
+        expected = generate_greedy(tiny, PROMPTS[name], 12)
+        for copy in range(3):
+            assert_same_tokens(generated[f"{name} {copy}"], expected)
+
+
+def test_admission_waits_for_kv_blocks(qwen2_vl: TinyModel) -> None:
+    prompt_tokens = encode(qwen2_vl, PROMPTS["two images"]).total_tokens
+    engine = paged_engine(qwen2_vl.language, kv_tokens=prompt_tokens + 16)
+    first, second = req(qwen2_vl, "two images", request_id="1"), req(qwen2_vl, "two images",
+                                                                     request_id="2")
+    engine.add(first)
+    engine.add(second)
+    engine.step()
+    assert first.status is ReqStatus.RUNNING and second.status is ReqStatus.WAITING
+    assert len(first.block_table) == math.ceil((prompt_tokens + 1) / 16)
     outputs = drain(engine)
-    for name in names:
-        assert_same_tokens(tokens(outputs[name]), generate_greedy(tiny, PROMPTS[name], 12))
-    assert len(engine) == 0 and not engine.has_work()
+    assert tokens(outputs["2"]) == [*first.output_ids][:len(outputs["2"])]
+    assert_idle(engine)
 
 
 def test_requests_join_and_leave_between_steps(qwen2_vl: TinyModel) -> None:
-    engine = Engine(qwen2_vl.language)
-    engine.add("a", encode(qwen2_vl, PROMPTS["one image"]), GREEDY)
-    engine.add("short", encode(qwen2_vl, PROMPTS["text only"]), SamplingParams(max_tokens=4))
-    engine.add("aborted", encode(qwen2_vl, PROMPTS["long text"]), GREEDY)
+    engine = paged_engine(qwen2_vl.language)
+    aborted = req(qwen2_vl, "long text", request_id="aborted")
+    for new in (req(qwen2_vl, "one image", request_id="a"),
+                req(qwen2_vl, "text only", SamplingParams(max_tokens=4), "short"), aborted):
+        engine.add(new)
     outputs = drain(engine, steps=2)
-    assert engine.abort("aborted") and not engine.abort("aborted")
-    engine.add("late", encode(qwen2_vl, PROMPTS["two images"]), GREEDY)
+    assert engine.abort(aborted) and not engine.abort(aborted)
+    assert aborted.status is ReqStatus.FINISHED and not aborted.block_table
+    engine.add(req(qwen2_vl, "two images", request_id="late"))
     for request_id, new_outputs in drain(engine).items():
         outputs[request_id] += new_outputs
     assert [o.finish_reason for o in outputs["short"]] == [None, None, None, "length"]
@@ -84,97 +123,129 @@ def test_requests_join_and_leave_between_steps(qwen2_vl: TinyModel) -> None:
                                     ("late", "two images", 12)):
         expected = generate_greedy(qwen2_vl, PROMPTS[name], count)
         assert_same_tokens(tokens(outputs[request_id]), expected)
-
-
-def pieces(prompt: EncodedPrompt, sizes: list[int]) -> list[EncodedPrompt]:
-    bounds = [0, *itertools.accumulate(sizes), prompt.total_tokens]
-    return [EncodedPrompt(prompt.embeddings[a:b], prompt.token_ids[a:b], prompt.positions[a:b],
-                          prompt.mrope_delta) for a, b in itertools.pairwise(bounds)]
-
-
-def test_prompt_prefilled_while_it_arrives(qwen2_vl: TinyModel) -> None:
-    engine = Engine(qwen2_vl.language, EngineSettings(max_prefill_tokens=16))
-    engine.add("other", encode(qwen2_vl, PROMPTS["text only"]), GREEDY)
-    prompt = encode(qwen2_vl, PROMPTS["one image"])
-    engine.begin("arriving", GREEDY, prompt.total_tokens)
-    outputs = drain(engine, steps=2)
-    parts = pieces(prompt, [5, 30])
-    for part in parts:
-        engine.extend("arriving", part)
-        for request_id, new_outputs in drain(engine, steps=1).items():
-            outputs[request_id] += new_outputs
-    for request_id, new_outputs in drain(engine).items():
-        outputs[request_id] += new_outputs
-    assert len(outputs["other"]) == 12
-    assert_same_tokens(tokens(outputs["arriving"]),
-                       generate_greedy(qwen2_vl, PROMPTS["one image"], 12))
+    assert_idle(engine)
 
 
 def test_prefill_budget_is_shared_by_the_step(qwen2_vl: TinyModel) -> None:
-    engine = Engine(qwen2_vl.language, EngineSettings(max_prefill_tokens=16))
-    prompts = {name: encode(qwen2_vl, PROMPTS[name]) for name in ("long text", "one image")}
-    for name, prompt in prompts.items():
-        engine.add(name, prompt, GREEDY)
+    engine = paged_engine(qwen2_vl.language, max_prefill_tokens=16)
+    reqs = [req(qwen2_vl, name) for name in ("long text", "one image")]
+    for new in reqs:
+        engine.add(new)
     first_token_step: dict[str, int] = {}
     for step in itertools.count(1):
         if not engine.has_work():
             break
         for output in engine.step():
             first_token_step.setdefault(output.request_id, step)
-    lengths = [prompt.total_tokens for prompt in prompts.values()]
+    lengths = [new.prompt_tokens for new in reqs]
     assert first_token_step == {"long text": math.ceil(lengths[0] / 16),
                                 "one image": math.ceil(sum(lengths) / 16)}
 
 
-def test_begun_request_without_data_is_not_work(qwen2_vl: TinyModel) -> None:
-    engine = Engine(qwen2_vl.language)
-    engine.begin("waiting", GREEDY, 40)
-    assert "waiting" in engine and not engine.has_work() and engine.step() == []
+def test_prompt_longer_than_the_whole_cache_is_refused(qwen2_vl: TinyModel) -> None:
+    new = req(qwen2_vl, "two images")
+    engine = paged_engine(qwen2_vl.language, kv_tokens=new.prompt_tokens // 16 * 16)
+    with pytest.raises(InputError, match=f"prompt is {new.prompt_tokens} tokens.*KV cache holds "
+                                         f"{engine.blocks.num_tokens} tokens"):
+        engine.add(new)
+    assert len(engine) == 0
 
 
-def sampled(engine: Engine, request_id: str) -> list[int]:
-    return tokens(drain(engine)[request_id])
+def test_output_ends_before_it_outgrows_the_cache(qwen2_vl: TinyModel) -> None:
+    new = req(qwen2_vl, "one image", SamplingParams(max_tokens=100, ignore_eos=True))
+    engine = paged_engine(qwen2_vl.language, kv_tokens=new.prompt_tokens + 20)
+    outputs = drain_one(engine, new)
+    assert new.num_tokens == engine.blocks.num_tokens and outputs[-1].finish_reason == "length"
+
+
+def drain_one(engine: Engine, new: Req) -> list[StepOutput]:
+    engine.add(new)
+    outputs = drain(engine)[new.request_id]
+    assert_idle(engine)
+    return outputs
+
+
+@pytest.mark.parametrize("where", ["admission", "growth"])
+def test_allocation_failure_fails_one_request_only(qwen2_vl: TinyModel, where: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = paged_engine(qwen2_vl.language)
+    allocator = engine.blocks.allocator
+    real = allocator.alloc_blocks
+    calls = itertools.count()
+    failing_call = 1 if where == "admission" else 2  # 0, 1: admissions; 2: first growth
+
+    def alloc_blocks(num_blocks: int):
+        if next(calls) == failing_call:
+            raise MemoryError("injected")
+        return real(num_blocks)
+
+    monkeypatch.setattr(allocator, "alloc_blocks", alloc_blocks)
+    reqs = [req(qwen2_vl, "text only", SamplingParams(max_tokens=30, ignore_eos=True), str(i))
+            for i in range(3)]
+    for new in reqs:
+        engine.add(new)
+    outputs = drain(engine)
+    errors = [rid for rid, outs in outputs.items() if outs[-1].finish_reason == "error"]
+    assert len(errors) == 1 and "injected" in outputs[errors[0]][-1].error
+    assert sum(len(outs) == 30 for outs in outputs.values()) == 2
+    assert_idle(engine)
+    assert drain_one(engine, req(qwen2_vl, "text only"))[-1].finish_reason is not None
+
+
+def sampled(engine: Engine, new: Req) -> list[int]:
+    return tokens(drain_one(engine, new))
+
+
+SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
 
 
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(qwen2_vl: TinyModel) -> None:
-    prompt = encode(qwen2_vl, PROMPTS["one image"])
-    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
-    alone = Engine(qwen2_vl.language)
-    alone.add("seeded", prompt, seeded)
-    crowded = Engine(qwen2_vl.language)
-    crowded.add("noise", encode(qwen2_vl, PROMPTS["text only"]), SamplingParams(temperature=1.5))
-    crowded.add("seeded", prompt, seeded)
-    crowded.add("greedy", encode(qwen2_vl, PROMPTS["two images"]), GREEDY)
-    reseeded = Engine(qwen2_vl.language)
-    reseeded.add("seeded", prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=99))
-    first = sampled(alone, "seeded")
-    assert sampled(crowded, "seeded") == first
-    assert sampled(reseeded, "seeded") != first
+    first = sampled(paged_engine(qwen2_vl.language), req(qwen2_vl, "one image", SEEDED))
+    crowded = paged_engine(qwen2_vl.language)
+    crowded.add(req(qwen2_vl, "text only", SamplingParams(temperature=1.5), "noise"))
+    crowded.add(req(qwen2_vl, "two images", GREEDY, "greedy"))
+    assert sampled(crowded, req(qwen2_vl, "one image", SEEDED)) == first
+    reseeded = SamplingParams(max_tokens=12, temperature=1.0, seed=99)
+    assert sampled(paged_engine(qwen2_vl.language), req(qwen2_vl, "one image", reseeded)) != first
+
+
+def test_seeded_sampling_survives_preemption(qwen2_vl: TinyModel) -> None:
+    first = sampled(paged_engine(qwen2_vl.language), req(qwen2_vl, "one image", SEEDED))
+    seeded = req(qwen2_vl, "one image", SEEDED)
+    others = [req(qwen2_vl, "text only", SamplingParams(temperature=1.0, max_tokens=30,
+                                                        ignore_eos=True), str(i))
+              for i in range(2)]
+    # All three fit when admitted, not once they grow: the last admitted is preempted.
+    admitted = sum(new.prompt_tokens + 1 for new in [*others, seeded])
+    engine = paged_engine(qwen2_vl.language, kv_tokens=admitted + 6, block_size=2)
+    generated = run_engine(engine, [*others, seeded])
+    assert seeded.preemptions > 0 and generated[seeded.request_id] == first
+
+
+def test_unseeded_requests_differ(qwen2_vl: TinyModel) -> None:
+    params = SamplingParams(max_tokens=12, temperature=1.0)
+    runs = [sampled(paged_engine(qwen2_vl.language), req(qwen2_vl, "one image", params))
+            for _ in range(2)]
+    assert runs[0] != runs[1]
 
 
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=12, temperature=5.0, top_k=1),
                                     SamplingParams(max_tokens=12, temperature=5.0, top_p=1e-6)])
 def test_top_k_one_and_tiny_top_p_are_greedy(qwen2_vl: TinyModel, params: SamplingParams) -> None:
-    prompt = encode(qwen2_vl, PROMPTS["one image"])
-    greedy, truncated = Engine(qwen2_vl.language), Engine(qwen2_vl.language)
-    greedy.add("r", prompt, GREEDY)
-    truncated.add("r", prompt, params)
-    assert sampled(truncated, "r") == sampled(greedy, "r")
+    engine = paged_engine(qwen2_vl.language)
+    greedy = sampled(engine, req(qwen2_vl, "one image"))
+    assert sampled(engine, req(qwen2_vl, "one image", params)) == greedy
 
 
 def greedy_run(tiny: TinyModel, params: SamplingParams = GREEDY,
                language: LanguageHalf | None = None) -> list[StepOutput]:
-    engine = Engine(language or tiny.language)
-    engine.add("r", encode(tiny, PROMPTS["one image"]), params)
-    return drain(engine)["r"]
+    return drain_one(paged_engine(language or tiny.language), req(tiny, "one image", params))
 
 
 def test_max_tokens_and_usage(qwen2_vl: TinyModel) -> None:
     outputs = greedy_run(qwen2_vl, SamplingParams(max_tokens=5))
-    prompt_tokens = encode(qwen2_vl, PROMPTS["one image"]).total_tokens
     assert [o.finish_reason for o in outputs] == [None] * 4 + ["length"]
-    assert [o.completion_tokens for o in outputs] == [1, 2, 3, 4, 5]
-    assert {o.prompt_tokens for o in outputs} == {prompt_tokens}
+    assert len(outputs[-1].req.output_ids) == 5
 
 
 def test_text_is_the_detokenized_tokens(qwen2_vl: TinyModel) -> None:
@@ -231,17 +302,11 @@ def test_max_model_len_bounds_prompt_and_output(qwen2_vl: TinyModel) -> None:
 def test_bad_sampling_params_are_input_errors(qwen2_vl: TinyModel, params: SamplingParams,
                                               message: str) -> None:
     with pytest.raises(InputError, match=message):
-        Engine(qwen2_vl.language).begin("r", params, 10)
+        paged_engine(qwen2_vl.language).add(req(qwen2_vl, "text only", params))
 
 
-def test_request_bookkeeping_errors(qwen2_vl: TinyModel) -> None:
-    engine = Engine(qwen2_vl.language)
+def test_empty_prompt_is_an_input_error(qwen2_vl: TinyModel) -> None:
     prompt = encode(qwen2_vl, PROMPTS["text only"])
-    engine.add("r", prompt, GREEDY)
-    with pytest.raises(ValueError, match="already"):
-        engine.add("r", prompt, GREEDY)
-    with pytest.raises(KeyError, match="not in the engine"):
-        engine.extend("unknown", prompt)
-    engine.begin("partial", GREEDY, prompt.total_tokens - 1)
-    with pytest.raises(ValueError, match="more than"):
-        engine.extend("partial", prompt)
+    empty = EncodedPrompt(prompt.embeddings[:0], prompt.token_ids[:0], prompt.positions[:0])
+    with pytest.raises(InputError, match="empty"):
+        paged_engine(qwen2_vl.language).add(Req("r", GREEDY, empty))

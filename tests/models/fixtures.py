@@ -21,8 +21,12 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from mmdisagg.core import EncodedPrompt
+from mmdisagg.config import EngineSettings
+from mmdisagg.core import EncodedPrompt, SamplingParams
+from mmdisagg.language.engine import Engine
+from mmdisagg.language.request import Req
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
+from mmdisagg.models.kv_cache import PagedKVCache
 from mmdisagg.models.tiny import make_tiny_model
 
 torch.set_num_threads(1)
@@ -160,20 +164,30 @@ def encode(tiny: TinyModel, messages: list[dict[str, Any]]) -> EncodedPrompt:
     return tiny.encoder.encode([tiny.encoder.prepare(messages)])[0]
 
 
+def paged_engine(language: LanguageHalf, kv_tokens: int = 4096, block_size: int = 16,
+                 max_prefill_tokens: int = 2048, max_running: int = 64) -> Engine:
+    """An engine over a KV cache of ``kv_tokens`` tokens."""
+    cache = PagedKVCache(language.kv_layout, -(-kv_tokens // block_size), block_size,
+                         language.device)
+    return Engine(language, cache, EngineSettings(max_prefill_tokens=max_prefill_tokens,
+                                                  kv_block_size=block_size), max_running)
+
+
+def run_engine(engine: Engine, reqs: list[Req]) -> dict[str, list[int]]:
+    """Add ``reqs``, step until the engine is empty; each request's tokens."""
+    for req in reqs:
+        engine.add(req)
+    while engine.has_work():
+        engine.step()
+    engine.blocks.check()
+    assert engine.blocks.stats().used_blocks == 0
+    return {req.request_id: req.output_ids for req in reqs}
+
+
 def split_greedy(tiny: TinyModel, prompt: EncodedPrompt, max_new_tokens: int,
-                 prefill_chunks: tuple[int, ...] = ()) -> list[int]:
-    """Greedy tokens through the LanguageHalf alone: prefill (in pieces of the given sizes,
-    then the rest), then one decode step per token, stopping at EOS like generate()."""
-    language = tiny.language
-    cache = language.new_cache()
-    rest = prompt
-    for size in (*prefill_chunks, prompt.total_tokens):
-        if rest.total_tokens:
-            piece, rest = rest.split(size)
-            logits = language.prefill(cache, piece.embeddings, piece.positions, piece.deepstack,
-                                      piece.visual_mask)
-    tokens = [int(logits.argmax())]
-    while len(tokens) < max_new_tokens and tokens[-1] not in language.eos_token_ids:
-        logits = language.decode([cache], [tokens[-1]], [prompt.mrope_delta])[0]
-        tokens.append(int(logits.argmax()))
-    return tokens
+                 prefill_chunk: int = 2048) -> list[int]:
+    """Greedy tokens through the LanguageHalf alone, in an engine of its own that prefills
+    ``prefill_chunk`` tokens per step; stops at EOS like generate()."""
+    engine = paged_engine(tiny.language, max_prefill_tokens=prefill_chunk)
+    req = Req("r", SamplingParams(max_tokens=max_new_tokens), prompt)
+    return run_engine(engine, [req])["r"]

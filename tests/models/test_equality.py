@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmdisagg.core import SamplingParams
+from mmdisagg.language.request import Req
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from tests.models.fixtures import (
     TinyModel,
@@ -12,7 +14,9 @@ from tests.models.fixtures import (
     encode,
     generate_greedy,
     image_part,
+    paged_engine,
     reference_inputs,
+    run_engine,
     split_greedy,
     text_part,
     user,
@@ -68,10 +72,10 @@ def test_encoded_prompt_layout(tiny: TinyModel) -> None:
     assert prompt.mrope_delta == int(prompt.positions.max()) + 1 - length < 0
 
 
-@pytest.mark.parametrize("chunks", [(1,), (7, 13), (16, 16, 16, 16)])
-def test_chunked_prefill_matches_one_prefill(tiny: TinyModel, chunks: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_chunked_prefill_matches_one_prefill(tiny: TinyModel, chunk: int) -> None:
     prompt = encode(tiny, PROMPTS["image in the middle"])
-    assert split_greedy(tiny, prompt, NEW_TOKENS, chunks) == split_greedy(tiny, prompt, NEW_TOKENS)
+    assert split_greedy(tiny, prompt, NEW_TOKENS, chunk) == split_greedy(tiny, prompt, NEW_TOKENS)
 
 
 def test_negative_control_zero_mrope_delta_changes_tokens(tiny: TinyModel) -> None:
@@ -96,18 +100,11 @@ def test_decode_batch_of_different_lengths_matches_generate(tiny: TinyModel) -> 
     names = ("one image", "two images of different sizes", "text only")
     prompts = [encode(tiny, PROMPTS[name]) for name in names]
     assert len({prompt.total_tokens for prompt in prompts}) == 3
-    language = tiny.language
-    caches = [language.new_cache() for _ in prompts]
-    tokens = [[int(language.prefill(cache, p.embeddings, p.positions, p.deepstack,
-                                    p.visual_mask).argmax())]
-              for cache, p in zip(caches, prompts, strict=True)]
-    for _ in range(NEW_TOKENS - 1):
-        logits = language.decode(caches, [t[-1] for t in tokens], [p.mrope_delta for p in prompts])
-        for row, argmax in enumerate(logits.argmax(dim=-1).tolist()):
-            tokens[row].append(argmax)
-    for name, generated in zip(names, tokens, strict=True):
-        expected = generate_greedy(tiny, PROMPTS[name], NEW_TOKENS)
-        assert_same_tokens(generated[:len(expected.tokens)], expected)  # generate() stops at EOS
+    reqs = [Req(name, SamplingParams(max_tokens=NEW_TOKENS), prompt)
+            for name, prompt in zip(names, prompts, strict=True)]
+    generated = run_engine(paged_engine(tiny.language), reqs)
+    for name in names:
+        assert_same_tokens(generated[name], generate_greedy(tiny, PROMPTS[name], NEW_TOKENS))
 
 
 def test_lower_precision_runs(tiny: TinyModel) -> None:
@@ -115,8 +112,8 @@ def test_lower_precision_runs(tiny: TinyModel) -> None:
     language = LanguageHalf.from_pretrained(tiny.path, dtype=torch.float16)
     prompt = encoder.encode([encoder.prepare(PROMPTS["one image"])])[0]
     assert prompt.embeddings.dtype == torch.bfloat16
-    cache = language.new_cache()
-    logits = language.prefill(cache, prompt.embeddings, prompt.positions, prompt.deepstack,
-                              prompt.visual_mask)
-    logits = language.decode([cache], [int(logits.argmax())], [prompt.mrope_delta])
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    engine = paged_engine(language)
+    assert engine.runner.cache.keys.dtype == torch.float16
+    tokens = run_engine(engine, [Req("r", SamplingParams(max_tokens=3, ignore_eos=True),
+                                     prompt)])["r"]
+    assert len(tokens) == 3

@@ -10,7 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mmdisagg.core import EncodedPrompt, mask_runs, runs_mask
+from mmdisagg.core import EncodedPrompt, SamplingParams, mask_runs, runs_mask
+from mmdisagg.language.request import Req
+from mmdisagg.language.runner import ModelRunner
+from mmdisagg.models.base import LanguageHalf
+from mmdisagg.models.kv_cache import PagedKVCache
 from tests.models.fixtures import (
     TinyModel,
     encode,
@@ -67,6 +71,16 @@ def test_text_only_prompt_has_no_deepstack_rows(qwen3: TinyModel) -> None:
     assert prompt.visual_runs() == []
 
 
+def last_logits(language: LanguageHalf, prompt: EncodedPrompt) -> torch.Tensor:
+    """One prefill of the whole prompt through the runner's batch, as the engine builds it."""
+    blocks = -(-prompt.total_tokens // 16)
+    cache = PagedKVCache(language.kv_layout, blocks, 16, language.device)
+    req = Req("r", SamplingParams(max_tokens=1), prompt)
+    req.block_table = list(range(blocks))
+    batch = ModelRunner(language, cache)._batch([], [(req, prompt.total_tokens)])
+    return language.logits(language.forward(batch, cache))[0]
+
+
 @pytest.mark.parametrize("messages", [ONE_IMAGE, TWO_IMAGES], ids=["one image", "two images"])
 def test_prefill_logits_equal_the_unsplit_model_and_need_deepstack(
         qwen3: TinyModel, messages: list) -> None:
@@ -76,16 +90,12 @@ def test_prefill_logits_equal_the_unsplit_model_and_need_deepstack(
     with torch.no_grad():
         expected = qwen3.reference(**reference_inputs(qwen3, messages)).logits[0, -1]
     prompt = encode(qwen3, messages)
-    language = qwen3.language
-
-    def last_logits(deepstack: torch.Tensor | None) -> torch.Tensor:
-        return language.prefill(language.new_cache(), prompt.embeddings, prompt.positions,
-                                deepstack, prompt.visual_mask)
-
-    torch.testing.assert_close(last_logits(prompt.deepstack), expected, rtol=0, atol=1e-4)
-    assert (last_logits(None) - expected).abs().max() > 0.05
-    one_layer_late = torch.cat([torch.zeros_like(prompt.deepstack[:1]), prompt.deepstack[:1]])
-    assert (last_logits(one_layer_late) - expected).abs().max() > 0.05
+    torch.testing.assert_close(last_logits(qwen3.language, prompt), expected, rtol=0, atol=1e-4)
+    deepstack = prompt.deepstack
+    prompt.deepstack = None
+    assert (last_logits(qwen3.language, prompt) - expected).abs().max() > 0.05
+    prompt.deepstack = torch.cat([torch.zeros_like(deepstack[:1]), deepstack[:1]])  # late
+    assert (last_logits(qwen3.language, prompt) - expected).abs().max() > 0.05
 
 
 def test_negative_control_zeroed_deepstack_changes_tokens(qwen3: TinyModel) -> None:
@@ -106,16 +116,25 @@ def test_positions_equal_get_rope_index(qwen3: TinyModel) -> None:
         assert prompt.mrope_delta == int(delta)
 
 
-@pytest.mark.parametrize("cut", [0, 1, 5, 17, 18, 30, 10_000])
-def test_split_and_join_keep_each_visual_tokens_rows(qwen3: TinyModel, cut: int) -> None:
+@pytest.mark.parametrize("chunk", [1, 7, 16, 33])
+def test_deepstack_rows_of_any_chunking_cover_each_visual_token_once(qwen3: TinyModel,
+                                                                    chunk: int) -> None:
     prompt = encode(qwen3, TWO_IMAGES)
-    head, tail = prompt.split(cut)
-    for piece in (head, tail):
-        assert piece.deepstack.shape[1] == int(piece.visual_mask.sum())
-    joined = EncodedPrompt.join([head, tail])
-    assert torch.equal(joined.deepstack, prompt.deepstack)
-    assert torch.equal(joined.visual_mask, prompt.visual_mask)
-    assert torch.equal(joined.embeddings, prompt.embeddings)
+    rows, features = [], []
+    for start in range(0, prompt.total_tokens + 5, chunk):  # past the end: output tokens
+        found = prompt.deepstack_rows(start, start + chunk)
+        if found is not None:
+            rows.append(found[0] + start)
+            features.append(found[1])
+    assert torch.equal(torch.cat(rows), prompt.visual_mask.nonzero().flatten())
+    assert torch.equal(torch.cat(features, dim=1), prompt.deepstack)
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_chunked_prefill_with_deepstack_matches_generate(qwen3: TinyModel, chunk: int) -> None:
+    """Prefill chunks cut through the images: each chunk adds only its own tokens' rows."""
+    expected = generate_greedy(qwen3, TWO_IMAGES, 12).tokens
+    assert split_greedy(qwen3, encode(qwen3, TWO_IMAGES), 12, prefill_chunk=chunk) == expected
 
 
 def test_mask_runs_round_trip() -> None:

@@ -78,6 +78,12 @@ def test_models_health_and_metrics(cluster):
         samples = metrics(server.url)
         assert 'mmdisagg_pool_blocks{state="free"}' in samples
         assert "mmdisagg_transfer_bytes_total" in samples
+    language = metrics(cluster.child("language-0").url)
+    total = language["mmdisagg_kv_blocks_total"]
+    assert total > 0 and language['mmdisagg_kv_blocks{state="used"}'] == 0
+    assert language['mmdisagg_kv_blocks{state="free"}'] == total
+    info = httpx.get(f"{cluster.child('language-0').url}/info").json()
+    assert info["kv_blocks"] == total and info["kv_block_size"] == 16
 
 
 def test_repeated_image_hits_the_cache_and_answers_the_same(cluster):
