@@ -846,3 +846,37 @@ def test_abort_from_another_receiver_keeps_early_windows():
             assert cluster.legit[room].outcome == "Success"
         finally:
             cluster.close()
+
+
+@pytest.mark.parametrize("runs", [((0, 5),), ((15, 10),), ((3, 2), (1, 1))])
+def test_tcp_chunk_claiming_visual_runs_is_refused_before_a_byte_lands(runs):
+    """Deepstack rows for a pool that has none (or runs outside the chunk, or out of order):
+    the header is refused, nothing is written, and the room still takes its real chunk."""
+    with Troubles() as troubles:
+        cluster = Cluster("tcp")
+        try:
+            room, receiver = next(iter(cluster.hostile_receivers.items()))
+            with cluster.receiver._lock:
+                blocks = list(receiver.windows[0].allocation.blocks)
+            refused = cluster.receiver.stats.refused
+            arrays = cluster.receiver.pool.arrays
+            before = arrays.embeddings[blocks[:2]].clone(), arrays.token_ids[blocks[:2]].clone()
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 20, 20, 3, runs), blocks[:2]))
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header
+                     + chunk_payload(room, 20) + bytes(5 * HIDDEN * 4))
+            deadline = time.monotonic() + 10
+            while cluster.receiver.stats.refused == refused and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cluster.receiver.stats.refused == refused + 1
+            assert torch.equal(arrays.embeddings[blocks[:2]], before[0])
+            assert torch.equal(arrays.token_ids[blocks[:2]], before[1])
+            assert receiver.poll() == Poll.WaitingForInput
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 20, 20, 3), blocks[:2]))
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header
+                     + chunk_payload(room, 20))
+            assert receiver.poll() == Poll.Success, receiver.failure
+            cluster.finish(troubles)
+        finally:
+            cluster.close()
