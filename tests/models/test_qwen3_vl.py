@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
 
 from mmdisagg.core import EncodedPrompt, SamplingParams, mask_runs, runs_mask
 from mmdisagg.language.request import Req
 from mmdisagg.language.runner import ModelRunner
-from mmdisagg.models.base import LanguageHalf
+from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from mmdisagg.models.kv_cache import PagedKVCache
+from mmdisagg.models.tiny import make_tiny_model
 from tests.models.fixtures import (
     TinyModel,
     encode,
@@ -142,3 +144,16 @@ def test_mask_runs_round_trip() -> None:
     assert mask_runs(mask) == [(0, 2), (4, 1), (6, 3)]
     assert torch.equal(runs_mask(mask_runs(mask), len(mask)), mask)
     assert mask_runs(torch.zeros(4, dtype=torch.bool)) == []
+
+
+def test_small_size_adds_deepstack_to_3_of_its_4_layers(tmp_path) -> None:
+    """As in the released models, fewer deepstack layers than decoder layers (the tiny size
+    feeds both of its 2)."""
+    path = make_tiny_model(tmp_path / "small", "qwen3_vl", "small")
+    small = TinyModel("qwen3_vl", path, EncoderHalf.from_pretrained(path),
+                      LanguageHalf.from_pretrained(path),
+                      AutoModelForImageTextToText.from_pretrained(path).eval())
+    assert (small.language.deepstack_layers, len(small.language.text_model.layers)) == (3, 4)
+    messages = user(text_part("Here:"), image_part(112, 96, seed=3), text_part("What is it?"))
+    assert split_greedy(small, encode(small, messages), 10) == generate_greedy(
+        small, messages, 10).tokens
