@@ -28,6 +28,7 @@ FAMILY_MODULES = {
     "qwen2_vl": "mmdisagg.models.qwen2_vl",
     "qwen2_5_vl": "mmdisagg.models.qwen2_vl",
     "qwen3_vl": "mmdisagg.models.qwen3_vl",
+    "qwen3_vl_moe": "mmdisagg.models.qwen3_vl",
 }
 
 

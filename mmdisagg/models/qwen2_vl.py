@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ from mmdisagg.models.weights import CheckpointWeights
 class Family:
     vision_tower: type[nn.Module]
     text_model: type[nn.Module]
+    # tensor name suffix -> (checkpoint tensor, module shape) -> module tensor, where the Hub
+    # layout differs
+    converters: Mapping[str, Callable[[torch.Tensor, torch.Size], torch.Tensor]] = field(
+        default_factory=dict)
 
 
 FAMILIES = {
@@ -95,6 +99,7 @@ class Checkpoint:
         with torch.device("meta"):
             module = build()
         loaded = self.weights.load_into(module, prefixes, needed_by=needed_by, dtype=self.dtype,
+                                        converters=self.family.converters,
                                         device=self.device)
         if isinstance(module, PreTrainedModel):
             _compute_buffers(module, self.device)
@@ -346,9 +351,13 @@ class QwenVLLanguageHalf(LanguageHalf):
             attention = self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
                                         position_embeddings, batch, cache)
             hidden = hidden + attention
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
             hidden = self.after_layer(index, hidden, batch)
         return self.text_model.norm(hidden[batch.last_rows])
+
+    def _mlp(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A layer's MLP over ``[n, hidden]``."""
+        return mlp(hidden)
 
     def _project(self, attention: nn.Module, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl
+from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
 
 from mmdisagg.models.base import ForwardBatch
 from mmdisagg.models.qwen2_vl import (
@@ -33,8 +34,21 @@ from mmdisagg.models.qwen2_vl import (
     QwenVLLanguageHalf,
 )
 
-FAMILIES = {"qwen3_vl": Family(modeling_qwen3_vl.Qwen3VLVisionModel,
-                               modeling_qwen3_vl.Qwen3VLTextModel)}
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def experts_as_held(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The Hub stores each MoE layer's experts as ``[experts, in, out]``, transformers'
+    module holds ``[experts, out, in]`` (and saves it so): take either, as transformers does."""
+    return tensor if tensor.shape == shape else tensor.transpose(1, 2)
+
+
+FAMILIES = {
+    "qwen3_vl": Family(modeling_qwen3_vl.Qwen3VLVisionModel, modeling_qwen3_vl.Qwen3VLTextModel),
+    "qwen3_vl_moe": Family(modeling_qwen3_vl_moe.Qwen3VLMoeVisionModel,
+                           modeling_qwen3_vl_moe.Qwen3VLMoeTextModel,
+                           dict.fromkeys(EXPERTS, experts_as_held)),
+}
 
 
 def deepstack_layers(checkpoint: Checkpoint) -> int:
@@ -65,6 +79,11 @@ class Qwen3VLLanguageHalf(QwenVLLanguageHalf):
         if batch.deepstack is None or layer >= batch.deepstack.shape[0]:
             return hidden
         return hidden.index_add(0, batch.visual_rows, batch.deepstack[layer])
+
+    def _mlp(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The MoE block of ``qwen3_vl_moe`` takes ``[batch, tokens, hidden]``; the dense MLP
+        either."""
+        return mlp(hidden[None])[0]
 
     def _project(self, attention: nn.Module, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

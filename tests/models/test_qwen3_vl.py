@@ -19,10 +19,13 @@ from mmdisagg.models.kv_cache import PagedKVCache
 from mmdisagg.models.tiny import make_tiny_model
 from tests.models.fixtures import (
     TinyModel,
+    assert_same_tokens,
     encode,
     generate_greedy,
     image_part,
+    paged_engine,
     reference_inputs,
+    run_engine,
     split_greedy,
     text_part,
     user,
@@ -157,3 +160,46 @@ def test_small_size_adds_deepstack_to_3_of_its_4_layers(tmp_path) -> None:
     messages = user(text_part("Here:"), image_part(112, 96, seed=3), text_part("What is it?"))
     assert split_greedy(small, encode(small, messages), 10) == generate_greedy(
         small, messages, 10).tokens
+
+
+# -- qwen3_vl_moe: the same halves, MoE decoder layers ------------------------------------
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    path = make_tiny_model(tmp_path_factory.mktemp("qwen3_vl_moe"), "qwen3_vl_moe")
+    return TinyModel("qwen3_vl_moe", path, EncoderHalf.from_pretrained(path),
+                     LanguageHalf.from_pretrained(path),
+                     AutoModelForImageTextToText.from_pretrained(path).eval())
+
+
+def test_moe_checkpoint_stores_experts_as_released_and_each_half_loads_its_own(
+        moe: TinyModel) -> None:
+    with safe_open(moe.path / "model.safetensors", framework="pt") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}  # noqa: SIM118
+    hidden, experts = 128, 4
+    assert shapes["model.language_model.layers.0.mlp.experts.gate_up_proj"] == [
+        experts, hidden, 2 * 64]  # [experts, in, out]
+    assert shapes["model.language_model.layers.0.mlp.experts.down_proj"] == [experts, 64, hidden]
+    vision = {name for name in shapes if name.startswith("model.visual.")}
+    assert set(moe.encoder.loaded_weights) == vision | {
+        "model.language_model.embed_tokens.weight"}
+    assert set(moe.language.loaded_weights) == set(shapes) - vision
+    held = moe.language.text_model.layers[0].mlp.experts.gate_up_proj
+    assert tuple(held.shape) == (experts, 2 * 64, hidden)  # as the module holds them
+
+
+@pytest.mark.parametrize("messages", [ONE_IMAGE, TWO_IMAGES,
+                                      [{"role": "user", "content": "The cat sits."}]],
+                         ids=["one image", "two images", "text only"])
+def test_moe_split_halves_match_generate(moe: TinyModel, messages: list) -> None:
+    assert split_greedy(moe, encode(moe, messages), 12) == generate_greedy(
+        moe, messages, 12).tokens
+
+
+def test_moe_batch_through_the_engine_matches_generate(moe: TinyModel) -> None:
+    cases = {"one image": ONE_IMAGE, "two images": TWO_IMAGES}
+    reqs = [Req(name, SamplingParams(max_tokens=12), encode(moe, messages))
+            for name, messages in cases.items()]
+    generated = run_engine(paged_engine(moe.language, max_prefill_tokens=16), reqs)
+    for name, messages in cases.items():
+        assert_same_tokens(generated[name], generate_greedy(moe, messages, 12))
