@@ -35,6 +35,10 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
+def two_or_more(value: int) -> str | None:
+    return None if value >= 2 else "must be >= 2"
+
+
 def power_of_two(value: int) -> str | None:
     return None if value > 0 and value & (value - 1) == 0 else "must be a power of two"
 
@@ -330,14 +334,23 @@ class ModelSettings:
 class ImageSettings:
     max_images_per_request: int = knob(8, "images one request may carry")
     max_image_pixels: int = knob(
-        64 * 1024 * 1024, "largest image accepted, in pixels before resizing; checked before "
-        "decoding, so decompression bombs fail fast")
+        64 * 1024 * 1024, "largest image (or video frame) accepted, in pixels before resizing; "
+        "checked before decoding, so decompression bombs fail fast")
     max_image_bytes: int = knob(20 * 1024 * 1024, "largest encoded image accepted, in bytes")
-    image_fetch_timeout: float = knob(10.0, "seconds allowed to download one http(s) image")
-    allowed_url_schemes: tuple[str, ...] = knob(IMAGE_URL_SCHEMES, "image URL schemes accepted",
+    max_videos_per_request: int = knob(2, "videos one request may carry", check=non_negative)
+    max_video_bytes: int = knob(64 * 1024 * 1024, "largest encoded video accepted, in bytes")
+    max_video_seconds: float = knob(
+        600.0, "longest video accepted, in seconds (from its header, before decoding)")
+    max_video_frames: int = knob(
+        64, "most frames sampled from one video (the video processor's max_frames): a longer "
+            "video is sampled more sparsely than the checkpoint's fps", check=two_or_more)
+    image_fetch_timeout: float = knob(10.0, "seconds allowed to download one http(s) image or "
+                                            "video")
+    allowed_url_schemes: tuple[str, ...] = knob(IMAGE_URL_SCHEMES,
+                                                "image and video URL schemes accepted",
                                                 check=image_url_schemes)
     allowed_local_media_dirs: tuple[str, ...] = knob(
-        (), "folders file:// image URLs may read from; none = file:// refused",
+        (), "folders file:// image and video URLs may read from; none = file:// refused",
         check=absolute_paths)
     deny_private_image_urls: bool = knob(
         False, "refuse http(s) image URLs whose host is not a public address (loopback, "

@@ -38,7 +38,7 @@ from mmdisagg.bench.systems import RunningServer, ServerFailed
 from mmdisagg.bench.timing import print_table, write_json
 from mmdisagg.bench.workload import build_requests, warmup_workload
 
-BENCH_MODEL = "bench-small-qwen2-vl"
+BENCH_MODEL = "bench-small-qwen2-vl-2"  # -2: its chat template places videos
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +66,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def bench_checkpoint(cache_dir: Path) -> Path:
     """The ``small`` tiny checkpoint with Qwen2-VL's own image-size limits (at most 1003520
-    pixels): a 448x448 image is 256 tokens and a 1024x768 one about 1000, as with the real
-    model. (Test checkpoints cap every image at 64 tokens to stay fast.)"""
+    pixels, video frames too): a 448x448 image is 256 tokens and a 1024x768 one about 1000, as
+    with the real model. (Test checkpoints cap every image at 64 tokens to stay fast.)"""
     from transformers import Qwen2VLImageProcessorPil
 
     from mmdisagg.models.tiny import make_tiny_model
@@ -78,6 +78,8 @@ def bench_checkpoint(cache_dir: Path) -> Path:
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         make_tiny_model(partial, family="qwen2_vl", size="small", seed=0)
         Qwen2VLImageProcessorPil().save_pretrained(partial)
+        # videos by the image processor's limits, as on the Hub's Qwen2-VL checkpoints
+        (partial / "video_preprocessor_config.json").unlink()
         partial.rename(path)
     return path
 

@@ -68,6 +68,10 @@ def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
                  "tokens: 1-block windows vs one large window",
                  ("disagg-1+1-windows-1", "disagg-1+1-windows-16"),
                  ((image_requests(24, "resume", 500, (1024, 768), 16), closed[4]),), "resume"),
+        Scenario("video", "concurrency 1, one 16-frame 448x448 video (8 temporal patches, "
+                 "~2,100-token prompts), 32 output tokens", ("disagg-1+1", "colocated"),
+                 ((Workload(num_requests=n(10), images=(0, 0), videos=(1, 1), video_frames=16,
+                            max_tokens=32, group="video", seed=700), closed[1]),), "video"),
     ]
     for step, rate in enumerate(RATES):
         found.append(Scenario(

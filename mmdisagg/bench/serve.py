@@ -47,6 +47,10 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sizes drawn from, e.g. 224x224 448x448 1024x768")
     group.add_argument("--repeat-images", type=float, default=0.0,
                        help="share of images that repeat an earlier one (image-cache hits)")
+    group.add_argument("--videos", default="0", help="videos per request: 1, or a range 0-2")
+    group.add_argument("--video-frames", type=int, default=16,
+                       help="frames per video (drawn at 2 fps: all of them are sampled)")
+    group.add_argument("--video-size", default="448x448", help="frame size of every video")
     group.add_argument("--prompt-words", type=int, default=32, help="words of text per prompt")
     group.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     group.add_argument("--seed", type=int, default=0,
@@ -85,8 +89,10 @@ def workload_from(args: argparse.Namespace) -> Workload:
     try:
         return Workload(num_requests=args.num_requests, images=parse_range(args.images),
                         image_sizes=tuple(parse_size(s) for s in args.image_sizes),
-                        repeat_images=args.repeat_images, prompt_words=args.prompt_words,
-                        max_tokens=args.max_tokens, seed=args.seed)
+                        repeat_images=args.repeat_images, videos=parse_range(args.videos),
+                        video_frames=args.video_frames, video_size=parse_size(args.video_size),
+                        prompt_words=args.prompt_words, max_tokens=args.max_tokens,
+                        seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -1,7 +1,7 @@
-"""The mixed load of a soak: closed-loop clients sending text and image requests of various
-sizes, streamed or whole, a few of which leave on purpose (before their first token or in the
-middle of the stream). Every request ends in exactly one recorded outcome within a deadline,
-so a request that hangs is counted as lost instead of stalling the run."""
+"""The mixed load of a soak: closed-loop clients sending text, image and video requests of
+various sizes, streamed or whole, a few of which leave on purpose (before their first token or
+in the middle of the stream). Every request ends in exactly one recorded outcome within a
+deadline, so a request that hangs is counted as lost instead of stalling the run."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
-from mmdisagg.bench.workload import WORDS, data_url, draw_image
+from mmdisagg.bench.workload import WORDS, data_url, draw_image, draw_video
 
 IMAGE_SIZES = ((64, 48), (160, 120), (224, 224), (448, 336))
 MAX_TOKENS = (1, 8, 32, 128)
 LEAVE_SHARE = 0.06  # of requests, for each way of leaving
 LEAVE_WITHIN_S = (0.01, 0.4)  # how soon a client leaving before its first token gives up
 REPEAT_IMAGE_SHARE = 0.3  # images drawn again from a small set: image-cache hits
+VIDEO_SHARE = 0.1  # of the requests that stay: one short video added
+VIDEO_FRAMES, VIDEO_SIZE = 4, (64, 48)
 MESSAGE_CHARS = 300
 ERROR_BACKOFF_S = 0.5  # a client waits this long after an error (no busy loop on a dead router)
 # NOTE: the outcomes a request can have; "left" is a client leaving on purpose
@@ -37,10 +39,12 @@ class Shape:
     max_tokens: int
     stream: bool
     leave: str = ""  # "", "before-first-token" or "mid-stream"
+    videos: int = 0
 
     @property
     def label(self) -> str:
         kind = f"{self.images}-image" if self.images else "text"
+        kind += "+video" if self.videos else ""
         return f"{kind}/{'stream' if self.stream else 'whole'}" + (
             f"/leave-{self.leave}" if self.leave else "")
 
@@ -63,7 +67,8 @@ def draw_shape(rng: random.Random) -> Shape:
         way = "before-first-token" if leave < LEAVE_SHARE else "mid-stream"
         return Shape(rng.choice((0, 1)), rng.randint(4, 64), 128, True, way)
     return Shape(images=rng.choice((0, 0, 1, 1, 2)), prompt_words=rng.choice((4, 32, 200)),
-                 max_tokens=rng.choice(MAX_TOKENS), stream=rng.random() < 0.5)
+                 max_tokens=rng.choice(MAX_TOKENS), stream=rng.random() < 0.5,
+                 videos=int(rng.random() < VIDEO_SHARE))
 
 
 class ImageSource:
@@ -82,10 +87,15 @@ class ImageSource:
             return self.rng.choice(self.repeated)
         return self._draw()
 
+    def video(self) -> dict:
+        video = draw_video(VIDEO_FRAMES, *VIDEO_SIZE, seed=self.rng.getrandbits(32))
+        return {"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}}
+
 
 def messages_for(shape: Shape, images: ImageSource, rng: random.Random) -> list[dict]:
     words = " ".join(rng.choice(WORDS) for _ in range(shape.prompt_words))
-    parts = [images.next() for _ in range(shape.images)] + [{"type": "text", "text": words}]
+    parts = [images.next() for _ in range(shape.images)]
+    parts += [images.video() for _ in range(shape.videos)] + [{"type": "text", "text": words}]
     return [{"role": "user", "content": parts}]
 
 

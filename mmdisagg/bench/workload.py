@@ -1,8 +1,11 @@
-"""Synthetic chat requests: K generated images each and a text prompt, the same for a seed.
+"""Synthetic chat requests: K generated images (and V videos) each and a text prompt, the same
+for a seed.
 
 Images are drawn locally with PIL (gradients, shapes, noise), each from its own seed, so no two
 are identical and an encoder's image cache never hits — unless ``repeat_images`` asks for a
-share of them to reuse an earlier image of the same size. The prompt asks for text that has no
+share of them to reuse an earlier image of the same size. A video is such drawings, one per
+frame, encoded as mp4 with PyAV at 2 frames per second, the rate Qwen's video processors sample
+at, so every frame reaches the model. The prompt asks for text that has no
 natural end, for servers that do not take ``ignore_eos``.
 """
 
@@ -12,9 +15,13 @@ import base64
 import io
 import random
 import re
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
 from PIL import Image, ImageDraw
 
 WORDS = ("red", "boat", "lake", "pine", "hill", "gull", "chart", "sales", "cat", "rain", "glass",
@@ -23,6 +30,7 @@ WORDS = ("red", "boat", "lake", "pine", "hill", "gull", "chart", "sales", "cat",
 STOP_FREE = "Describe everything you see in great detail and keep going without stopping."
 JPEG_QUALITY = 90
 WARMUP_SEED_OFFSET = 1_000_003  # far from the seeds runs use (seed, seed + 1, ...)
+VIDEO_FPS = 2
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -53,6 +61,9 @@ class Workload:
     images: tuple[int, int] = (1, 1)  # images per request: fixed (k, k) or a range
     image_sizes: tuple[tuple[int, int], ...] = ((448, 448),)
     repeat_images: float = 0.0  # share of images that repeat an earlier one
+    videos: tuple[int, int] = (0, 0)  # videos per request: fixed (k, k) or a range
+    video_frames: int = 16
+    video_size: tuple[int, int] = (448, 448)
     prompt_words: int = 32
     max_tokens: int = 32
     group: str = "main"  # a label for the requests of this stream in results
@@ -67,6 +78,8 @@ class Workload:
             raise ValueError("need max_tokens >= 1 and prompt_words >= 0")
         if self.images[1] > 0 and not self.image_sizes:
             raise ValueError("requests with images need at least one image size")
+        if self.videos[1] > 0 and self.video_frames < 2:
+            raise ValueError("--video-frames must be at least 2")
 
 
 @dataclass(frozen=True)
@@ -76,10 +89,11 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     max_tokens: int
     num_images: int
+    num_videos: int = 0
 
 
-def draw_image(width: int, height: int, seed: int) -> bytes:
-    """A JPEG of varied content: a gradient, a few shapes and noise, all from ``seed``."""
+def draw_picture(width: int, height: int, seed: int) -> Image.Image:
+    """Varied content: a gradient, a few shapes and noise, all from ``seed``."""
     rng = random.Random(seed)
     corners = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
     gradient = Image.linear_gradient("L").resize((width, height))
@@ -94,14 +108,33 @@ def draw_image(width: int, height: int, seed: int) -> bytes:
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
     # NOTE: not Image.effect_noise, whose generator cannot be seeded
     noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
-    image = Image.blend(image, noise, rng.uniform(0.05, 0.2))
+    return Image.blend(image, noise, rng.uniform(0.05, 0.2))
+
+
+def draw_image(width: int, height: int, seed: int) -> bytes:
+    """A JPEG of a drawn picture."""
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    draw_picture(width, height, seed).save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
-def data_url(jpeg: bytes) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+def draw_video(frames: int, width: int, height: int, seed: int) -> bytes:
+    """An mp4 (MPEG-4 part 2, index first) of ``frames`` drawn pictures at VIDEO_FPS."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "video.mp4"
+        with av.open(str(path), "w", options={"movflags": "faststart"}) as output:
+            stream = output.add_stream("mpeg4", rate=VIDEO_FPS)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.bit_rate = 2_000_000
+            for number in range(frames):
+                pixels = np.asarray(draw_picture(width, height, seed + number))
+                output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            output.mux(stream.encode())
+        return path.read_bytes()
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def build_requests(workload: Workload) -> list[ChatRequest]:
@@ -121,10 +154,17 @@ def build_requests(workload: Workload) -> list[ChatRequest]:
                 url = data_url(draw_image(*size, seed=rng.getrandbits(32)))
                 earlier.append(url)
             parts.append({"type": "image_url", "image_url": {"url": url}})
+        # NOTE: no draw without videos, so image-only streams stay what they were
+        videos = rng.randint(*workload.videos) if workload.videos[1] else 0
+        for _ in range(videos):
+            video = draw_video(workload.video_frames, *workload.video_size,
+                               seed=rng.getrandbits(32))
+            parts.append({"type": "video_url", "video_url": {"url": data_url(video,
+                                                                            "video/mp4")}})
         words = " ".join(rng.choice(WORDS) for _ in range(workload.prompt_words))
         parts.append({"type": "text", "text": f"{words} {STOP_FREE}".strip()})
         requests.append(ChatRequest(index, workload.group, [{"role": "user", "content": parts}],
-                                    workload.max_tokens, count))
+                                    workload.max_tokens, count, videos))
     return requests
 
 

@@ -199,7 +199,8 @@ class EncodeScheduler(LoopThread):
 
     def _forward(self, batch: list[EncodeJob]) -> list[EncodedPrompt] | Exception:
         try:
-            return self.half.encode([job.prepared for job in batch], self.cache)
+            return self.half.encode([job.prepared for job in batch], self.cache,
+                                    self.max_patches)
         except Exception as exc:  # a model failure fails these requests, not the server
             log.exception("encoding failed for rooms %s", [job.room for job in batch])
             return exc

@@ -46,20 +46,24 @@ def family_module(path: str | Path) -> Any:
 
 @dataclass(eq=False)
 class PreparedImage:
-    """One image after the image processor, before the vision tower."""
+    """One image or video after its processor, before the vision tower (a video is a stack of
+    frames: more patches along time)."""
 
     pixel_values: torch.Tensor  # [patches, channels * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]  # patches along time, height, width
     content_hash: str  # of the encoded bytes: the image-cache key
     num_tokens: int  # placeholder tokens it fills in the prompt (patches / merge_size**2)
+    placeholder_id: int  # the token it fills: the image or the video placeholder
+    time_step: float = 1.0  # M-RoPE time position per temporal patch (Qwen2.5-VL videos: more)
 
 
 @dataclass(eq=False)
 class PreparedPrompt:
-    """A tokenized request with its images processed: everything but the vision forward."""
+    """A tokenized request with its images and videos processed: everything but the vision
+    forward."""
 
-    token_ids: torch.Tensor  # [L], each image placeholder already expanded to its num_tokens
-    images: list[PreparedImage]
+    token_ids: torch.Tensor  # [L], each placeholder already expanded to its num_tokens
+    images: list[PreparedImage]  # images and videos, in prompt order
 
     @property
     def total_tokens(self) -> int:
@@ -158,11 +162,13 @@ class EncoderHalf(ABC):
         longer than the model takes."""
 
     @abstractmethod
-    def encode(self, batch: Sequence[PreparedPrompt],
-               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
-        """Run the vision tower once for every image in ``batch`` not found in ``cache`` (and
-        store the new features there), merge the image features into the token embeddings and
-        compute each prompt's M-RoPE positions and ``mrope_delta``."""
+    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
+               max_patches: int = 0) -> list[EncodedPrompt]:
+        """Run the vision tower over every image and video in ``batch`` not found in ``cache``
+        (and store the new features there), in forwards of at most ``max_patches`` patches
+        (0: one forward; a video is cut between its temporal patches, an image larger than
+        the bound goes alone), merge the features into the token embeddings and compute each
+        prompt's M-RoPE positions and ``mrope_delta``."""
 
     @property
     @abstractmethod

@@ -1,4 +1,5 @@
-"""OpenAI-style chat messages -> the shape a chat template expects, plus their image URLs."""
+"""OpenAI-style chat messages -> the shape a chat template expects, plus their image and video
+URLs."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """Messages for ``apply_chat_template`` (image parts become ``{"type": "image"}``, in
-    order) and the URL of each image, in the same order."""
+    """Messages for ``apply_chat_template`` (image parts become ``{"type": "image"}``, video
+    parts ``{"type": "video"}``) and the URL of each image and of each video, in order."""
 
     messages: list[dict[str, Any]]
     image_urls: list[str]
+    video_urls: list[str]
 
     @property
     def text_bytes(self) -> int:
@@ -34,11 +36,12 @@ class ChatPrompt:
 
 
 def parse_messages(messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
-    """Check the messages' shape and pull out their images; InputError names what is wrong."""
+    """Check the messages' shape and pull out their images and videos; InputError names what is
+    wrong."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise InputError("'messages' must be a non-empty list")
     parsed: list[dict[str, Any]] = []
-    image_urls: list[str] = []
+    urls: dict[str, list[str]] = {"image": [], "video": []}
     for number, message in enumerate(messages, start=1):
         where = f"message {number}"
         if not isinstance(message, Mapping):
@@ -54,24 +57,26 @@ def parse_messages(messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
             continue
         if not isinstance(content, Sequence):
             raise InputError(f"{where}: 'content' must be a string or a list of parts")
-        parts = [_parse_part(part, f"{where}, part {index}", image_urls)
+        parts = [_parse_part(part, f"{where}, part {index}", urls)
                  for index, part in enumerate(content, start=1)]
         parsed.append({"role": role, "content": parts})
-    return ChatPrompt(parsed, image_urls)
+    return ChatPrompt(parsed, urls["image"], urls["video"])
 
 
-def _parse_part(part: Any, where: str, image_urls: list[str]) -> dict[str, Any]:
+def _parse_part(part: Any, where: str, urls: dict[str, list[str]]) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, Mapping) else None
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise InputError(f"{where}: a text part needs a string 'text'")
         return {"type": "text", "text": text}
-    if kind == "image_url":
-        image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+    if kind in ("image_url", "video_url"):
+        media = kind.removesuffix("_url")
+        holder = part.get(kind)
+        url = holder.get("url") if isinstance(holder, Mapping) else holder
         if not isinstance(url, str) or not url:
-            raise InputError(f"{where}: an image_url part needs 'image_url': {{'url': ...}}")
-        image_urls.append(url)
-        return {"type": "image"}
-    raise InputError(f"{where}: unsupported content part type {kind!r} (use text or image_url)")
+            raise InputError(f"{where}: a {kind} part needs '{kind}': {{'url': ...}}")
+        urls[media].append(url)
+        return {"type": media}
+    raise InputError(f"{where}: unsupported content part type {kind!r} "
+                     "(use text, image_url or video_url)")

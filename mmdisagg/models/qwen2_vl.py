@@ -46,6 +46,7 @@ from mmdisagg.models.images import load_image
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
 from mmdisagg.models.prompts import parse_messages
+from mmdisagg.models.videos import VideoRules, load_video
 from mmdisagg.models.weights import CheckpointWeights
 
 
@@ -165,7 +166,11 @@ class QwenVLEncoderHalf(EncoderHalf):
             checkpoint.path, local_files_only=True, backend="pil")
         self.vision_tower = vision_tower
         self.embed_tokens = embed_tokens
+        self.video_rules = VideoRules.from_checkpoint(checkpoint.path)
         self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
+        # Qwen2.5-VL spaces a video's temporal patches by their timestamps; Qwen2-VL by one.
+        self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
         self.merge_size = config.vision_config.spatial_merge_size
         self.image_settings = image_settings
         self.max_model_len = max_model_len
@@ -202,22 +207,37 @@ class QwenVLEncoderHalf(EncoderHalf):
         limit = self.image_settings.max_images_per_request
         if len(chat.image_urls) > limit:
             raise InputError(f"{len(chat.image_urls)} images in one request; the limit is {limit}")
-        images = [self._prepare_image(number, url)
-                  for number, url in enumerate(chat.image_urls, start=1)]
+        limit = self.image_settings.max_videos_per_request
+        if len(chat.video_urls) > limit:
+            raise InputError(f"{len(chat.video_urls)} videos in one request; the limit is {limit}")
         text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False,
                                                   add_generation_prompt=True)
         template_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if template_ids.count(self.image_token_id) != len(images):
+        placed = template_ids.count(self.video_token_id)
+        if chat.video_urls and not placed:
+            raise InputError("this model's chat template has no place for videos")
+        if placed != len(chat.video_urls):
+            raise InputError("message text may not contain the video placeholder token")
+        if template_ids.count(self.image_token_id) != len(chat.image_urls):
             raise InputError("message text may not contain the image placeholder token")
-        pending = iter(images)
+        pending = {
+            self.image_token_id: iter([self._prepare_image(number, url)
+                                       for number, url in enumerate(chat.image_urls, start=1)]),
+            self.video_token_id: iter([self._prepare_video(number, url)
+                                       for number, url in enumerate(chat.video_urls, start=1)]),
+        }
         token_ids: list[int] = []
+        visuals: list[PreparedImage] = []
         for token_id in template_ids:
-            repeat = next(pending).num_tokens if token_id == self.image_token_id else 1
-            token_ids.extend([token_id] * repeat)
+            if token_id in pending:
+                visuals.append(next(pending[token_id]))
+                token_ids.extend([token_id] * visuals[-1].num_tokens)
+            else:
+                token_ids.append(token_id)
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(token_ids)} tokens; this model takes fewer than "
                              f"{self.max_model_len} (prompt and output together)")
-        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), images)
+        return PreparedPrompt(torch.tensor(token_ids, dtype=torch.long), visuals)
 
     def _prepare_image(self, number: int, url: str) -> PreparedImage:
         try:
@@ -230,17 +250,34 @@ class QwenVLEncoderHalf(EncoderHalf):
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
         return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
                              content_hash=loaded.content_hash,
-                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2)
+                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
+                             placeholder_id=self.image_token_id)
+
+    def _prepare_video(self, number: int, url: str) -> PreparedImage:
+        try:
+            video = load_video(url, self.image_settings, self.video_rules, self.max_model_len)
+        except InputError as exc:
+            raise InputError(f"video {number}: {exc.message}", exc.status) from None
+        time_step = 1.0
+        if self.tokens_per_second is not None:  # NOTE: float32, as generate() computes it
+            time_step = float(torch.tensor(video.seconds_per_grid, dtype=torch.float32)
+                              * self.tokens_per_second)
+        t, h, w = video.grid_thw
+        return PreparedImage(pixel_values=video.pixel_values, grid_thw=video.grid_thw,
+                             content_hash=video.content_hash,
+                             num_tokens=t * h * w // self.merge_size**2,
+                             placeholder_id=self.video_token_id, time_step=time_step)
 
     @torch.no_grad()
-    def encode(self, batch: Sequence[PreparedPrompt],
-               cache: ImageFeatureCache | None = None) -> list[EncodedPrompt]:
-        features = self._image_features(batch, cache)
+    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
+               max_patches: int = 0) -> list[EncodedPrompt]:
+        features = self._image_features(batch, cache, max_patches)
         return [self._merge(prompt, features) for prompt in batch]
 
-    def _image_features(self, batch: Sequence[PreparedPrompt],
-                        cache: ImageFeatureCache | None) -> dict[str, torch.Tensor]:
-        """Features of every distinct image in the batch: cached, or from one vision forward."""
+    def _image_features(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None,
+                        max_patches: int) -> dict[str, torch.Tensor]:
+        """Features of every distinct image and video in the batch: cached, or from vision
+        forwards of at most ``max_patches`` patches."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
         for image in (image for prompt in batch for image in prompt.images):
@@ -252,15 +289,18 @@ class QwenVLEncoderHalf(EncoderHalf):
                 missing[key] = image
             else:
                 found[key] = cached
-        if missing:
-            pixel_values = torch.cat([image.pixel_values for image in missing.values()])
-            grids = torch.tensor([image.grid_thw for image in missing.values()], device=self.device)
+        pieces: dict[str, list[torch.Tensor]] = {key: [] for key in missing}
+        for forward in _forwards(missing, max_patches):
+            pixel_values = torch.cat([piece.pixel_values for piece in forward])
+            grids = torch.tensor([piece.grid_thw for piece in forward], device=self.device)
             merged = self._vision_forward(pixel_values.to(self.device, self.dtype), grids)
-            pieces = merged.split([image.num_tokens for image in missing.values()])
-            for key, piece in zip(missing, pieces, strict=True):
-                found[key] = piece.clone()
-                if cache is not None:
-                    cache.put(key, found[key])
+            sizes = [piece.pixel_values.shape[0] // self.merge_size**2 for piece in forward]
+            for piece, rows in zip(forward, merged.split(sizes), strict=True):
+                pieces[piece.key].append(rows)
+        for key, rows in pieces.items():
+            found[key] = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+            if cache is not None:
+                cache.put(key, found[key])
         return found
 
     def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
@@ -271,19 +311,51 @@ class QwenVLEncoderHalf(EncoderHalf):
     def _merge(self, prompt: PreparedPrompt, features: dict[str, torch.Tensor]) -> EncodedPrompt:
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
-        image_rows = token_ids == self.image_token_id
-        image_features = torch.cat([features[image.content_hash] for image in prompt.images]
-                                   ) if prompt.images else embeddings.new_empty(
+        visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
+        visual_features = torch.cat([features[image.content_hash] for image in prompt.images]
+                                    ) if prompt.images else embeddings.new_empty(
             0, 1 + self.deepstack_layers, self.hidden_size)
-        embeddings[image_rows] = image_features[:, 0]
-        positions, mrope_delta = mrope_positions(
-            prompt.token_ids, self.image_token_id, [image.grid_thw for image in prompt.images],
-            self.merge_size)
+        embeddings[visual_rows] = visual_features[:, 0]
+        positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
+                                                 self.merge_size)
         encoded = EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
         if self.deepstack_layers:
-            encoded.deepstack = image_features[:, 1:].transpose(0, 1)
-            encoded.visual_mask = image_rows
+            encoded.deepstack = visual_features[:, 1:].transpose(0, 1)
+            encoded.visual_mask = visual_rows
         return encoded
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Whole temporal patches of one image or video: what one vision forward may take of it."""
+
+    key: str
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+
+def _forwards(images: Mapping[str, PreparedImage], max_patches: int) -> list[list[Piece]]:
+    """``images`` packed into vision forwards of at most ``max_patches`` patches (0: one).
+
+    NOTE: the vision tower attends within one temporal patch at a time (Qwen2-VL's and
+    Qwen2.5-VL's ``cu_seqlens`` restart at every one; rotary positions are spatial), so a video
+    cut between temporal patches gives the same features as whole."""
+    pieces = []
+    for key, image in images.items():
+        t, h, w = image.grid_thw
+        step = t if not max_patches else max(1, min(t, max_patches // (h * w)))
+        pieces += [Piece(key, image.pixel_values[start * h * w:(start + n) * h * w], (n, h, w))
+                   for start in range(0, t, step) for n in [min(step, t - start)]]
+    forwards: list[list[Piece]] = []
+    patches = 0
+    for piece in pieces:
+        size = piece.pixel_values.shape[0]
+        if not forwards or (max_patches and patches + size > max_patches):
+            forwards.append([])
+            patches = 0
+        forwards[-1].append(piece)
+        patches += size
+    return forwards
 
 
 class QwenVLLanguageHalf(LanguageHalf):

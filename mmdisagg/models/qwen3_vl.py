@@ -16,7 +16,7 @@ Image positions follow the same rule as Qwen2-VL's (``models/positions.py``). NO
 Qwen3-VL gives each frame its own timestamp text and ``<|vision_start|>...<|vision_end|>``, and
 positions every frame as an image of t = 1 (``get_rope_index`` splits a video's grid that way);
 a video's frames therefore go through ``_vision_forward`` and ``mrope_positions`` as a run of
-one-frame grids, with no change here.
+one-frame grids, with no change there. Until then ``_prepare_video`` refuses videos (400).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
 
-from mmdisagg.models.base import ForwardBatch
+from mmdisagg.models.base import ForwardBatch, PreparedImage
+from mmdisagg.models.errors import InputError
 from mmdisagg.models.qwen2_vl import (
     Checkpoint,
     Family,
@@ -61,6 +62,10 @@ class Qwen3VLEncoderHalf(QwenVLEncoderHalf):
     def __init__(self, *, checkpoint: Checkpoint, **parts) -> None:
         super().__init__(checkpoint=checkpoint, **parts)
         self.deepstack_layers = deepstack_layers(checkpoint)
+
+    def _prepare_video(self, number: int, url: str) -> PreparedImage:
+        raise InputError(f"video {number}: video input is not served for Qwen3-VL yet (its "
+                         "frames need timestamps in the prompt); send images")
 
     def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         output = self.vision_tower(pixel_values, grid_thw=grids)

@@ -3,14 +3,15 @@ offline.
 
 Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
 trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
-the family's PIL image processor with small pixel limits, a config, and random weights. The
-same seed writes the same files. ``initializer_range`` is large (0.2) so that greedy output
-stays varied and position bugs change it.
+the family's PIL image processor and a video processor config with small pixel limits, a config,
+and random weights. The same seed writes the same files. ``initializer_range`` is large (0.2) so
+that greedy output stays varied and position bugs change it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import logging as transformers_logging
 
 from mmdisagg.models.qwen3_vl import EXPERTS
@@ -45,7 +47,8 @@ CHAT_TEMPLATE = (
     "{% if message.content is string %}{{ message.content }}"
     "{% else %}{% for part in message.content %}"
     "{% if part.type == 'text' %}{{ part.text }}"
-    "{% elif part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% elif part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -67,6 +70,17 @@ BPE_VOCAB_SIZE = 1024
 # are limited to 4..64 tokens.
 PATCH_SIZES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 MIN_TOKENS, MAX_TOKENS = 4, 64
+MIN_PIXELS = 28 * 28 * MIN_TOKENS
+# Video frames (Qwen2-VL, Qwen2.5-VL) are smaller still: 16 tokens per temporal patch at most.
+VIDEO_PROCESSOR = {
+    "video_processor_type": "Qwen2VLVideoProcessor",
+    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": 28 * 28 * 16},
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+    "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "do_convert_rgb": True, "resample": 3, "do_sample_frames": True, "fps": 2.0,
+    "min_frames": 4, "max_frames": 768, "cap_pixels_per_frame": False,
+}
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,10 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
         hub_experts_layout(path / "model.safetensors")
     tokenizer.save_pretrained(path)
     build_image_processor(family).save_pretrained(path)
+    if not family.startswith("qwen3_vl"):  # Qwen3-VL video is not served yet
+        # NOTE: written by hand: transformers' video processor class needs torchvision to exist
+        (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR,
+                                                                        indent=2))
     return path
 
 

@@ -52,7 +52,8 @@ class LocalEncodeSource:
             if not batch:
                 continue
             try:
-                encoded = self.half.encode([request.prepared for request in batch], self.cache)
+                encoded = self.half.encode([request.prepared for request in batch], self.cache,
+                                           self.max_patches)
             except Exception as exc:  # a model failure fails these requests, not the server
                 done += [(request, ErrorEvent(f"encoding failed: {exc!r}", 500))
                          for request in batch]

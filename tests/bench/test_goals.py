@@ -29,12 +29,14 @@ def test_goals_from_measured_ratios():
         "burst": {"disagg-1+1": summary(0.1, 0.02), "colocated": summary(0.1, 0.01)},
         "resume": {"disagg-1+1-windows-1": summary(0.12, 0.01),
                    "disagg-1+1-windows-16": summary(0.1, 0.01)},
+        "video": {"disagg-1+1": summary(0.23, 0.01), "colocated": summary(0.2, 0.01)},
     }
-    latency, throughput, burst, resume = evaluate(results)
+    latency, throughput, burst, resume, video = evaluate(results)
     assert latency.ratio == pytest.approx(1.05) and latency.met is True
     assert throughput.ratio == pytest.approx(0.32 / 0.12) and throughput.met is True
     assert burst.ratio == pytest.approx(2.0) and burst.met is False
     assert resume.ratio == pytest.approx(0.12 / 0.14) and resume.met is False
+    assert video.ratio == pytest.approx(1.15) and video.met is False
 
 
 def test_a_missing_system_is_not_measured_rather_than_failed():

@@ -9,6 +9,7 @@ import itertools
 import math
 import statistics
 
+import av
 import pytest
 from PIL import Image
 
@@ -53,6 +54,19 @@ def test_images_are_all_different_unless_repeats_are_asked():
     repeated = image_urls(build_requests(Workload(num_requests=10, images=(2, 2),
                                                   image_sizes=sizes, repeat_images=1.0)))
     assert len(set(repeated)) == 1  # every image after the first repeats an earlier one
+
+
+def test_videos_are_mp4s_of_the_asked_frames_and_size():
+    requests = build_requests(Workload(num_requests=3, images=(1, 1), image_sizes=((24, 24),),
+                                       videos=(1, 1), video_frames=6, video_size=(64, 48)))
+    urls = [part["video_url"]["url"] for r in requests for part in r.messages[0]["content"]
+            if part["type"] == "video_url"]
+    assert len(set(urls)) == 3 and all(r.num_videos == 1 for r in requests)
+    header, encoded = urls[0].split(",", 1)
+    assert header == "data:video/mp4;base64"
+    with av.open(io.BytesIO(base64.b64decode(encoded))) as container:
+        stream = container.streams.video[0]
+        assert (stream.frames, stream.average_rate, stream.width, stream.height) == (6, 2, 64, 48)
 
 
 def test_parsers_and_validation():

@@ -13,7 +13,7 @@ from mmdisagg.models.base import PreparedImage, PreparedPrompt
 
 
 def prompt(*patches: int, tag: str = "") -> PreparedPrompt:
-    images = [PreparedImage(torch.zeros(n, 4), (1, 1, n), f"{tag}{i}", n // 4)
+    images = [PreparedImage(torch.zeros(n, 4), (1, 1, n), f"{tag}{i}", n // 4, placeholder_id=9)
               for i, n in enumerate(patches)]
     return PreparedPrompt(torch.zeros(10, dtype=torch.long), images)
 

@@ -15,7 +15,7 @@ from mmdisagg.serve.launcher import free_port
 from tests.faults.harness import FaultCluster
 from tests.faults.proxy import ChunkProxy
 from tests.faults.served import Served
-from tests.models.fixtures import png_bytes, tiny, tiny_checkpoints, tiny_models
+from tests.models.fixtures import png_bytes, tiny, tiny_checkpoints, tiny_models, video_bytes
 
 __all__ = ["tiny", "tiny_checkpoints", "tiny_models"]
 
@@ -25,6 +25,8 @@ BIG_IMAGE_PIXELS = 2048 * 2048
 MAX_MODEL_LEN = 16384
 HIDDEN, DTYPE = 128, "float32"  # the tiny checkpoint's embeddings
 MAX_REQUEST_BYTES = 16 << 20
+MAX_VIDEO_SECONDS = 5
+MAX_FRAME_PIXELS = 1_000_000  # of an image or a video frame
 
 
 @pytest.fixture(scope="session")
@@ -76,17 +78,20 @@ def media_dir(tmp_path_factory) -> Path:
     """The one folder file:// image URLs may read."""
     folder = tmp_path_factory.mktemp("media")
     (folder / "ok.png").write_bytes(png_bytes(40, 40))
+    (folder / "ok.mp4").write_bytes(video_bytes(8, 64, 48))
     return folder
 
 
 @pytest.fixture(scope="package")
 def served(tiny_checkpoints, tmp_path_factory, media_dir):
     """``mmdisagg serve`` over tcp with an auth token and an API key in its environment,
-    debug logs in a file, image fetches bounded to 2 s."""
+    debug logs in a file, image fetches bounded to 2 s, videos to 5 s, frames to 1 Mpixel."""
     log = tmp_path_factory.mktemp("served") / "serve.log"
     served = Served(tiny_checkpoints["qwen2_vl"], log, "--transfer-backend", "tcp",
                     "--log-level", "debug", "--image-fetch-timeout", "2",
                     "--allowed-local-media-dirs", str(media_dir),
-                    "--max-request-bytes", str(MAX_REQUEST_BYTES))
+                    "--max-request-bytes", str(MAX_REQUEST_BYTES),
+                    "--max-video-seconds", str(MAX_VIDEO_SECONDS),
+                    "--max-image-pixels", str(MAX_FRAME_PIXELS))
     yield served
     served.stop()

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from mmdisagg.serve.launcher import free_port
-from tests.faults.conftest import MAX_REQUEST_BYTES
+from tests.faults.conftest import MAX_FRAME_PIXELS, MAX_REQUEST_BYTES, MAX_VIDEO_SECONDS
 from tests.faults.harness import wait_until
 from tests.faults.served import API_KEY, Served
-from tests.models.fixtures import data_url, png_bytes, text_part, user
+from tests.models.fixtures import data_url, png_bytes, text_part, user, video_bytes
 from tests.servers.cluster import metrics
 
 MAX_MODEL_LEN = 4096  # the tiny checkpoint's
@@ -52,6 +52,13 @@ def jpeg(png: bytes) -> bytes:
 
 
 JPEG = jpeg(PNG)
+MP4 = video_bytes(8, 64, 48)
+WEBM = video_bytes(8, 64, 48, container="webm")
+HEADER_ONLY_WEBM = WEBM[:WEBM.index(bytes.fromhex("1f43b675"))]  # cut before its first Cluster
+
+
+def video_url(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
 
 
 class Misbehaving(BaseHTTPRequestHandler):
@@ -176,6 +183,30 @@ CASES = [
                                                                     stop=["x" * 10_000]),
          400, "stop sequences must be 1 to 256 characters"),
     Case("n = 2", lambda paths: chat(text_part("hi"), n=2), 400, "n: Input should be 1"),
+    Case("not a video", lambda paths: chat(video_url(data_url(b"MZ\x90\0 not a film",
+                                                              "video/mp4"))),
+         400, "video 1: data is not a video this server can read"),
+    Case("truncated video", lambda paths: chat(video_url(data_url(MP4[: len(MP4) // 2],
+                                                                  "video/mp4"))),
+         400, "video data is truncated or corrupt"),
+    Case("video with zero frames (header only)", lambda paths: chat(video_url(data_url(
+        HEADER_ONLY_WEBM, "video/webm"))), 400, "data is not a video"),
+    Case("video of one frame", lambda paths: chat(video_url(data_url(
+        video_bytes(1, 64, 48), "video/mp4"))), 400, "has 1 frame(s); at least 2 are needed"),
+    Case("video longer than --max-video-seconds", lambda paths: chat(video_url(data_url(
+        video_bytes(8, 64, 48, fps=1), "video/mp4"))), 413,
+         f"8.0 s long; the limit is {MAX_VIDEO_SECONDS} s"),
+    Case("video of enormous resolution", lambda paths: chat(video_url(data_url(
+        video_bytes(2, 1280, 1024), "video/mp4"))), 413,
+         f"1280x1024 = 1310720 pixels; the limit is {MAX_FRAME_PIXELS}"),
+    Case("video with an image MIME type", lambda paths: chat(video_url(data_url(
+        MP4, "image/png"))), 400, "send images as image_url parts"),
+    Case("image with a video MIME type", lambda paths: chat(image_url(data_url(
+        PNG, "video/mp4"))), 400, "send videos as video_url parts"),
+    Case("an image sent as a video", lambda paths: chat(video_url(data_url(
+        PNG, "application/octet-stream"))), 400, "not a video this server can read"),
+    Case("3 videos", lambda paths: chat(*[video_url(data_url(MP4, "video/mp4"))] * 3), 400,
+         "3 videos in one request; the limit is 2"),
 ]
 
 
@@ -221,7 +252,8 @@ def test_servers_healthy_and_clean_after_the_corpus(served: Served, media_dir) -
     wait_until(pools_free, 30, "every pool free")
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(model="tiny-model", max_tokens=4, messages=user(
-        image_url(f"file://{media_dir}/ok.png"), text_part("fine?")))
+        image_url(f"file://{media_dir}/ok.png"), video_url(f"file://{media_dir}/ok.mp4"),
+        text_part("fine?")))
     assert reply.choices[0].finish_reason in ("length", "stop")
 
 

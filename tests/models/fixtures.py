@@ -11,16 +11,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import base64
 import io
+import json
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+from mmdisagg.bench.peer_venv import DEFAULT_PATH, ensure_peer_venv
 from mmdisagg.config import EngineSettings
 from mmdisagg.core import EncodedPrompt, SamplingParams
 from mmdisagg.language.engine import Engine
@@ -32,6 +38,7 @@ from mmdisagg.models.tiny import make_tiny_model
 torch.set_num_threads(1)
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL refuses videos for now
 
 
 @dataclass
@@ -76,6 +83,31 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 def image_part(width: int, height: int, seed: int = 0) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": data_url(png_bytes(width, height, seed))}}
+
+
+def video_bytes(frames: int, width: int, height: int, fps: int = 4, seed: int = 0,
+                container: str = "mp4") -> bytes:
+    """A small video of random frames, encoded locally with PyAV (mp4/mov: MPEG-4 part 2 with
+    the index first, as web videos are; webm: VP8)."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"video.{container}"
+        options = {} if container == "webm" else {"movflags": "faststart"}
+        with av.open(str(path), "w", options=options) as output:
+            stream = output.add_stream("libvpx" if container == "webm" else "mpeg4", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for _ in range(frames):
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            output.mux(stream.encode())
+        return path.read_bytes()
+
+
+def video_part(frames: int, width: int, height: int, fps: int = 4, seed: int = 0,
+               container: str = "mp4") -> dict[str, Any]:
+    mime = "video/webm" if container == "webm" else f"video/{container}"
+    return {"type": "video_url", "video_url": {
+        "url": data_url(video_bytes(frames, width, height, fps, seed, container), mime)}}
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -191,3 +223,78 @@ def split_greedy(tiny: TinyModel, prompt: EncodedPrompt, max_new_tokens: int,
     engine = paged_engine(tiny.language, max_prefill_tokens=prefill_chunk)
     req = Req("r", SamplingParams(max_tokens=max_new_tokens), prompt)
     return run_engine(engine, [req])["r"]
+
+
+def _media(messages: list[dict[str, Any]], kind: str) -> list[bytes]:
+    """The bytes of every ``kind`` part (image_url, video_url) given as data: URLs."""
+    return [base64.b64decode(part[kind]["url"].split(",", 1)[1])
+            for message in messages if not isinstance(message["content"], str)
+            for part in message["content"] if part["type"] == kind]
+
+
+def _template_text(path: Path, messages: list[dict[str, Any]]) -> str:
+    placeholders = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
+    template_messages = [message if isinstance(message["content"], str) else {
+        "role": message["role"],
+        "content": [placeholders.get(part["type"], part) for part in message["content"]]}
+        for message in messages]
+    return AutoTokenizer.from_pretrained(path).apply_chat_template(
+        template_messages, tokenize=False, add_generation_prompt=True)
+
+
+def _all_frames(data: bytes) -> tuple[np.ndarray, float]:
+    """Every frame, decoded independently of mmdisagg, and the frame rate."""
+    with av.open(io.BytesIO(data)) as container:
+        fps = float(container.streams.video[0].average_rate)
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return np.stack(frames), fps
+
+
+def transformers_inputs(checkpoints: dict[str, Path],
+                        cases: dict[str, tuple[list[dict[str, Any]], int]],
+                        folder: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(family, case) -> what transformers' own processor (its video processor included) makes
+    of the case's messages, frames sampled at most ``max_video_frames`` (the case's int).
+
+    transformers' video processors need torchvision, which this venv lacks: the processor runs
+    in the peer venv (torch 2.14.1 + torchvision, created on first use by
+    mmdisagg/bench/peer_venv.py, a few minutes once) through tests/models/video_reference.py,
+    one run for all cases, and hands its tensors back in files."""
+    python = ensure_peer_venv(DEFAULT_PATH).parent / "python"
+    jobs = []
+    for family in VIDEO_FAMILIES:
+        for number, (messages, max_frames) in enumerate(cases.values()):
+            tag = f"{family}-{number}"
+            images = []
+            for index, png in enumerate(_media(messages, "image_url")):
+                images.append(str(folder / f"{tag}-image{index}.png"))
+                Path(images[-1]).write_bytes(png)
+            videos = []
+            for index, data in enumerate(_media(messages, "video_url")):
+                frames, fps = _all_frames(data)
+                videos.append({"frames": str(folder / f"{tag}-video{index}.npy"), "fps": fps,
+                               "max_frames": max_frames})
+                np.save(videos[-1]["frames"], frames)
+            jobs.append({"name": tag, "family": family, "checkpoint": str(checkpoints[family]),
+                         "text": _template_text(checkpoints[family], messages),
+                         "images": images, "videos": videos})
+    (folder / "cases.json").write_text(json.dumps(jobs))
+    script = Path(__file__).with_name("video_reference.py")
+    result = subprocess.run([str(python), str(script), str(folder / "cases.json"), str(folder)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {(family, name): load_file(folder / f"{family}-{number}.safetensors")
+            for family in VIDEO_FAMILIES for number, name in enumerate(cases)}
+
+
+def generate_on(tiny: TinyModel, inputs: dict[str, torch.Tensor], max_new_tokens: int
+                ) -> list[int]:
+    """The unsplit model's greedy tokens on a processor's tensors (``mm_token_type_ids``
+    marking image and video tokens)."""
+    config = tiny.reference.config
+    ids = inputs["input_ids"]
+    kinds = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+    with torch.no_grad():
+        output = tiny.reference.generate(**{**inputs, "mm_token_type_ids": kinds},
+                                         max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, ids.shape[1]:].tolist()

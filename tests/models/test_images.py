@@ -125,7 +125,8 @@ def test_bad_image_data(url: str, status: int, message: str) -> None:
 
 
 def test_fetch_over_http(http_base: str) -> None:
-    assert load_image(f"{http_base}/image.png", FAST).image.size == (64, 48)
+    patient = replace(FAST, image_fetch_timeout=30)  # under load a local fetch may take > 0.5 s
+    assert load_image(f"{http_base}/image.png", patient).image.size == (64, 48)
 
 
 @pytest.mark.parametrize("path, status, message", [

@@ -12,10 +12,13 @@ from tests.models.fixtures import (
     FAMILIES,
     data_url,
     generate_greedy,
+    generate_on,
     image_part,
     png_bytes,
     text_part,
+    transformers_inputs,
     user,
+    video_part,
 )
 
 MAX_TOKENS = 16
@@ -67,6 +70,29 @@ def test_greedy_answer_equals_unsplit_generate(cluster, tiny_models, case, strea
     tokenizer = tiny_models[cluster.family].language.tokenizer
     assert text == tokenizer.decode(expected.tokens, skip_special_tokens=True)
     assert usage.completion_tokens == len(tokens) and usage.prompt_tokens > 10
+
+
+VIDEO_CASES = {
+    "video and image": user(text_part("Compare"), video_part(8, 64, 48, fps=4, seed=7),
+                            text_part("with"), image_part(56, 56, seed=8), text_part("now.")),
+}
+
+
+@pytest.fixture(scope="module")
+def video_references(tiny_checkpoints, tmp_path_factory):
+    return transformers_inputs(tiny_checkpoints, {name: (messages, 64) for name, messages
+                                                  in VIDEO_CASES.items()},
+                               tmp_path_factory.mktemp("video-reference"))
+
+
+@pytest.mark.timeout(900)  # the first run creates the peer venv
+@pytest.mark.parametrize("case", list(VIDEO_CASES))
+def test_video_answer_equals_generate_fed_by_transformers_processor(
+        cluster, tiny_models, video_references, case):
+    expected = generate_on(tiny_models[cluster.family], video_references[cluster.family, case],
+                           MAX_TOKENS)
+    for stream in (False, True):
+        assert complete(cluster.client(), VIDEO_CASES[case], stream)[0] == expected
 
 
 def test_models_health_and_metrics(cluster):
