@@ -440,6 +440,9 @@ class EncodingSettings:
     max_encode_patches: int = knob(
         16384, "most image patches in one vision forward (a larger image still goes alone); "
                "bounds how long text prompts and the next step wait behind it")
+    max_queued_encodes: int = knob(1024, "requests an encode server holds (preparing, waiting "
+                                         "for a window, encoding, sending) beyond which new "
+                                         "ones get 503")
 
 
 @dataclass(frozen=True)
@@ -476,7 +479,7 @@ class RouterSettings:
                         secret=True)
     health_interval: float = knob(2.0, "seconds between health checks of each server")
     encode_retries: int = knob(2, "other servers tried when an encoder fails before sending "
-                                  "or a language server refuses the connection",
+                                  "or a language server fails before its first token",
                                check=non_negative)
     request_timeout: float = knob(600.0, "seconds a request may take end to end")
     max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")
@@ -505,6 +508,13 @@ class ServeSettings:
     encoding: EncodingSettings = field(default_factory=EncodingSettings)
     cache_dir: str = knob("~/.cache/mmdisagg", "where the default tiny checkpoint is built once")
     startup_timeout: float = knob(300.0, "seconds every server gets to come up")
+    health_interval: float = knob(2.0, "seconds between the router's health checks of each "
+                                       "server (how soon it sees one die or come back)")
+    restart_limit: int = knob(
+        5, "deaths of one server, without it staying up --restart-window seconds in between, "
+           "that stop the whole service (each death before that restarts it)")
+    restart_window: float = knob(60.0, "seconds a restarted server must stay up for its "
+                                       "earlier deaths to be forgiven")
     process: ProcessSettings = field(default_factory=ProcessSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)

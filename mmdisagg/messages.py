@@ -65,16 +65,17 @@ Event = TokenEvent | ErrorEvent
 
 
 class ServerInfo(msgspec.Struct, frozen=True):
-    """``GET /info`` of an encode or language server."""
+    """``GET /info`` of an encode or language server: what the router routes by."""
 
     role: str
     model: str
-    load: int
+    load: int  # requests queued and running
     bootstrap: str | None = None
     max_model_len: int = 0  # most tokens, prompt and output together (0: not told)
     kv_block_size: int = 0  # language servers: tokens per KV-cache block
     kv_blocks: int = 0  # language servers: blocks in the KV cache
     kv_blocks_used: int = 0
+    pool_free_blocks: int = 0  # free blocks of the embedding pool
 
 
 encode = msgspec.json.encode

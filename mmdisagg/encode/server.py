@@ -1,7 +1,8 @@
 """``mmdisagg encode``: the encode server's HTTP API around its scheduler.
 
 ``POST /encode`` prepares a chat (tokenize, fetch and process images) off the event loop,
-hands it to the scheduler and answers once the language server has the whole prompt.
+hands it to the scheduler and answers once the language server has the whole prompt. At most
+``--max-queued-encodes`` requests are held at once; more get 503.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class EncodeServer:
                                          settings.encoding.max_encode_batch,
                                          settings.encoding.max_encode_patches)
         self.scheduler.start()
+        self.preparing = 0  # requests in ``prepare``, not yet with the scheduler
+        self.overloaded = 0  # requests refused by --max-queued-encodes
         self.registry = CollectorRegistry()
         self.registry.register(StatsCollector(self._metrics))
 
@@ -61,7 +64,8 @@ class EncodeServer:
         self.pool.close()
 
     def _metrics(self):
-        yield from outcome_metrics("encode", self.scheduler.outcomes)
+        yield from outcome_metrics("encode", {**self.scheduler.outcomes,
+                                              "overloaded": self.overloaded})
         yield from queue_metrics({"waiting": len(self.scheduler.waiting),
                                   "admitted": len(self.scheduler.admitted),
                                   "encoding": len(self.scheduler.encoding),
@@ -85,14 +89,33 @@ class EncodeServer:
         self.scheduler.abort(room)
 
     def info(self) -> ServerInfo:
-        return ServerInfo("encode", self.settings.model.name, self.scheduler.load,
-                          self.manager.bootstrap_address, self.half.max_model_len)
+        return ServerInfo("encode", self.settings.model.name, self.load,
+                          self.manager.bootstrap_address, self.half.max_model_len,
+                          pool_free_blocks=self.pool.allocator.num_free_blocks)
+
+    @property
+    def load(self) -> int:
+        return self.preparing + self.scheduler.load
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
+        limit = self.settings.encoding.max_queued_encodes
+        if self.load >= limit:
+            self.overloaded += 1
+            log.warning("request %s room %d refused: %d requests already held (limit %d)",
+                        request.request_id, request.room, self.load, limit)
+            raise ApiError(503, f"encode server busy: {self.load} requests already queued "
+                                f"(--max-queued-encodes {limit}); try again later")
+        self.preparing += 1
         try:
             prepared = await run_in_threadpool(self.half.prepare, request.messages)
         except InputError as exc:
+            log.info("request %s room %d refused: %s", request.request_id, request.room,
+                     exc.message)
             raise ApiError(exc.status, exc.message) from None
+        finally:
+            self.preparing -= 1
+        log.debug("request %s room %d: %d tokens, %d images", request.request_id, request.room,
+                  prepared.total_tokens, len(prepared.images))
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future = loop.create_future()
 
@@ -109,7 +132,11 @@ class EncodeServer:
             self.scheduler.abort(request.room)
             raise
         if isinstance(result, ErrorEvent):
+            log.log(logging.INFO if result.status < 500 else logging.WARNING,
+                    "request %s room %d failed: %s", request.request_id, request.room,
+                    result.message)
             raise ApiError(result.status, result.message)
+        log.debug("request %s room %d sent", request.request_id, request.room)
         return result
 
 

@@ -126,7 +126,8 @@ class LanguageServer:
         stats = engine.blocks.stats()
         return ServerInfo("language", self.settings.model.name, self.service.scheduler.load,
                           max_model_len=engine.max_len, kv_block_size=engine.blocks.block_size,
-                          kv_blocks=stats.total_blocks, kv_blocks_used=stats.used_blocks)
+                          kv_blocks=stats.total_blocks, kv_blocks_used=stats.used_blocks,
+                          pool_free_blocks=self.pool.allocator.num_free_blocks)
 
 
 def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
@@ -134,6 +135,20 @@ def ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         async for event in events:
             yield msgspec.json.encode(event) + b"\n"
     return lines()
+
+
+async def logged(events: AsyncIterator[Event], request: GenerateRequest,
+                 ) -> AsyncIterator[Event]:
+    """``events``, with a log line naming the router's request id when the request ends."""
+    async for event in events:
+        if isinstance(event, ErrorEvent):
+            log.log(logging.INFO if event.status < 500 else logging.WARNING,
+                    "request %s room %d failed: %s", request.request_id, request.room,
+                    event.message)
+        elif event.finish_reason is not None:
+            log.debug("request %s room %d finished (%s): %d tokens", request.request_id,
+                      request.room, event.finish_reason, event.completion_tokens)
+        yield event
 
 
 def build_app(server: LanguageServer) -> FastAPI:
@@ -144,10 +159,13 @@ def build_app(server: LanguageServer) -> FastAPI:
     async def generate(request: Request) -> StreamingResponse:
         check_bearer(request, token)
         body = decode_body(await request.body(), GenerateRequest)
+        log.debug("request %s room %d: from encoder %s", body.request_id, body.room,
+                  body.encoder)
         events = server.service.events(lambda emit: Req(
             body.request_id or str(body.room), body.params, emit=emit, room=body.room,
             encoder=body.encoder))
-        return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
+        return StreamingResponse(ndjson(logged(events, body)),
+                                 media_type="application/x-ndjson")
 
     return app
 

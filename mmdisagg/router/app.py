@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -43,6 +44,8 @@ from mmdisagg.router.openai import ChatCompletionRequest, Completion, model_list
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # safe in a log line and a completion id
 
 
 class Backend(Protocol):
@@ -157,12 +160,26 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
 
     @app.get("/health")
     async def health() -> Response:
+        """503 while a role has no healthy server; "degraded" while one runs below its
+        configured count."""
+        servers = backend.server_health()
         if not backend.healthy:
             return error_response(503, "not every role has a healthy server")
-        return JSONResponse({"status": "ok"})
+        degraded = any(up < total for up, total in servers.values())
+        return JSONResponse({"status": "degraded" if degraded else "ok", "servers": {
+            role: {"healthy": up, "configured": total} for role, (up, total) in servers.items()}})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        request_id = client_request_id(request)
+        try:
+            response = await completions(request, request_id)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.message, exc.param)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    async def completions(request: Request, request_id: str) -> Response:
         arrived = time.monotonic()
         check_bearer(request, api_key, "API key")
         chat = parse_request(await read_body(request, max_request_bytes))
@@ -171,9 +188,9 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
             raise ApiError(404, f"the model '{chat.model}' does not exist; this server serves "
                                 f"'{model}'", "model")
         check_length(chat, backend.max_model_len)
-        completion = Completion(model, chat.return_token_ids)
+        completion = Completion(model, chat.return_token_ids, request_id)
         events = backend.generate(chat.messages, chat.sampling_params(default_max_tokens),
-                                  uuid.uuid4().hex)
+                                  request_id)
         waiting = asyncio.ensure_future(anext(events))
         if not await unless_gone(request, waiting):
             outcomes["aborted"] += 1
@@ -207,6 +224,12 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         return JSONResponse(completion.whole(result))
 
     return app
+
+
+def client_request_id(request: Request) -> str:
+    """The client's ``X-Request-Id`` when it is a usable id, else a new random one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 async def unless_gone(request: Request, work: asyncio.Future) -> bool:

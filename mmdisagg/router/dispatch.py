@@ -1,9 +1,12 @@
 """The disaggregated backend: each request goes to one encode and one language server at once.
 
 Both get the same random 63-bit room; the language server pre-allocates while the encoder
-works. Servers are chosen least-loaded among the healthy ones (health checked periodically).
-An encoder that fails before the language server has the prompt is replaced by another, under
-a new room; a client that goes away aborts the request on both servers.
+works. Servers are chosen least-loaded among the healthy ones, by the load each reports in
+``/info`` (polled every ``--health-interval``) plus what this router sent it since. An encoder
+that fails before the language server has the prompt, or a language server that fails before
+its first token, is replaced by another under a new room; a language server that fails after
+streaming tokens ends the request with an error. A client that goes away aborts the request
+on both servers.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import logging
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import msgspec
@@ -37,8 +40,10 @@ from mmdisagg.messages import (
 
 log = logging.getLogger(__name__)
 
+ABORTED = 499  # what an encoder answers for a room this router aborted
+
 HEALTH_TIMEOUT_S = 2.0
-ENCODER_VERDICT_S = 2.0
+ABORT_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -46,8 +51,36 @@ class Server:
     url: str
     role: str
     healthy: bool = False
-    in_flight: int = 0
     info: ServerInfo | None = None
+    in_flight: int = 0  # sent by this router and not answered yet
+    sent: int = 0  # ever sent by this router
+    sent_before_info: int = 0  # of those, sent before ``info`` was asked for
+
+    @property
+    def load(self) -> int:
+        """Requests the server reported, plus those this router sent it since (at most the
+        ones still in flight)."""
+        reported = self.info.load if self.info is not None else 0
+        return reported + min(self.in_flight, self.sent - self.sent_before_info)
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Least load first; among equals, most free pool blocks, then most free KV blocks
+        (language servers)."""
+        info = self.info
+        if info is None:
+            return (self.load, 0, 0)
+        return (self.load, -info.pool_free_blocks, info.kv_blocks_used - info.kv_blocks)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One request sent to this server, until it answers."""
+        self.in_flight += 1
+        self.sent += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 class ServerSet:
@@ -61,16 +94,18 @@ class ServerSet:
         healthy = [s for s in self.servers if s.healthy and s.url not in exclude]
         if not healthy:
             raise ApiError(503, f"no healthy {self.role} server available")
-        least = min(s.in_flight for s in healthy)
-        return random.choice([s for s in healthy if s.in_flight == least])
+        best = min(s.rank for s in healthy)
+        return random.choice([s for s in healthy if s.rank == best])
 
     async def check(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         async def one(server: Server) -> None:
+            sent = server.sent
             try:
                 response = await client.get(f"{server.url}/info", headers=headers,
                                             timeout=HEALTH_TIMEOUT_S)
                 response.raise_for_status()
                 server.info = msgspec.json.decode(response.content, type=ServerInfo)
+                server.sent_before_info = sent
                 if not server.healthy:
                     log.info("%s server %s is healthy", self.role, server.url)
                 server.healthy = True
@@ -86,9 +121,9 @@ class EncoderFailed(Exception):
     """The encoder failed before the language server had the prompt: worth another encoder."""
 
 
-class LanguageUnreachable(Exception):
-    """The language server refused the connection, so it never saw the request: worth
-    another language server."""
+class LanguageFailed(Exception):
+    """The language server failed before streaming a token (refused the connection, died,
+    ended the stream): worth another language server."""
 
 
 class Dispatcher:
@@ -164,14 +199,14 @@ class Dispatcher:
                                                  request_id):
                     yield event
                 return
-            except (EncoderFailed, LanguageUnreachable) as exc:
+            except (EncoderFailed, LanguageFailed) as exc:
                 failed, counter = ((encoder, "encoder_retries") if isinstance(exc, EncoderFailed)
                                    else (language, "language_retries"))
                 tried.add(failed.url)
                 self.outcomes[counter] += 1
-                log.warning("request %s: %s server %s failed before sending (%s); attempt %d "
-                            "of %d", request_id, failed.role, failed.url, exc, attempt + 1,
-                            self.settings.encode_retries + 1)
+                log.warning("request %s: %s server %s failed before the first token (%s); "
+                            "attempt %d of %d", request_id, failed.role, failed.url, exc,
+                            attempt + 1, self.settings.encode_retries + 1)
                 last = str(exc)
         raise ApiError(503, f"every attempt failed; last: {last}")
 
@@ -179,36 +214,27 @@ class Dispatcher:
                        params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         room = secrets.randbits(63)
         bootstrap = encoder.info.bootstrap
-        encoder.in_flight += 1
-        language.in_flight += 1
         encoding = asyncio.create_task(self._encode(encoder, room, messages, request_id))
         events = self._generate(language, room, bootstrap, params, request_id)
         next_event = asyncio.ensure_future(anext(events))
         finished = False
         try:
-            await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
-            if encoding.done() and not next_event.done():
-                encoding.result()  # raises ApiError (client's fault) or EncoderFailed
-            while True:
-                event = await next_event
-                if isinstance(event, ErrorEvent):
-                    # A dead encoder fails both sides; its own error says whether to retry.
-                    await asyncio.wait({encoding}, timeout=ENCODER_VERDICT_S)
-                    if encoding.done() and encoding.exception() is not None:
-                        encoding.result()
-                    if event.type == TRANSFER_FAILED and not encoding.done():
-                        # No prompt arrived and the encoder says nothing: it hangs.
-                        raise EncoderFailed(f"{encoder.url} is silent; the language server "
-                                            f"says: {event.message}")
-                    raise ApiError(event.status, event.message)
-                yield event
-                if event.finish_reason is not None:
-                    finished = True
-                    return
-                next_event = asyncio.ensure_future(anext(events))
+            with language.hold():
+                await asyncio.wait({encoding, next_event}, return_when=asyncio.FIRST_COMPLETED)
+                if encoding.done() and not next_event.done():
+                    encoding.result()  # raises ApiError (client's fault) or EncoderFailed
+                while True:
+                    event = await next_event
+                    if isinstance(event, ErrorEvent):
+                        if event.type == TRANSFER_FAILED:
+                            await self._blame_transfer(encoder, room, encoding, event)
+                        raise ApiError(event.status, event.message)
+                    yield event
+                    if event.finish_reason is not None:
+                        finished = True
+                        return
+                    next_event = asyncio.ensure_future(anext(events))
         finally:
-            encoder.in_flight -= 1
-            language.in_flight -= 1
             if not next_event.done():
                 next_event.cancel()
             if not finished:
@@ -220,12 +246,35 @@ class Dispatcher:
             # The encoder answers once it hears the prompt arrived, maybe after the last token.
             encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
 
+    async def _blame_transfer(self, encoder: Server, room: int, encoding: asyncio.Task,
+                              event: ErrorEvent) -> NoReturn:
+        """The language server says the prompt never arrived; the encoder's own answer says
+        why. One it has not given yet is asked for by aborting the room there: an encoder that
+        does not take the abort, or answers nothing after it, is dead or hung. Raises the
+        encoder's refusal of the client's input (ApiError 4xx), else EncoderFailed: worth
+        another encoder."""
+        if not encoding.done() and not await self._abort(encoder, room):
+            encoder.healthy = False
+            raise EncoderFailed(f"{encoder.url} does not answer; the language server says: "
+                                f"{event.message}")
+        await asyncio.wait({encoding}, timeout=ABORT_TIMEOUT_S)
+        if not encoding.done():
+            raise EncoderFailed(f"{encoder.url} took the abort but does not answer; the "
+                                f"language server says: {event.message}")
+        try:
+            encoding.result()
+        except ApiError as exc:
+            if exc.status != ABORTED:
+                raise
+        raise EncoderFailed(f"transfer from {encoder.url} failed: {event.message}")
+
     async def _encode(self, server: Server, room: int, messages: list[dict[str, Any]],
                       request_id: str) -> None:
         body = msgspec.json.encode(EncodeRequest(room, messages, request_id))
         try:
-            response = await self.client.post(f"{server.url}/encode", content=body,
-                                               headers=self.headers)
+            with server.hold():
+                response = await self.client.post(f"{server.url}/encode", content=body,
+                                                   headers=self.headers)
         except httpx.HTTPError as exc:
             server.healthy = False
             raise EncoderFailed(f"{server.url} unreachable: {exc!r}") from None
@@ -238,7 +287,10 @@ class Dispatcher:
 
     async def _generate(self, server: Server, room: int, bootstrap: str,
                         params: SamplingParams, request_id: str) -> AsyncIterator[Event]:
+        """The language server's events; LanguageFailed if it fails before the first token,
+        an ErrorEvent if after."""
         body = msgspec.json.encode(GenerateRequest(room, bootstrap, params, request_id))
+        tokens = 0
         try:
             async with self.client.stream("POST", f"{server.url}/generate", content=body,
                                           headers=self.headers) as response:
@@ -247,22 +299,33 @@ class Dispatcher:
                     yield ErrorEvent(_error_message(response), response.status_code)
                     return
                 async for line in ndjson_lines(response.aiter_bytes()):
-                    yield msgspec.json.decode(line, type=Event)
+                    event = msgspec.json.decode(line, type=Event)
+                    tokens += isinstance(event, TokenEvent)
+                    yield event
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             yield ErrorEvent(f"language server {server.url} sent a bad event: {exc}", 502)
             return
-        except httpx.ConnectError as exc:
-            server.healthy = False
-            raise LanguageUnreachable(f"{server.url} unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:
-            yield ErrorEvent(f"language server {server.url} failed: {exc!r}", 503)
+            server.healthy = False
+            if not tokens:
+                raise LanguageFailed(f"{server.url} failed: {exc!r}") from None
+            yield ErrorEvent(f"language server {server.url} failed after {tokens} tokens: "
+                             f"{exc!r}", 503)
             return
-        yield ErrorEvent(f"language server {server.url} ended the stream early", 503)
+        if not tokens:
+            raise LanguageFailed(f"{server.url} ended the stream before the first token")
+        yield ErrorEvent(f"language server {server.url} ended the stream early, after {tokens} "
+                         "tokens", 503)
 
-    async def _abort(self, server: Server, room: int) -> None:
-        with contextlib.suppress(httpx.HTTPError, RuntimeError):  # RuntimeError: shutting down
-            await self.client.post(f"{server.url}/abort", headers=self.headers, timeout=5.0,
-                                   content=msgspec.json.encode(AbortRequest(room)))
+    async def _abort(self, server: Server, room: int) -> bool:
+        """Abort ``room`` on ``server``; False if the server did not take it."""
+        try:
+            response = await self.client.post(f"{server.url}/abort", headers=self.headers,
+                                              timeout=ABORT_TIMEOUT_S,
+                                              content=msgspec.json.encode(AbortRequest(room)))
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: shutting down
+            return False
+        return response.status_code < 400
 
     @staticmethod
     async def _close_events(events: AsyncIterator[Event]) -> None:

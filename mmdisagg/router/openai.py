@@ -8,7 +8,6 @@ vLLM-style extension) adds the generated token ids to each choice.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -77,8 +76,8 @@ class ChatCompletionRequest(BaseModel):
 class Completion:
     """Builds the reply to one request, whole or as stream chunks."""
 
-    def __init__(self, model: str, return_token_ids: bool) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+    def __init__(self, model: str, return_token_ids: bool, request_id: str) -> None:
+        self.id = f"chatcmpl-{request_id}"
         self.created = int(time.time())
         self.model = model
         self.return_token_ids = return_token_ids

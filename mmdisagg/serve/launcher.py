@@ -2,15 +2,20 @@
 
 Starts ``--encoders`` encode servers, ``--language-servers`` language servers (shared memory
 between them) and a router as child processes, waits until each answers, prints where the API
-listens, and supervises: a child that dies is reported and stops the rest; Ctrl-C stops all.
-``--colocated`` instead serves from this one process with both halves and no transfer. With
-no ``--model-path``, a tiny random Qwen2-VL checkpoint is built once under ``--cache-dir``.
+listens, and supervises: a child that dies is started again as it was (same ports, settings
+and environment) after a backoff; one that dies ``--restart-limit`` times without staying up
+``--restart-window`` seconds in between stops the service with its last log lines. SIGINT or
+SIGTERM stops every child; each runs in its own process group and gets SIGTERM when serve
+dies, however it dies. ``--colocated`` instead serves from this one process with both halves
+and no transfer. With no ``--model-path``, a tiny random Qwen2-VL checkpoint is built once
+under ``--cache-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import http.client
 import logging
 import os
@@ -20,9 +25,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mmdisagg.config import (
@@ -41,14 +49,73 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny-qwen2-vl"
 STOP_GRACE_S = 10.0
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+SUPERVISE_INTERVAL_S = 0.5
+TAIL_LINES = 30
+PR_SET_PDEATHSIG = 1
 
 
-@dataclass
+class ServiceFailed(RuntimeError):
+    """A child keeps dying, or did not come up: the service cannot run."""
+
+
+@dataclass(eq=False)
 class Child:
     name: str
     url: str
-    process: subprocess.Popen
+    argv: list[str]
     env: dict[str, str]  # the process's environment, to start it again as it was
+    process: subprocess.Popen | None = None
+    started: float = 0.0  # monotonic time of the latest start
+    up: bool = False  # answered /health since the latest start
+    strikes: int = 0  # deaths without staying up a restart window in between
+    restart_at: float | None = None  # dead, to be started again at this monotonic time
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    _forwarder: threading.Thread | None = None
+
+    def launch(self) -> None:
+        """Start the process; its output goes to serve's and into ``tail``."""
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        preexec_fn=die_with(os.getpid()))
+        self.started, self.up, self.restart_at = time.monotonic(), False, None
+        self._forwarder = threading.Thread(target=self._forward, args=(self.process,),
+                                           name=f"output-{self.name}", daemon=True)
+        self._forwarder.start()
+
+    def _forward(self, process: subprocess.Popen) -> None:
+        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        for line in process.stdout:
+            self.tail.append(line.decode(errors="replace").rstrip("\n"))
+            with contextlib.suppress(OSError, ValueError):
+                if out is not None:
+                    out.write(line)
+                    out.flush()
+        process.stdout.close()
+
+    def last_lines(self) -> str:
+        if self._forwarder is not None:
+            self._forwarder.join(timeout=5)
+        return "\n".join(f"  {self.name}| {line}" for line in self.tail)
+
+
+def die_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL; its
+    own process group would not get a signal sent to serve's group.
+
+    NOTE: the kernel sends it when the *thread* that forked the child ends, so only a child
+    started from the main thread gets it (the soak's fault injector restarts servers from a
+    thread of its own that ends before the soak does)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # died before the hook ran
+            os._exit(1)
+    return hook
 
 
 def free_port(host: str) -> int:
@@ -94,13 +161,14 @@ class Launcher:
     def spawn(self, name: str, command: str, port: int, args: list[str],
               env: dict[str, str] | None = None) -> Child:
         argv = [sys.executable, "-m", "mmdisagg.cli", command, "--port", str(port), *args]
-        env = env or self.env
-        process = subprocess.Popen(argv, env=env, start_new_session=True)
-        child = Child(name, f"http://{self.host}:{port}", process, env)
+        child = Child(name, f"http://{self.host}:{port}", argv, env or self.env)
+        child.launch()
         self.children.append(child)
         return child
 
     def start(self) -> str:
+        """Every child started and answering (dead ones started again meanwhile); the
+        router's URL."""
         settings = self.settings
         flags = {cls: to_args(settings, cls, exclude=("port",)) for cls in
                  (EncodeServerSettings, LanguageServerSettings, RouterSettings)}
@@ -111,31 +179,65 @@ class Launcher:
         languages = [self.spawn(f"language-{i}", "language", free_port(self.host),
                                 flags[LanguageServerSettings])
                      for i in range(settings.language_servers)]
-        self.wait_healthy(encoders + languages)
+        self.wait_healthy(encoders + languages, self.supervise)
         router = self.spawn("router", "router", settings.port, [
             "--encode", *(c.url for c in encoders), "--language", *(c.url for c in languages),
             *flags[RouterSettings]])
-        self.wait_healthy([router])
+        self.wait_healthy([router], self.supervise)
         return router.url
+
+    def supervise(self) -> None:
+        """One round of supervision: a child found dead is started again after a backoff
+        that doubles with each death; ServiceFailed once it has died ``restart_limit`` times
+        without staying up ``restart_window`` seconds in between."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.process.poll()
+            if code is None:
+                if not child.up and answers_health(child.url + "/health"):
+                    child.up = True
+                    if child.strikes:
+                        say(f"{child.name} (pid {child.process.pid}) is back")
+                continue
+            if child.restart_at is None:
+                self._died(child, code, now)
+            elif now >= child.restart_at:
+                child.launch()
+                say(f"{child.name} started again (pid {child.process.pid})")
+
+    def _died(self, child: Child, code: int, now: float) -> None:
+        if now - child.started >= self.settings.restart_window:
+            child.strikes = 0
+        child.strikes += 1
+        if child.strikes >= self.settings.restart_limit:
+            raise ServiceFailed(
+                f"{child.name} (pid {child.process.pid}) exited with code {code}, "
+                f"{child.strikes} times without staying up {self.settings.restart_window:g}s; "
+                f"its last lines:\n{child.last_lines()}")
+        backoff = min(FIRST_BACKOFF_S * 2 ** (child.strikes - 1), MAX_BACKOFF_S)
+        child.restart_at = now + backoff
+        say(f"{child.name} (pid {child.process.pid}) exited with code {code}; starting it "
+            f"again in {backoff:g}s")
 
     def restart(self, child: Child) -> None:
         """Start a dead ``child`` again with the same command line, port and environment, and
-        wait until it answers (a fault test or a soak brings a killed server back)."""
+        wait until it answers (a fault test or a soak that supervises by itself)."""
         if child.process.poll() is None:
             raise RuntimeError(f"{child.name} (pid {child.process.pid}) is still running")
-        child.process = subprocess.Popen(child.process.args, env=child.env,
-                                         start_new_session=True)
-        self.wait_healthy([child])
+        child.launch()
+        self.wait_healthy([child], self.check_alive)
 
-    def wait_healthy(self, children: list[Child]) -> None:
+    def wait_healthy(self, children: list[Child], watch: Callable[[], None]) -> None:
+        """Until each of ``children`` answers /health; ``watch`` runs between checks."""
         deadline = time.monotonic() + self.settings.startup_timeout
         waiting = list(children)
         while waiting:
-            self.check_alive()
-            waiting = [c for c in waiting if not answers_health(c.url + "/health")]
+            watch()
+            waiting = [c for c in waiting if not (c.process.poll() is None
+                                                  and answers_health(c.url + "/health"))]
             if waiting and time.monotonic() > deadline:
-                raise RuntimeError(f"{', '.join(c.name for c in waiting)} did not come up within "
-                                   f"{self.settings.startup_timeout:g}s")
+                raise ServiceFailed(f"{', '.join(c.name for c in waiting)} did not come up "
+                                    f"within {self.settings.startup_timeout:g}s")
             time.sleep(0.2)
 
     def check_alive(self) -> None:
@@ -159,6 +261,10 @@ class Launcher:
                     os.killpg(child.process.pid, signal.SIGKILL)
                 child.process.wait()
         sweep_stale_segments()  # a child killed outright could not unlink its pool
+
+
+def say(message: str) -> None:
+    print(f"mmdisagg serve: {message}", file=sys.stderr, flush=True)
 
 
 def answers_health(url: str) -> bool:
@@ -196,10 +302,10 @@ def run(args: argparse.Namespace) -> int:
               f"{settings.encoders} encode + {settings.language_servers} language servers)",
               flush=True)
         while True:
-            launcher.check_alive()
-            time.sleep(0.5)
-    except RuntimeError as exc:
-        print(f"mmdisagg serve: {exc}; stopping", file=sys.stderr, flush=True)
+            launcher.supervise()
+            time.sleep(SUPERVISE_INTERVAL_S)
+    except ServiceFailed as exc:
+        say(f"{exc}\nstopping")
         return 1
     except KeyboardInterrupt:
         print("mmdisagg serve: stopping", flush=True)

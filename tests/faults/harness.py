@@ -104,7 +104,7 @@ def image(width: int, height: int, seed: int = 0) -> dict:
 
 
 async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int = 8,
-              stream: bool = False) -> str | int:
+              stream: bool = False, deadline: float = ANSWER_DEADLINE_S) -> str | int:
     """'ok', the HTTP status of a clean failure, 'stream-error' (an error event in a stream)
     or 'connection-error'; a request that hangs fails the test."""
     async def run() -> str | int:
@@ -130,4 +130,4 @@ async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int 
         except openai.APIError:  # an error event inside a stream
             return "stream-error"
 
-    return await asyncio.wait_for(run(), ANSWER_DEADLINE_S)
+    return await asyncio.wait_for(run(), deadline)

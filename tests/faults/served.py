@@ -58,10 +58,15 @@ class Served:
         return found
 
     def stop(self) -> None:
+        """SIGTERM, as a user stops it: serve stops every server it started."""
+        children = []
         if self.process.poll() is None:
+            children = self.processes()[1:]
             os.kill(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"serve stopped but left servers running: {alive}"

@@ -39,7 +39,13 @@ def retries(cluster: FaultCluster) -> float:
 
 
 def serves_again(cluster: FaultCluster, name: str, tries: int = 40) -> None:
-    """``name`` completes transfers again: ask (text) until it has served two more rooms."""
+    """``name`` completes transfers again: ask (text) until it has served two more rooms.
+
+    NOTE: first its vision forward must end (one that was running when it stopped goes on for
+    a request already aborted): until then it reports that load, and the router, which picks
+    by load, sends sequential requests to the other encoder."""
+    wait_until(lambda: cluster.queue(name, "encoding") == 0, 120,
+               f"{name}'s vision forward over")
     client = cluster.client()
     before = cluster.rooms(name, "succeeded")
     for i in range(tries):

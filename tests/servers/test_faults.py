@@ -36,7 +36,7 @@ def test_encoder_killed_mid_run(tiny_checkpoints):
             client = cluster.async_client()
             in_flight = [asyncio.create_task(ask(client, user(
                 image_part(112, 112, seed=i), text_part(f"Picture {i}?")))) for i in range(40)]
-            await asyncio.sleep(1.0)
+            assert await asyncio.to_thread(wait_until, lambda: held(cluster, "encode-0") >= 1, 60)
             victim.process.send_signal(signal.SIGKILL)
             started = time.monotonic()
             first = await asyncio.gather(*in_flight)
@@ -57,6 +57,13 @@ def test_encoder_killed_mid_run(tiny_checkpoints):
         assert wait_pools_free(cluster) == {"encode-1": 0, "language-0": 0}
     finally:
         cluster.close()
+
+
+def held(cluster: Cluster, name: str) -> float:
+    """Requests ``name`` (an encode server) holds now."""
+    samples = metrics(cluster.child(name).url)
+    return sum(samples.get(f'mmdisagg_queue_length{{queue="{q}"}}', 0)
+               for q in ("waiting", "admitted", "encoding", "sending"))
 
 
 def running(cluster: Cluster) -> float:
@@ -88,31 +95,24 @@ def test_client_disconnect_aborts_on_both_servers(tiny_checkpoints):
                 next(lines)
             assert running(cluster) == 1
         assert wait_until(lambda: running(cluster) == 0), "stream abort did not reach the server"
-        with httpx.Client(timeout=1.0) as client:
-            try:
-                client.post(f"{cluster.url}/v1/chat/completions", json=body)
-                raise AssertionError("a 3000-token answer came back within a second")
-            except httpx.ReadTimeout:
-                pass
+
+        async def leave_once_decoding() -> None:
+            async with httpx.AsyncClient(timeout=120) as client:
+                answer = asyncio.create_task(
+                    client.post(f"{cluster.url}/v1/chat/completions", json=body))
+                decoding = asyncio.create_task(asyncio.to_thread(
+                    wait_until, lambda: answer.done() or running(cluster) == 1))
+                await asyncio.wait({answer, decoding}, return_when=asyncio.FIRST_COMPLETED)
+                assert not answer.done(), "the 3000-token answer came back before decoding"
+                assert await decoding, "the request never reached the language server"
+                answer.cancel()  # the client goes away: its connection closes
+
+        asyncio.run(leave_once_decoding())
         assert wait_until(lambda: running(cluster) == 0), "non-stream abort did not reach"
         router = metrics(cluster.url)
         assert router['mmdisagg_requests_total{outcome="aborted",role="router"}'] == 2
         language = metrics(cluster.child("language-0").url)
         assert language['mmdisagg_requests_total{outcome="aborted",role="language"}'] == 2
         assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
-    finally:
-        cluster.close()
-
-
-def test_dead_child_is_reported(tiny_checkpoints):
-    cluster = Cluster(tiny_checkpoints["qwen2_vl"], torch_threads=1)
-    try:
-        cluster.child("language-0").process.send_signal(signal.SIGKILL)
-        cluster.child("language-0").process.wait(timeout=30)
-        try:
-            cluster.launcher.check_alive()
-            raise AssertionError("a dead language server went unnoticed")
-        except RuntimeError as exc:
-            assert "language-0" in str(exc) and "-9" in str(exc)
     finally:
         cluster.close()

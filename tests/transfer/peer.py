@@ -70,11 +70,18 @@ class SendTask:
         self.sender = manager.create_sender(self.room)
         self.total = cmd["total"]
         self.sender.announce(self.total)
-        self.send_at = time.monotonic() + cmd.get("delay", 0.0)
+        emit({"event": "announced", "room": self.room})
+        # "hold": the "vision work" lasts until a "go" command
+        self.send_at = float("inf") if cmd.get("hold") else time.monotonic() + cmd.get(
+            "delay", 0.0)
         self.sent = False
+        self.bound = False
 
     def step(self) -> bool:
         pool = self.manager.pool
+        if not self.bound and self.sender.poll() != Poll.Bootstrapping:
+            self.bound = True  # a window of the receiver's is bound to this room
+            emit({"event": "bound", "room": self.room})
         if not self.sent and time.monotonic() >= self.send_at:
             source = pool.allocator.alloc(self.total)
             if source is not None:
@@ -171,6 +178,8 @@ def main() -> None:
                 tasks[cmd["room"]] = RecvTask(manager, cmd)
             elif op == "release":
                 held.pop(cmd["room"]).finish()
+            elif op == "go" and cmd["room"] in tasks:  # (a room that failed is gone)
+                tasks[cmd["room"]].send_at = time.monotonic()
             elif op == "stats":
                 stats = pool.allocator.stats()
                 emit({"event": "stats", "free_blocks": stats.free_blocks,
@@ -178,7 +187,9 @@ def main() -> None:
                       "refused": manager.stats.refused, "spills": manager.stats.spills,
                       "resumes": manager.stats.resumes, "windows": manager.stats.windows,
                       "chunks": manager.stats.chunks, "bytes": manager.stats.bytes,
-                      "rejected": manager.control.rejected})
+                      "rejected": manager.control.rejected,
+                      # windows waiting for their room's request (sender side)
+                      "early_windows": len(getattr(manager, "_early", ()))})
         for room, task in list(tasks.items()):
             if isinstance(task, RecvTask) and task.cmd.get("hold") and (
                     task.receiver.poll() == Poll.Success):

@@ -17,6 +17,13 @@ FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5, "bootstrap_timeout"
         "transfer_timeout": 10.0, "waiting_timeout": 20.0, "bootstrap_port": 0}
 
 
+EXIT_POLL_S = 0.2
+
+
+class PeerExited(AssertionError):
+    """The peer's process ended while a test waited for one of its events."""
+
+
 class Peer:
     def __init__(self, role: str, backend: str, layout: dict, transfer: dict | None = None,
                  network: dict | None = None, default_blocks: int = 8) -> None:
@@ -52,8 +59,13 @@ class Peer:
                 raise TimeoutError(f"peer {self.id if hasattr(self, 'id') else '?'}: no matching "
                                    f"event in {timeout}s; backlog {self.backlog[-5:]}")
             try:
-                event = self.events.get(timeout=left)
+                event = self.events.get(timeout=min(left, EXIT_POLL_S))
             except queue.Empty:
+                code = self.proc.poll()
+                if code is not None and self.events.empty():
+                    raise PeerExited(f"peer {getattr(self, 'id', '?')} (pid {self.proc.pid}) "
+                                     f"exited with code {code}; backlog {self.backlog[-5:]}"
+                                     ) from None
                 continue
             if predicate(event):
                 return event
@@ -69,6 +81,15 @@ class Peer:
     def stats(self, timeout: float = 30) -> dict:
         self.command(op="stats")
         return self.wait(lambda e: e["event"] == "stats", timeout)
+
+    def wait_until(self, predicate, timeout: float = 30) -> dict:
+        """Ask for stats until ``predicate(stats)`` holds (bounded)."""
+        deadline = time.monotonic() + timeout
+        while not predicate(stats := self.stats()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer {self.id}: stats never matched in {timeout}s: {stats}")
+            time.sleep(0.05)
+        return stats
 
     def wait_pool_full(self, timeout: float = 15) -> dict:
         """Pools drain asynchronously after a failure; wait (bounded) until every block is free."""

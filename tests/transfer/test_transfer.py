@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import time
 
 import pytest
 import zmq
@@ -165,10 +164,12 @@ def test_either_side_may_come_first(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 64)
     receiver.command(op="recv", room=31, encoder=sender.bootstrap)
-    time.sleep(0.5)  # the window waits at the encode side for its request
+    # the window waits at the encode side for its request
+    sender.wait_until(lambda stats: stats["early_windows"] == 1)
     sender.command(op="send", room=31, total=900)
     sender.command(op="send", room=32, total=1500)
-    time.sleep(0.5)  # the announce waits for the receiver's first window
+    # the announce waits for the receiver's first window
+    sender.wait(lambda e: e["event"] == "announced" and e["room"] == 32, 30)
     receiver.command(op="recv", room=32, encoder=sender.bootstrap)
     assert_exact(receiver.done([31, 32]), {31: 900, 32: 1500})
 
@@ -203,12 +204,10 @@ def test_sender_killed_mid_transfer(start, backend):
     sender.command(op="send", room=41, total=20000, kill_after_tokens=2000)
     sender.wait(lambda e: e["event"] == "killing", 60)
     assert sender.proc.wait(timeout=30) != 0
-    started = time.monotonic()
     result = receiver.done([41], 30)[41]
     assert result["state"] == "Failed", result
     causes = ["stopped answering"] + (["stream broke mid-chunk"] if backend == "tcp" else [])
-    assert any(cause in result["failure"] for cause in causes), result["failure"]
-    assert time.monotonic() - started < 10
+    assert any(cause in result["failure"] for cause in causes), result["failure"]  # not a timeout
     assert receiver.wait_pool_full()["live"] == 0
 
 
@@ -235,8 +234,8 @@ def test_encoder_killed_while_encoding(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 64, default_blocks=2)
     receiver.command(op="recv", room=42, encoder=sender.bootstrap)
-    sender.command(op="send", room=42, total=3000, delay=60)  # announce, then "vision work"
-    time.sleep(1.0)
+    sender.command(op="send", room=42, total=3000, hold=True)  # announce, then "vision work"
+    sender.wait(lambda e: e["event"] == "bound" and e["room"] == 42, 60)
     sender.proc.kill()
     result = receiver.done([42], 30)[42]
     assert result["state"] == "Failed" and "stopped answering" in result["failure"]
@@ -252,13 +251,14 @@ def test_sender_hung_then_resumed_writes_nothing(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 8, default_blocks=8)
     receiver.command(op="recv", room=45, encoder=sender.bootstrap)
-    sender.command(op="send", room=45, total=500, delay=1.0)  # 1 s of "vision work"
-    time.sleep(0.5)
+    sender.command(op="send", room=45, total=500, hold=True)  # "vision work" until "go"
+    sender.wait(lambda e: e["event"] == "bound" and e["room"] == 45, 60)
     os.kill(sender.proc.pid, signal.SIGSTOP)
     try:
         result = receiver.done([45], 30)[45]
         assert result["state"] == "Failed" and "stopped answering" in result["failure"]
         assert receiver.wait_pool_full()["live"] == 0
+        sender.command(op="go", room=45)  # read on resuming: its data is ready at once
     finally:
         os.kill(sender.proc.pid, signal.SIGCONT)
     assert sender.done([45], 30)[45]["state"] == "Failed"
@@ -296,10 +296,7 @@ def test_wrong_auth_token_is_refused(start, backend):
     assert result["state"] == "Failed" and "auth token" in result["failure"]
     forged = ControlCodec("guess", intruder.id).encode(Window(51, 0, [0], 128))
     push(sender.control, forged)
-    deadline = time.monotonic() + 10
-    while sender.stats()["rejected"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sender.stats()["rejected"] >= 1
+    sender.wait_until(lambda stats: stats["rejected"] >= 1)
     assert intruder.wait_pool_full()["live"] == 0
 
 
@@ -319,16 +316,15 @@ def test_forged_window_aimed_at_another_rooms_blocks_is_refused(start, backend):
     sender = start("sender", backend, 64)
     receiver = start("receiver", backend, 32, default_blocks=8)
     receiver.command(op="recv", room=61, encoder=sender.bootstrap)
-    sender.command(op="send", room=61, total=500, delay=3.0)
-    time.sleep(1.0)  # room 61 is bound at the sender, its data not yet sent
+    sender.command(op="send", room=61, total=500, hold=True)
+    # room 61 bound at the sender, its data not sent until "go"
+    sender.wait(lambda e: e["event"] == "bound" and e["room"] == 61, 60)
     sender.command(op="send", room=62, total=300)
     # A fresh pool hands room 61 blocks 0..7, trimmed to 0..3 once 500 tokens are announced.
     forged = ControlCodec("secret", receiver.id).encode(Window(62, 0, [0, 1, 2, 3], 512))
     push(sender.control, forged)
-    deadline = time.monotonic() + 10
-    while sender.stats()["refused"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sender.stats()["refused"] >= 1
+    sender.wait_until(lambda stats: stats["refused"] >= 1)
+    sender.command(op="go", room=61)
     receiver.command(op="recv", room=62, encoder=sender.bootstrap)
     assert_exact(receiver.done([61, 62]), {61: 500, 62: 300})
 
