@@ -74,12 +74,18 @@ class EncodedPrompt:
     ``token_ids [L]`` the prompt's token ids (image placeholders included), ``positions [L, 3]``
     the M-RoPE t/h/w position ids (1-D models repeat one value), and ``mrope_delta`` the offset
     that decode positions add to the number of tokens so far.
+
+    Models with deepstack features (Qwen3-VL) also have ``visual_mask [L]`` (bool: the visual
+    tokens) and ``deepstack [layers, visual tokens, H]``: what the decoder adds to the visual
+    tokens' hidden states after each of its first ``layers`` layers. Both None otherwise.
     """
 
     embeddings: torch.Tensor
     token_ids: torch.Tensor
     positions: torch.Tensor
     mrope_delta: int = 0
+    deepstack: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
     # Set when a language server already holds the prompt's first ``prefix.tokens`` tokens
     # (prefix cache). The tensors above then start at token ``first_token`` (<= those: the
     # rows between are never used), not at token 0.
@@ -105,9 +111,12 @@ class EncodedPrompt:
         """This whole prompt without the ``prefix`` a language server holds."""
         if prefix is None:
             return self
+        if self.deepstack is not None:
+            raise ValueError("prompts with deepstack features are not prefix-cached")
         rows = slice(prefix.tokens, None)
         return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
-                             self.mrope_delta, prefix, prefix.tokens, self.block_hashes)
+                             self.mrope_delta, prefix=prefix, first_token=prefix.tokens,
+                             block_hashes=self.block_hashes)
 
 
 @dataclass(eq=False)
@@ -164,6 +173,40 @@ def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = ()) -> 
         parent = digest.digest()
         hashes.append(parent)
     return hashes
+    def visual_runs(self) -> list[tuple[int, int]]:
+        """(first token, count) of each run of visual tokens carrying deepstack rows."""
+        if self.deepstack is None:
+            return []
+        return mask_runs(self.visual_mask)
+
+    def deepstack_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Of tokens ``[start, end)``: the visual ones (counted from ``start``) and their
+        ``[layers, visual, H]`` deepstack rows; None when there are none."""
+        if self.deepstack is None:
+            return None
+        mask = self.visual_mask[start:end]
+        first = int(self.visual_mask[:start].sum())
+        rows = mask.nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        return rows, self.deepstack[:, first: first + rows.numel()]
+
+
+def mask_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, count) of each run of True in a 1-D bool tensor."""
+    edges = torch.diff(mask.to(torch.int8), prepend=mask.new_zeros(1, dtype=torch.int8),
+                       append=mask.new_zeros(1, dtype=torch.int8))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+def runs_mask(runs: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """The bool mask of ``length`` tokens that is True on ``runs``."""
+    mask = torch.zeros(length, dtype=torch.bool)
+    for first, count in runs:
+        mask[first: first + count] = True
+    return mask
 
 
 class RecentRooms:

@@ -73,6 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="share of the duration with no fault; memory is judged after it")
     parser.add_argument("--deadline", type=float, default=120.0,
                         help="seconds after which a request with no answer counts as lost")
+    parser.add_argument("--video-share", type=float, default=0.1,
+                        help="share of the requests that stay which carry a short video (0 for "
+                        "a model without video input: Qwen3-VL)")
     parser.add_argument("--model-path", type=Path,
                         help="checkpoint (default: the tiny random one, built under --cache-dir)")
     parser.add_argument("--cache-dir", default="~/.cache/mmdisagg")
@@ -87,7 +90,8 @@ def plan_from(args: argparse.Namespace) -> SoakPlan:
         raise UsageError("need --concurrency >= 1 and 0 <= --warmup < 1")
     return SoakPlan(duration_s=args.duration, seed=args.seed, concurrency=args.concurrency,
                     fault_interval_s=args.fault_interval, warmup_s=args.warmup * args.duration,
-                    deadline_s=args.deadline, kinds=tuple(dict.fromkeys(args.faults)))
+                    deadline_s=args.deadline, kinds=tuple(dict.fromkeys(args.faults)),
+                    video_share=args.video_share)
 
 
 def cluster_settings(args: argparse.Namespace) -> ServeSettings:
@@ -124,7 +128,7 @@ async def drive_load(url: str, model: str, plan: SoakPlan, clock: Callable[[], f
         progress = asyncio.create_task(report())
         try:
             return await drive(Client(openai, model, plan.deadline_s, clock), plan.concurrency,
-                               over, plan.seed, tally)
+                               over, plan.seed, tally, plan.video_share)
         finally:
             progress.cancel()
 

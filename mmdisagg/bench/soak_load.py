@@ -22,7 +22,6 @@ MAX_TOKENS = (1, 8, 32, 128)
 LEAVE_SHARE = 0.06  # of requests, for each way of leaving
 LEAVE_WITHIN_S = (0.01, 0.4)  # how soon a client leaving before its first token gives up
 REPEAT_IMAGE_SHARE = 0.3  # images drawn again from a small set: image-cache hits
-VIDEO_SHARE = 0.1  # of the requests that stay: one short video added
 VIDEO_FRAMES, VIDEO_SIZE = 4, (64, 48)
 MESSAGE_CHARS = 300
 ERROR_BACKOFF_S = 0.5  # a client waits this long after an error (no busy loop on a dead router)
@@ -61,14 +60,14 @@ class Outcome:
     message: str = ""  # what the error said
 
 
-def draw_shape(rng: random.Random) -> Shape:
+def draw_shape(rng: random.Random, video_share: float) -> Shape:
     leave = rng.random()
     if leave < 2 * LEAVE_SHARE:
         way = "before-first-token" if leave < LEAVE_SHARE else "mid-stream"
         return Shape(rng.choice((0, 1)), rng.randint(4, 64), 128, True, way)
     return Shape(images=rng.choice((0, 0, 1, 1, 2)), prompt_words=rng.choice((4, 32, 200)),
                  max_tokens=rng.choice(MAX_TOKENS), stream=rng.random() < 0.5,
-                 videos=int(rng.random() < VIDEO_SHARE))
+                 videos=int(rng.random() < video_share))
 
 
 class ImageSource:
@@ -172,7 +171,7 @@ class Tally:
 
 
 async def drive(client: Client, concurrency: int, until: Callable[[], bool], seed: int,
-                tally: Tally) -> list[Outcome]:
+                tally: Tally, video_share: float) -> list[Outcome]:
     """``concurrency`` clients, each sending one request after another until ``until()``;
     every request's outcome."""
     outcomes: list[Outcome] = []
@@ -181,7 +180,7 @@ async def drive(client: Client, concurrency: int, until: Callable[[], bool], see
         rng = random.Random(f"{seed}-{number}")
         images = ImageSource(rng)
         while not until():
-            shape = draw_shape(rng)
+            shape = draw_shape(rng, video_share)
             messages = messages_for(shape, images, rng)
             tally.in_flight += 1
             outcome = await client.send(shape, messages, rng)

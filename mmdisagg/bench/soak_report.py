@@ -22,6 +22,7 @@ class SoakPlan:
     warmup_s: float  # no fault before this; memory is judged from here on
     deadline_s: float  # a request with no answer by then is lost
     kinds: tuple[str, ...]
+    video_share: float = 0.1  # of the requests that stay: one short video added
 
 
 @dataclass

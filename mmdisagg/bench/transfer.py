@@ -6,6 +6,11 @@ memory, as it does after the vision forward) to the moment the bytes are usable 
 the data planes it times what peers use to move embeddings: a plain socket
 ``sendall``/``recv_into``, pyzmq ``copy=False`` frames and a safetensors file through
 ``/dev/shm``, plus an in-process copy of the same bytes (the physical limit).
+
+With ``--deepstack-layers N`` it answers another question instead: what a Qwen3-VL prompt
+moves per token over each data plane, a text prompt through today's pool and through a pool
+with N deepstack rows per token, and an image prompt (every token visual) through the latter.
+Bytes are what the receiving manager counted, not computed.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume-tokens", type=int, default=2000,
                         help="prompt of the resume comparison (first window: "
                         f"{FIRST_WINDOW_BLOCKS} blocks; the prompt must be longer)")
+    parser.add_argument("--deepstack-layers", type=int, default=0,
+                        help="only compare text and image tokens of a model with this many "
+                        "deepstack layers (Qwen3-VL: 3), on prompts of --resume-tokens tokens")
     parser.add_argument("--json", help="also write the results here")
 
 
@@ -109,30 +117,36 @@ def _child(conn: Connection, layout: PoolLayout) -> None:
             manager = pool = None
         elif op == "plane":
             transfer = TransferSettings(transfer_backend=args[0], bootstrap_port=0)
-            pool = EmbeddingPool(replace(layout, num_blocks=2 * args[1]))  # room n + 1 may start
-            # before room n's blocks are back
+            # room n + 1 may start before room n's blocks are back
+            pool = EmbeddingPool(replace(layout, num_blocks=2 * args[1],
+                                         deepstack_layers=args[2]))
             manager = SenderManager(pool, transfer, NetworkSettings())
             conn.send(manager.bootstrap_address)
         elif op == "room":
-            room, tokens, announce_early = args
+            room, tokens, announce_early, visual = args
             sender = manager.create_sender(room)
             source = pool.allocator.alloc(tokens)
             if prompt is None or len(prompt["token_ids"]) != tokens:
                 prompt = _prompt(tokens, pool.layout)
             pool.write(source, 0, prompt["embeddings"], prompt["token_ids"], prompt["positions"])
+            runs = [(0, tokens)] if visual else []
+            if visual:
+                pool.arrays.write_deepstack(source.blocks, 0, runs, torch.randn(
+                    tokens, pool.layout.deepstack_layers, pool.layout.hidden_size).to(
+                    pool.layout.torch_dtype))
             if announce_early:
                 sender.announce(tokens)
             while sender.poll() == Poll.Bootstrapping:
                 time.sleep(0.0002)
             if announce_early:  # let the receiver offer its later windows before "go"
                 time.sleep(0.01)
-            senders[room] = (sender, source, tokens)
+            senders[room] = (sender, source, tokens, runs)
             conn.send("ready")
         elif op == "go":
-            sender, source, tokens = senders[args[0]]
+            sender, source, tokens, runs = senders[args[0]]
             if sender.total_tokens is None:
                 sender.announce(tokens)
-            sender.send(source, 0)
+            sender.send(source, 0, runs)
     if manager is not None:
         manager.close()
         pool.close()
@@ -229,13 +243,15 @@ class Bench:
             os.unlink(path)
 
     def plane(self, backend: str, tokens: int, first_window_blocks: int | None = None,
-              announce_early: bool = True) -> float:
-        """One room per run; the first window is the whole prompt unless given in blocks.
-        Returns the median seconds."""
+              announce_early: bool = True, deepstack_layers: int = 0,
+              visual: bool = False) -> tuple[float, float]:
+        """One room per run; the first window is the whole prompt unless given in blocks;
+        ``visual``: every token has deepstack rows. Returns the median seconds and the bytes
+        the receiver counted per room."""
         blocks = -(-tokens // self.layout.block_size)
-        layout = replace(self.layout, num_blocks=blocks)
+        layout = replace(self.layout, num_blocks=blocks, deepstack_layers=deepstack_layers)
         pool = EmbeddingPool(layout, backing=plane_class(backend).receiver_backing)
-        self.conn.send(("plane", backend, blocks))
+        self.conn.send(("plane", backend, blocks, deepstack_layers))
         manager = ReceiverManager(pool, TransferSettings(transfer_backend=backend),
                                   NetworkSettings())
         encoder = self.conn.recv()
@@ -248,7 +264,7 @@ class Bench:
             room = next(rooms)
             receiver = manager.create_receiver(room, encoder)
             receiver.init(pool.allocator.alloc_blocks(first_window_blocks or blocks))
-            self.conn.send(("room", room, tokens, announce_early))
+            self.conn.send(("room", room, tokens, announce_early, visual))
             assert self.conn.recv() == "ready"
             current.append(receiver)
 
@@ -265,7 +281,19 @@ class Bench:
             self.conn.send(("plane-close",))
             manager.close()
             pool.close()
-        return seconds
+        return seconds, manager.stats.bytes // manager.stats.rooms_succeeded
+
+    def deepstack(self, backend: str, tokens: int, layers: int) -> dict:
+        """Bytes per token and times of a text prompt (today's pool, then a deepstack pool)
+        and of an image prompt, side by side."""
+        row: dict = {"backend": backend, "tokens": tokens}
+        for name, kwargs in (("text_today", {}), ("text", {"deepstack_layers": layers}),
+                             ("image", {"deepstack_layers": layers, "visual": True})):
+            seconds, moved = self.plane(backend, tokens, **kwargs)
+            row[f"{name}_B_per_token"] = round(moved / tokens)  # whole bytes: the rows' sizes
+            row[f"{name}_ms"] = seconds * 1e3
+        row["image_vs_text_bytes"] = row["image_B_per_token"] / row["text_B_per_token"]
+        return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--resume-tokens {args.resume_tokens}: the resume comparison needs a "
                          f"prompt longer than its first window ({first_window} tokens)")
     torch.set_num_threads(1)
+    if args.deepstack_layers:
+        return run_deepstack(args)
     bench = Bench(args)
     print(f"bench transfer: hidden {args.hidden_size} {args.dtype}, block {BLOCK_SIZE}, "
           f"receiver here, sender in a child process, median of {args.repeat} (a quarter above "
@@ -287,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
                 if method in BASELINES:
                     seconds = getattr(bench, method)(tokens)
                 else:
-                    seconds = bench.plane(method, tokens)
+                    seconds, _ = bench.plane(method, tokens)
                 row[f"{method}_ms"] = seconds * 1e3
                 row[f"{method}_GBps"] = gbps(num_bytes, seconds)
                 print(f"  {tokens} tokens, {method}: {seconds * 1e3:.3f} ms", flush=True)
@@ -298,10 +328,10 @@ def run(args: argparse.Namespace) -> int:
         resume_rows = []
         for backend in args.backends:
             tokens = args.resume_tokens
-            single = bench.plane(backend, tokens)
-            early = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS)
-            late = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS,
-                               announce_early=False)
+            single, _ = bench.plane(backend, tokens)
+            early, _ = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS)
+            late, _ = bench.plane(backend, tokens, first_window_blocks=FIRST_WINDOW_BLOCKS,
+                                  announce_early=False)
             resume_rows.append({
                 "backend": backend, "tokens": tokens, "single_window_ms": single * 1e3,
                 "resume_announced_ms": early * 1e3, "resume_announced_at_send_ms": late * 1e3,
@@ -320,4 +350,19 @@ def run(args: argparse.Namespace) -> int:
     print_table(resume_rows, list(resume_rows[0]))
     save_json(args.json, {"bench": "transfer", "args": vars(args), "rows": rows,
                           "resume": resume_rows})
+    return 0
+
+
+def run_deepstack(args: argparse.Namespace) -> int:
+    bench = Bench(args)
+    print(f"bench transfer: bytes per token with {args.deepstack_layers} deepstack layers, "
+          f"hidden {args.hidden_size} {args.dtype}, {args.resume_tokens}-token prompts, "
+          f"median of {args.repeat}")
+    try:
+        rows = [bench.deepstack(backend, args.resume_tokens, args.deepstack_layers)
+                for backend in args.backends]
+    finally:
+        bench.close()
+    print_table(rows, list(rows[0]))
+    save_json(args.json, {"bench": "transfer-deepstack", "args": vars(args), "rows": rows})
     return 0

@@ -224,11 +224,11 @@ class EncodeScheduler(LoopThread):
             if isinstance(result, Exception):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
-            prompt, first = result[i], job.sender.first_token
-            self.pool.write(job.allocation, first, prompt.embeddings[first:],
-                            prompt.token_ids[first:], prompt.positions[first:])
+            prompt = result[i]
+            visual_runs = self.pool.write_prompt(job.allocation, prompt, job.sender.first_token)
             allocation, job.allocation = job.allocation, None
-            job.sender.send(allocation, prompt.mrope_delta)  # the sender owns the blocks now
+            # the sender owns the blocks now
+            job.sender.send(allocation, prompt.mrope_delta, visual_runs)
             self.sending.append(job)
 
     def _reply(self) -> None:

@@ -42,7 +42,8 @@ class EncodeServer:
             model.require_path(), dtype=model.dtype, device=model.device,
             image_settings=settings.image, max_model_len=model.max_model_len or None)
         layout = PoolLayout(settings.pool.pool_blocks, settings.pool.block_size,
-                            self.half.hidden_size, dtype_name(self.half.dtype))
+                            self.half.hidden_size, dtype_name(self.half.dtype),
+                            self.half.deepstack_layers)
         self.pool = EmbeddingPool(layout, default_blocks=settings.pool.default_blocks,
                                   pin=self.half.device.type == "cuda")
         self.manager = SenderManager(self.pool, settings.transfer, settings.network)

@@ -44,7 +44,7 @@ class ModelRunner:
             reqs, logits.device, logits.shape[-1], self.half.eos_token_ids))
 
     def _batch(self, decode: Sequence[Req], prefill: Sequence[tuple[Req, int]]) -> ForwardBatch:
-        embeddings, positions, slots, counts = [], [], [], []
+        embeddings, positions, slots, counts, visual = [], [], [], [], []
         if decode:
             embeddings.append(self.half.embed(torch.tensor([req.output_ids[-1]
                                                             for req in decode])))
@@ -57,6 +57,10 @@ class ModelRunner:
             chunk, chunk_positions = req.pending_embeddings(count, self.half.embed)
             embeddings.append(chunk.to(self.device, self.half.dtype))
             positions.append(chunk_positions.to(self.device))
+            first = req.num_computed - req.prompt.first_token  # of the prompt's rows
+            deepstack = req.prompt.deepstack_rows(first, first + count)
+            if deepstack is not None:
+                visual.append((sum(counts) + deepstack[0], deepstack[1]))
             counts.append(count)
         if prefill:
             slots.append(self._prefill_slots(prefill))
@@ -67,7 +71,10 @@ class ModelRunner:
             slots=torch.cat(slots) if len(slots) > 1 else slots[0],
             last_rows=last_rows,
             decode=self._decode_rows(decode) if decode else None,
-            prefill=self._prefill_rows(prefill) if prefill else None)
+            prefill=self._prefill_rows(prefill) if prefill else None,
+            visual_rows=torch.cat([rows for rows, _ in visual]).to(self.device) if visual else None,
+            deepstack=torch.cat([rows for _, rows in visual], dim=1).to(
+                self.device, self.half.dtype) if visual else None)
 
     def _slots(self, reqs: Sequence[Req], tokens: Sequence[int]) -> torch.Tensor:
         """KV slot of token ``tokens[i]`` of ``reqs[i]``."""

@@ -135,7 +135,7 @@ class LanguageServer:
                                             device=model.device,
                                             max_model_len=model.max_model_len or None)
         layout = PoolLayout(settings.pool.pool_blocks, settings.pool.block_size,
-                            half.hidden_size, dtype_name(half.dtype))
+                            half.hidden_size, dtype_name(half.dtype), half.deepstack_layers)
         backing = plane_class(settings.transfer.transfer_backend).receiver_backing
         self.pool = EmbeddingPool(layout, backing=backing,
                                   default_blocks=settings.pool.default_blocks,

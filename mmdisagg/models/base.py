@@ -28,6 +28,8 @@ from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 FAMILY_MODULES = {
     "qwen2_vl": "mmdisagg.models.qwen2_vl",
     "qwen2_5_vl": "mmdisagg.models.qwen2_vl",
+    "qwen3_vl": "mmdisagg.models.qwen3_vl",
+    "qwen3_vl_moe": "mmdisagg.models.qwen3_vl",
 }
 
 
@@ -126,7 +128,9 @@ class ForwardBatch:
 
     ``embeddings [n, hidden]``, ``positions [n, 3]`` (M-RoPE t/h/w), ``slots [n]``: the KV
     cache slot (``block * block_size + offset``) each token's keys and values go to;
-    ``last_rows [sequences]``: each sequence's last token among the n.
+    ``last_rows [sequences]``: each sequence's last token among the n. Models with deepstack
+    features: ``visual_rows [v]`` (which of the n tokens have them) and ``deepstack [layers, v,
+    hidden]`` (None when no token of the batch has any).
     """
 
     embeddings: torch.Tensor
@@ -135,6 +139,8 @@ class ForwardBatch:
     last_rows: torch.Tensor
     decode: PagedRows | None
     prefill: PrefillRows | None
+    visual_rows: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
 
     @property
     def num_decode(self) -> int:
@@ -153,9 +159,12 @@ class EncoderHalf(ABC):
     """Image processor, tokenizer, vision tower and token embedding table: never the decoder.
 
     Attributes: ``hidden_size`` and ``dtype`` of the embeddings it produces, the ``device`` it
-    runs on, ``tokenizer``, and ``images_encoded``: images run through the vision tower so far.
+    runs on, ``tokenizer``, ``deepstack_layers``: how many deepstack rows each visual token
+    of an ``EncodedPrompt`` has (0: the model has none), and ``images_encoded``: images run
+    through the vision tower so far.
     """
 
+    deepstack_layers: int = 0
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
@@ -220,8 +229,10 @@ class LanguageHalf(ABC):
     Attributes: ``hidden_size``, ``dtype``, ``device``, ``eos_token_ids``, ``max_model_len``,
     ``tokenizer``, ``vocab_size`` (the logits' width). Positions are ``[n, 3]`` (M-RoPE
     t/h/w). A decoded token sits at ``tokens so far + mrope_delta`` on all three rows.
+    ``deepstack_layers``: how many decoder layers take deepstack features (0: none).
     """
 
+    deepstack_layers: int = 0
     hidden_size: int
     dtype: torch.dtype
     device: torch.device

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ from mmdisagg.models.weights import CheckpointWeights
 class Family:
     vision_tower: type[nn.Module]
     text_model: type[nn.Module]
+    # tensor name suffix -> (checkpoint tensor, module shape) -> module tensor, where the Hub
+    # layout differs
+    converters: Mapping[str, Callable[[torch.Tensor, torch.Size], torch.Tensor]] = field(
+        default_factory=dict)
 
 
 FAMILIES = {
@@ -84,11 +88,11 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype | str | None,
-             device: str | torch.device) -> Checkpoint:
+             device: str | torch.device, families: Mapping[str, Family]) -> Checkpoint:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if config.text_config.use_sliding_window:
+        if getattr(config.text_config, "use_sliding_window", False):
             raise ValueError(f"{path}: sliding-window attention is not supported")
-        return cls(Path(path), config, FAMILIES[config.model_type], CheckpointWeights(path),
+        return cls(Path(path), config, families[config.model_type], CheckpointWeights(path),
                    _resolve_dtype(dtype, config), torch.device(device))
 
     def load_module(self, build: Callable[[], nn.Module], prefixes: Sequence[str],
@@ -97,6 +101,7 @@ class Checkpoint:
         with torch.device("meta"):
             module = build()
         loaded = self.weights.load_into(module, prefixes, needed_by=needed_by, dtype=self.dtype,
+                                        converters=self.family.converters,
                                         device=self.device)
         if isinstance(module, PreTrainedModel):
             _compute_buffers(module, self.device)
@@ -145,6 +150,8 @@ def longest_token_bytes(tokenizer: Any) -> int:
 
 
 class QwenVLEncoderHalf(EncoderHalf):
+    FAMILIES = FAMILIES
+
     def __init__(self, *, checkpoint: Checkpoint, vision_tower: nn.Module,
                  embed_tokens: nn.Embedding, loaded_weights: dict[str, torch.Tensor],
                  image_settings: ImageSettings, max_model_len: int) -> None:
@@ -175,7 +182,7 @@ class QwenVLEncoderHalf(EncoderHalf):
     def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device = "cpu", image_settings: ImageSettings | None = None,
              max_model_len: int | None = None) -> QwenVLEncoderHalf:
-        checkpoint = Checkpoint.open(path, dtype, device)
+        checkpoint = Checkpoint.open(path, dtype, device, cls.FAMILIES)
         config = checkpoint.config
         vision_tower, vision_weights = checkpoint.load_module(
             lambda: checkpoint.family.vision_tower._from_config(config.vision_config),
@@ -329,8 +336,7 @@ class QwenVLEncoderHalf(EncoderHalf):
         for forward in _forwards(missing, max_patches):
             pixel_values = torch.cat([piece.pixel_values for piece in forward])
             grids = torch.tensor([piece.grid_thw for piece in forward], device=self.device)
-            merged = self.vision_tower(pixel_values.to(self.device, self.dtype),
-                                       grid_thw=grids).pooler_output
+            merged = self._vision_forward(pixel_values.to(self.device, self.dtype), grids)
             sizes = [piece.pixel_values.shape[0] // self.merge_size**2 for piece in forward]
             for piece, rows in zip(forward, merged.split(sizes), strict=True):
                 pieces[piece.key].append(rows)
@@ -340,18 +346,31 @@ class QwenVLEncoderHalf(EncoderHalf):
                 cache.put(key, found[key])
         return found
 
+    def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """Image tokens' features, ``[tokens, 1 + deepstack_layers, hidden]``: the input
+        embedding, then (a subclass's) deepstack rows."""
+        return self.vision_tower(pixel_values, grid_thw=grids).pooler_output[:, None]
+
     def _merge(self, prompt: PreparedPrompt, needed: Sequence[PreparedImage],
                features: dict[str, torch.Tensor]) -> EncodedPrompt:
         """Token embeddings with the ``needed`` images' features in place; the rows of the
         other images (inside a cached prefix) are left zero."""
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
-        for image, start in zip(prompt.images, prompt.image_starts, strict=True):
-            rows = slice(start, start + image.num_tokens)
-            embeddings[rows] = features[image.content_hash] if image in needed else 0
+        visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
+        width = (1 + self.deepstack_layers, self.hidden_size)
+        visual_features = torch.cat([
+            features[image.content_hash] if image in needed
+            else embeddings.new_zeros(image.num_tokens, *width) for image in prompt.images]
+        ) if prompt.images else embeddings.new_empty(0, *width)
+        embeddings[visual_rows] = visual_features[:, 0]
         positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
                                                  self.merge_size)
-        return EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+        encoded = EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
+        if self.deepstack_layers:
+            encoded.deepstack = visual_features[:, 1:].transpose(0, 1)
+            encoded.visual_mask = visual_rows
+        return encoded
 
 
 @dataclass(frozen=True)
@@ -388,6 +407,8 @@ def _forwards(images: Mapping[str, PreparedImage], max_patches: int) -> list[lis
 
 
 class QwenVLLanguageHalf(LanguageHalf):
+    FAMILIES = FAMILIES
+
     def __init__(self, *, checkpoint: Checkpoint, text_model: nn.Module, lm_head: nn.Linear,
                  loaded_weights: dict[str, torch.Tensor], max_model_len: int) -> None:
         text_config = checkpoint.config.text_config
@@ -401,14 +422,15 @@ class QwenVLLanguageHalf(LanguageHalf):
         self.text_model = text_model
         self.lm_head = lm_head
         self.num_kv_heads = text_config.num_key_value_heads
-        self.head_dim = text_config.hidden_size // text_config.num_attention_heads
+        self.head_dim = (getattr(text_config, "head_dim", None)
+                         or text_config.hidden_size // text_config.num_attention_heads)
         self._loaded_weights = loaded_weights
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device = "cpu",
              max_model_len: int | None = None) -> QwenVLLanguageHalf:
-        checkpoint = Checkpoint.open(path, dtype, device)
+        checkpoint = Checkpoint.open(path, dtype, device, cls.FAMILIES)
         text_config = checkpoint.config.text_config
         text_model, text_weights = checkpoint.load_module(
             lambda: checkpoint.family.text_model._from_config(text_config), TEXT_PREFIXES,
@@ -450,9 +472,21 @@ class QwenVLLanguageHalf(LanguageHalf):
             attention = self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
                                         position_embeddings, batch, cache)
             hidden = hidden + attention
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
             hidden = self.after_layer(index, hidden, batch)
         return self.text_model.norm(hidden[batch.last_rows])
+
+    def _mlp(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A layer's MLP over ``[n, hidden]``."""
+        return mlp(hidden)
+
+    def _project(self, attention: nn.Module, hidden: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[1, heads, n, head_dim]`` of all tokens at once."""
+        shape = (1, hidden.shape[0], -1, self.head_dim)
+        return (attention.q_proj(hidden).view(shape).transpose(1, 2),
+                attention.k_proj(hidden).view(shape).transpose(1, 2),
+                attention.v_proj(hidden).view(shape).transpose(1, 2))
 
     def _attention(self, layer: int, attention: nn.Module, hidden: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
@@ -461,14 +495,11 @@ class QwenVLLanguageHalf(LanguageHalf):
         their slots with one index op each; then one attention call for the decode rows and
         one for the prefill chunks, both reading the cache through block tables."""
         count = hidden.shape[0]
-        shape = (1, count, -1, self.head_dim)
-        queries = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        queries, keys, values = self._project(attention, hidden)
         queries, keys = modeling_qwen2_vl.apply_rotary_pos_emb(queries, keys, *position_embeddings)
         key_slots, value_slots = cache.slots(layer)
         key_slots.index_copy_(0, batch.slots, keys[0].transpose(0, 1))
-        value_slots.index_copy_(0, batch.slots, attention.v_proj(hidden).view(count, -1,
-                                                                              self.head_dim))
+        value_slots.index_copy_(0, batch.slots, values[0].transpose(0, 1))
         queries = queries[0].transpose(0, 1)  # [n, heads, head_dim]
         decoded = batch.num_decode
         outputs = []

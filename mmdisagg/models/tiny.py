@@ -1,4 +1,5 @@
-"""``mmdisagg make-tiny-model``: a random-weight Qwen2-VL or Qwen2.5-VL checkpoint, built offline.
+"""``mmdisagg make-tiny-model``: a random-weight Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, built
+offline.
 
 Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
 trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
@@ -23,11 +25,16 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import logging as transformers_logging
 
-FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
+from mmdisagg.models.qwen3_vl import EXPERTS
+
+FAMILY_CONFIGS = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig,
+                  "qwen3_vl": Qwen3VLConfig, "qwen3_vl_moe": Qwen3VLMoeConfig}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
                   "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
                   "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
@@ -81,9 +88,13 @@ Les enfants jouent au parc. Der Hund läuft schnell. 猫がいます。 Café, n
 """
 # Ids up to here are the tokenizer's byte alphabet and merges; the special tokens follow.
 BPE_VOCAB_SIZE = 1024
-MIN_PIXELS = 28 * 28 * 4
-MAX_PIXELS = 28 * 28 * 64
-# Video frames are smaller still: 16 tokens per temporal patch at most.
+# Qwen2-VL and Qwen2.5-VL see 14-pixel patches, Qwen3-VL 16-pixel ones (normalized to [-1, 1]
+# rather than by CLIP's mean and std); every family merges 2x2 patches into one token. Images
+# are limited to 4..64 tokens.
+PATCH_SIZES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
+MIN_TOKENS, MAX_TOKENS = 4, 64
+MIN_PIXELS = 28 * 28 * MIN_TOKENS
+# Video frames (Qwen2-VL, Qwen2.5-VL) are smaller still: 16 tokens per temporal patch at most.
 VIDEO_PROCESSOR = {
     "video_processor_type": "Qwen2VLVideoProcessor",
     "size": {"shortest_edge": MIN_PIXELS, "longest_edge": 28 * 28 * 16},
@@ -137,11 +148,35 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
     finally:
         if progress_bars:
             transformers_logging.enable_progress_bar()
+    if family == "qwen3_vl_moe":
+        hub_experts_layout(path / "model.safetensors")
     tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
-    # NOTE: written by hand: transformers' video processor class needs torchvision to exist
-    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2))
+    build_image_processor(family).save_pretrained(path)
+    if not family.startswith("qwen3_vl"):  # Qwen3-VL video is not served yet
+        # NOTE: written by hand: transformers' video processor class needs torchvision to exist
+        (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR,
+                                                                        indent=2))
     return path
+
+
+def hub_experts_layout(file: Path) -> None:
+    """Qwen3-VL-MoE as released stores each layer's experts as ``[experts, in, out]``;
+    ``save_pretrained`` writes the module's ``[experts, out, in]``."""
+    tensors = load_file(file)
+    for name in [name for name in tensors if name.endswith(EXPERTS)]:
+        tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def build_image_processor(family: str) -> Qwen2VLImageProcessorPil:
+    patch = PATCH_SIZES[family]
+    token_pixels = (2 * patch) ** 2
+    if family.startswith("qwen3_vl"):
+        return Qwen2VLImageProcessorPil(
+            min_pixels=MIN_TOKENS * token_pixels, max_pixels=MAX_TOKENS * token_pixels,
+            patch_size=patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_TOKENS * token_pixels,
+                                    max_pixels=MAX_TOKENS * token_pixels)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -181,6 +216,22 @@ def build_config(family: str, size: Size, tokenizer: PreTrainedTokenizerFast) ->
         vision = {"depth": size.vision_depth, "embed_dim": size.vision_hidden,
                   "num_heads": size.vision_heads, "mlp_ratio": 2,
                   "hidden_size": size.text_hidden, "initializer_range": 0.2}
+    elif family.startswith("qwen3_vl"):
+        # Interleaved M-RoPE: h and w each take 5/16 of the rotary pairs, t the rest. The last
+        # (up to three) vision layers feed deepstack features to as many decoder layers.
+        spatial = rotary_pairs * 5 // 16
+        text["rope_parameters"]["mrope_section"] = [rotary_pairs - 2 * spatial, spatial, spatial]
+        text["rope_parameters"]["mrope_interleaved"] = True
+        text["head_dim"] = head_dim
+        vision = {"depth": size.vision_depth, "hidden_size": size.vision_hidden,
+                  "intermediate_size": 2 * size.vision_hidden, "num_heads": size.vision_heads,
+                  "out_hidden_size": size.text_hidden, "patch_size": PATCH_SIZES[family],
+                  "num_position_embeddings": 256,
+                  "deepstack_visual_indexes": list(range(size.vision_depth))[-3:],
+                  "initializer_range": 0.2}
+        if family == "qwen3_vl_moe":  # every decoder layer: 4 experts, 2 per token
+            text.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                        moe_intermediate_size=size.text_intermediate // 4, mlp_only_layers=[])
     elif family == "qwen2_5_vl":
         # window_size 56 px = 2x2 merged tokens, so images of 112 px and up use several windows
         vision = {"depth": size.vision_depth, "hidden_size": size.vision_hidden,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,12 +39,18 @@ class CheckpointWeights:
         return frozenset(self._file_of)
 
     def load_into(self, module: nn.Module, prefixes: Sequence[str], *, needed_by: str,
-                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, device: torch.device,
+                  converters: Mapping[str, Callable[[torch.Tensor, torch.Size], torch.Tensor]]
+                  | None = None) -> dict[str, torch.Tensor]:
         """Give every parameter and persistent buffer of ``module`` (which may live on the meta
         device) its tensor from the checkpoint, named ``prefix + name`` for the first prefix that
-        the checkpoint has. Returns checkpoint name -> tensor; raises MissingWeightError naming
-        the first tensor it cannot find."""
-        chosen = {name: self._find(name, prefixes, needed_by) for name in module.state_dict()}
+        the checkpoint has; ``converters``: tensor name suffix -> what turns the checkpoint's
+        tensor into one of the module's shape (a layout the Hub stores otherwise). Returns
+        checkpoint name -> tensor as held; raises MissingWeightError naming the first tensor it
+        cannot find."""
+        wanted = module.state_dict()
+        chosen = {name: self._find(name, prefixes, needed_by) for name in wanted}
+        shapes = {chosen[name]: tensor.shape for name, tensor in wanted.items()}
         by_file: dict[Path, list[str]] = defaultdict(list)
         for checkpoint_name in chosen.values():
             by_file[self._file_of[checkpoint_name]].append(checkpoint_name)
@@ -53,6 +59,9 @@ class CheckpointWeights:
             with safe_open(file, framework="pt", device=str(device)) as handle:
                 for name in names:
                     tensor = handle.get_tensor(name)
+                    for suffix, convert in (converters or {}).items():
+                        if name.endswith(suffix):
+                            tensor = convert(tensor, shapes[name]).contiguous()
                     loaded[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         module.load_state_dict({name: loaded[chosen[name]] for name in chosen}, assign=True)
         return loaded

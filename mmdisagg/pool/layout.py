@@ -6,8 +6,15 @@ The pool is one buffer: a header page, then three block-major arrays, each page 
     token_ids  [num_blocks, block_size]               int32
     positions  [num_blocks, block_size, 3]            int32 (M-RoPE t/h/w)
 
+and, for models with deepstack features (Qwen3-VL: visual features the decoder adds after its
+first ``deepstack_layers`` layers), a fourth:
+
+    deepstack  [num_blocks, block_size, deepstack_layers, hidden_size]  model dtype
+
 Block ``b`` of an array is the single byte range ``offset + b * block_bytes`` of length
-``block_bytes``, so one block is one memcpy or one RDMA write.
+``block_bytes``, so one block is one memcpy or one RDMA write. Only visual tokens use their
+deepstack rows: a chunk names its visual tokens as runs (``visual_runs``), and only those rows
+are copied, so a text token moves the same bytes whatever the model.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ DTYPES: dict[str, torch.dtype] = {
 TOKEN_DTYPE = torch.int32
 POSITION_DTYPE = torch.int32
 ARRAYS = ("embeddings", "token_ids", "positions")
+DEEPSTACK = "deepstack"
+
+# (first token, count) runs of a chunk's visual tokens, counted from the chunk's first token.
+Runs = Sequence[tuple[int, int]]
 
 
 def _page_align(n: int) -> int:
@@ -40,12 +51,39 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported embedding dtype {dtype}; use one of {', '.join(DTYPES)}")
 
 
+def runs_problem(runs: Runs, num_tokens: int) -> str | None:
+    """Why ``runs`` are not sorted, disjoint, non-empty runs inside ``num_tokens`` tokens, or
+    None."""
+    end = 0
+    for first, count in runs:
+        if first < end or count <= 0 or first + count > num_tokens:
+            return f"visual runs {list(runs)[:8]} are not ordered runs within {num_tokens} tokens"
+        end = first + count
+    return None
+
+
+def runs_within(runs: Runs, start: int, num_tokens: int) -> list[tuple[int, int]]:
+    """The parts of ``runs`` (of a whole prompt) inside tokens ``[start, start + num_tokens)``,
+    counted from ``start``."""
+    clipped = []
+    for first, count in runs:
+        lo, hi = max(first, start), min(first + count, start + num_tokens)
+        if lo < hi:
+            clipped.append((lo - start, hi - lo))
+    return clipped
+
+
+def run_tokens(runs: Runs) -> int:
+    return sum(count for _, count in runs)
+
+
 @dataclass(frozen=True)
 class PoolLayout:
     num_blocks: int
     block_size: int
     hidden_size: int
     dtype: str
+    deepstack_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -54,6 +92,13 @@ class PoolLayout:
         for name in ("num_blocks", "block_size", "hidden_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pool layout {name} must be > 0, got {getattr(self, name)}")
+        if self.deepstack_layers < 0:
+            raise ValueError(f"pool layout deepstack_layers must be >= 0, got "
+                             f"{self.deepstack_layers}")
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return (*ARRAYS, DEEPSTACK) if self.deepstack_layers else ARRAYS
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,18 +110,26 @@ class PoolLayout:
 
     @property
     def token_bytes(self) -> int:
-        """Bytes one token occupies across the three arrays."""
+        """Bytes a text token moves: its embedding, token id and positions."""
         return self.hidden_size * self.itemsize + 4 + 12
+
+    @property
+    def deepstack_bytes(self) -> int:
+        """Bytes a visual token moves on top of ``token_bytes``."""
+        return self.deepstack_layers * self.hidden_size * self.itemsize
+
+    def chunk_bytes(self, num_tokens: int, visual_runs: Runs = ()) -> int:
+        return num_tokens * self.token_bytes + run_tokens(visual_runs) * self.deepstack_bytes
 
     def block_bytes(self, array: str) -> int:
         per_token = {"embeddings": self.hidden_size * self.itemsize, "token_ids": 4,
-                     "positions": 12}[array]
+                     "positions": 12, DEEPSTACK: self.deepstack_bytes}[array]
         return self.block_size * per_token
 
     def offset(self, array: str) -> int:
         """Byte offset of block 0 of ``array`` from the start of the buffer."""
         at = HEADER_BYTES
-        for name in ARRAYS:
+        for name in self.arrays:
             if name == array:
                 return at
             at = _page_align(at + self.num_blocks * self.block_bytes(name))
@@ -104,27 +157,36 @@ class PoolLayout:
             yield blocks[token // bs], token % bs, done, count
             done += count
 
-    def byte_ranges(self, blocks: Sequence[int], start_token: int,
-                    num_tokens: int) -> list[tuple[int, int]]:
+    def byte_ranges(self, blocks: Sequence[int], start_token: int, num_tokens: int,
+                    visual_runs: Runs = ()) -> list[tuple[int, int]]:
         """(offset, length) of those tokens in the buffer: embeddings, then token ids, then
-        positions. This order is the wire order of a chunk on every data plane."""
+        positions, then the deepstack rows of the tokens in ``visual_runs`` (counted from
+        ``start_token``). This order is the wire order of a chunk on every data plane."""
+        problem = runs_problem(visual_runs, num_tokens)
+        if problem or (visual_runs and not self.deepstack_layers):
+            raise IndexError(problem or "visual runs for a pool without deepstack rows")
         spans = list(self.token_spans(blocks, start_token, num_tokens))
         ranges = []
         for array in ARRAYS:
-            base, per_token = self.offset(array), self.block_bytes(array) // self.block_size
-            for block, first, _, count in spans:
-                ranges.append((base + (block * self.block_size + first) * per_token,
-                               count * per_token))
+            ranges.extend(self._array_ranges(array, spans))
+        for first, count in visual_runs:
+            ranges.extend(self._array_ranges(DEEPSTACK, self.token_spans(
+                blocks, start_token + first, count)))
         return ranges
+
+    def _array_ranges(self, array: str, spans) -> Iterator[tuple[int, int]]:
+        base, per_token = self.offset(array), self.block_bytes(array) // self.block_size
+        for block, first, _, count in spans:
+            yield base + (block * self.block_size + first) * per_token, count * per_token
 
     @property
     def total_bytes(self) -> int:
-        last = ARRAYS[-1]
+        last = self.arrays[-1]
         return _page_align(self.offset(last) + self.num_blocks * self.block_bytes(last))
 
     def mismatch(self, other: PoolLayout) -> str | None:
         """Why two pools cannot exchange blocks, or None. Block counts may differ."""
-        for name in ("block_size", "hidden_size", "dtype"):
+        for name in ("block_size", "hidden_size", "dtype", "deepstack_layers"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"pool layout mismatch: {name} {mine} here vs {theirs} at the peer"
@@ -136,7 +198,8 @@ class PoolLayout:
     @classmethod
     def from_dict(cls, data: dict) -> PoolLayout:
         return cls(**{name: data[name] for name in ("num_blocks", "block_size", "hidden_size",
-                                                     "dtype")})
+                                                     "dtype")},
+                   deepstack_layers=data.get("deepstack_layers", 0))
 
 
 def split_to_match(a: list[tuple[int, int]], b: list[tuple[int, int]]):
@@ -160,8 +223,8 @@ def split_to_match(a: list[tuple[int, int]], b: list[tuple[int, int]]):
 
 
 def paired_ranges(src: PoolLayout, src_blocks: Sequence[int], src_start: int, dst: PoolLayout,
-                  dst_blocks: Sequence[int], dst_start: int,
-                  num_tokens: int) -> list[tuple[int, int, int]]:
+                  dst_blocks: Sequence[int], dst_start: int, num_tokens: int,
+                  visual_runs: Runs = ()) -> list[tuple[int, int, int]]:
     """(source offset, destination offset, length) runs that copy those tokens from one pool
     into another, in wire order. Runs adjacent on both sides are merged, so blocks that happen
     to be neighbours in both pools cost one write (one RDMA work request), not one per block."""
@@ -169,8 +232,8 @@ def paired_ranges(src: PoolLayout, src_blocks: Sequence[int], src_start: int, ds
     if num_tokens == 0:
         return runs
     for (src_at, size), (dst_at, _) in zip(*split_to_match(
-            src.byte_ranges(src_blocks, src_start, num_tokens),
-            dst.byte_ranges(dst_blocks, dst_start, num_tokens)), strict=True):
+            src.byte_ranges(src_blocks, src_start, num_tokens, visual_runs),
+            dst.byte_ranges(dst_blocks, dst_start, num_tokens, visual_runs)), strict=True):
         if runs and runs[-1][0] + runs[-1][2] == src_at and runs[-1][1] + runs[-1][2] == dst_at:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + size)
         else:

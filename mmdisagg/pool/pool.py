@@ -14,8 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
+from mmdisagg.core import EncodedPrompt
 from mmdisagg.pool.allocator import Allocation, BlockAllocator
-from mmdisagg.pool.layout import POSITION_DTYPE, TOKEN_DTYPE, PoolLayout, split_to_match
+from mmdisagg.pool.layout import (
+    DEEPSTACK,
+    POSITION_DTYPE,
+    TOKEN_DTYPE,
+    PoolLayout,
+    Runs,
+    run_tokens,
+    split_to_match,
+)
 from mmdisagg.pool.shm import SharedSegment
 
 BACKINGS = ("process", "shm")
@@ -67,6 +76,8 @@ class PoolArrays:
         self.embeddings = view("embeddings", layout.torch_dtype, (n, bs, h))
         self.token_ids = view("token_ids", TOKEN_DTYPE, (n, bs))
         self.positions = view("positions", POSITION_DTYPE, (n, bs, 3))
+        self.deepstack = view(DEEPSTACK, layout.torch_dtype, (
+            n, bs, layout.deepstack_layers, h)) if layout.deepstack_layers else None
 
     @classmethod
     def in_process(cls, layout: PoolLayout, pin: bool = False) -> PoolArrays:
@@ -101,6 +112,34 @@ class PoolArrays:
             self.token_ids[block, offset: offset + count].copy_(token_ids[at: at + count])
             self.positions[block, offset: offset + count].copy_(positions[at: at + count])
 
+    def write_deepstack(self, blocks: Sequence[int], start_token: int, visual_runs: Runs,
+                        rows: torch.Tensor) -> None:
+        """Scatter ``rows [visual tokens, deepstack_layers, hidden]`` into the deepstack rows of
+        the tokens in ``visual_runs`` (counted from ``start_token``), in order."""
+        expected = (run_tokens(visual_runs), self.layout.deepstack_layers, self.layout.hidden_size)
+        if self.deepstack is None or rows.shape != expected:
+            raise ValueError(f"expected deepstack rows {list(expected)} for a pool with "
+                             f"{self.layout.deepstack_layers} deepstack layers, got "
+                             f"{list(rows.shape)}")
+        at = 0
+        for first, count in visual_runs:
+            for block, offset, _, n in self.layout.token_spans(blocks, start_token + first, count):
+                self.deepstack[block, offset: offset + n].copy_(rows[at: at + n])
+                at += n
+
+    def read_deepstack(self, blocks: Sequence[int], start_token: int,
+                       visual_runs: Runs) -> torch.Tensor:
+        """Gather the deepstack rows of the tokens in ``visual_runs``: ``[visual tokens,
+        deepstack_layers, hidden]``."""
+        out = torch.empty(run_tokens(visual_runs), self.layout.deepstack_layers,
+                          self.layout.hidden_size, dtype=self.layout.torch_dtype)
+        at = 0
+        for first, count in visual_runs:
+            for block, offset, _, n in self.layout.token_spans(blocks, start_token + first, count):
+                out[at: at + n].copy_(self.deepstack[block, offset: offset + n])
+                at += n
+        return out
+
     def read(self, blocks: Sequence[int], num_tokens: int, start_token: int = 0,
              out: Gathered | None = None) -> Gathered:
         """Gather ``num_tokens`` tokens from ``blocks`` starting at token ``start_token``."""
@@ -117,12 +156,14 @@ class PoolArrays:
         return out
 
     def copy_to(self, dst: PoolArrays, src_blocks: Sequence[int], src_start: int,
-                dst_blocks: Sequence[int], dst_start: int, num_tokens: int) -> None:
-        """Copy tokens block to block into another pool of the same layout (the shm plane)."""
+                dst_blocks: Sequence[int], dst_start: int, num_tokens: int,
+                visual_runs: Runs = ()) -> None:
+        """Copy tokens block to block into another pool of the same layout (the shm plane),
+        with the deepstack rows of those in ``visual_runs`` (counted from the first)."""
         if num_tokens == 0:
             return
-        src_ranges = self.layout.byte_ranges(src_blocks, src_start, num_tokens)
-        dst_ranges = dst.layout.byte_ranges(dst_blocks, dst_start, num_tokens)
+        src_ranges = self.layout.byte_ranges(src_blocks, src_start, num_tokens, visual_runs)
+        dst_ranges = dst.layout.byte_ranges(dst_blocks, dst_start, num_tokens, visual_runs)
         src_ranges, dst_ranges = split_to_match(src_ranges, dst_ranges)
         # NOTE: ranges come from both layouts, whose buffers were size-checked when created
         # or attached. libc memmove (ctypes releases the GIL) runs at memcpy speed even on
@@ -133,7 +174,7 @@ class PoolArrays:
 
     def close(self) -> None:
         """Drop the views and, for a segment, unmap it (its owner also unlinks it)."""
-        del self.embeddings, self.token_ids, self.positions, self.buffer
+        del self.embeddings, self.token_ids, self.positions, self.deepstack, self.buffer
         if self.segment is not None:
             self.segment.close()
 
@@ -153,6 +194,25 @@ class EmbeddingPool:
     def write(self, allocation: Allocation, start_token: int, embeddings: torch.Tensor,
               token_ids: torch.Tensor, positions: torch.Tensor) -> None:
         self.arrays.write(allocation.blocks, start_token, embeddings, token_ids, positions)
+
+    def write_prompt(self, allocation: Allocation, prompt: EncodedPrompt,
+                     first_token: int = 0) -> list[tuple[int, int]]:
+        """Write a whole prompt (from ``first_token`` on: the receiver holds the rest),
+        deepstack rows included; return its visual runs (what the sender needs to send those
+        rows)."""
+        if first_token:
+            if prompt.deepstack is not None:
+                raise ValueError("prompts with deepstack features are not prefix-cached")
+            rows = slice(first_token, None)
+            self.write(allocation, first_token, prompt.embeddings[rows], prompt.token_ids[rows],
+                       prompt.positions[rows])
+            return []
+        self.write(allocation, 0, prompt.embeddings, prompt.token_ids, prompt.positions)
+        runs = prompt.visual_runs()
+        if runs:
+            self.arrays.write_deepstack(allocation.blocks, 0, runs,
+                                        prompt.deepstack.transpose(0, 1))
+        return runs
 
     def read(self, allocation: Allocation, num_tokens: int, start_token: int = 0) -> Gathered:
         return self.arrays.read(allocation.blocks, num_tokens, start_token)

@@ -57,14 +57,19 @@ class Cached(msgspec.Struct, tag="cached", frozen=True):
     tokens: int
 
 
-class ChunkDone(msgspec.Struct, tag="chunk", frozen=True):
-    """Sender -> receiver: these tokens are in place in the window starting at ``start_token``."""
+class ChunkDone(msgspec.Struct, tag="chunk", frozen=True, omit_defaults=True):
+    """Sender -> receiver: these tokens are in place in the window starting at ``start_token``.
+
+    ``visual_runs``: (first, count) runs of those tokens, counted from ``start_token``, whose
+    deepstack rows came too (pools with deepstack rows only; empty, and not on the wire, for
+    text)."""
 
     room: int
     start_token: int
     num_tokens: int
     total_tokens: int
     mrope_delta: int
+    visual_runs: tuple[tuple[int, int], ...] = ()
 
 
 class Received(msgspec.Struct, tag="received", frozen=True):

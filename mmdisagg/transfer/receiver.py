@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixCache, PrefixHit
+from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixCache, PrefixHit, runs_mask
 from mmdisagg.pool.allocator import Allocation
+from mmdisagg.pool.layout import runs_problem
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
 from mmdisagg.transfer.bootstrap import BootstrapRefused, register_with
 from mmdisagg.transfer.manager import Peer, RoomTransfer, TransferManager
@@ -53,6 +54,7 @@ class OfferedWindow:
     allocation: Allocation | None  # None once spilled
     filled: int = 0
     landing: bool = False
+    visual_runs: tuple[tuple[int, int], ...] = ()  # of the filled tokens, from ``start``
 
     @property
     def end(self) -> int:
@@ -75,6 +77,8 @@ class EmbeddingReceiver(RoomTransfer):
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
+        # window start -> its visual runs (from that start) and their deepstack rows
+        self.deepstack: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
         self.created = self.waiting_since = self.last_progress = time.monotonic()
         self.release_by: float | None = None  # set while quarantined
         self.started = False  # its first window is offered
@@ -230,9 +234,25 @@ class ReceiverManager(TransferManager):
             for window in windows:
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
-        return EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
-                             receiver.mrope_delta, prefix, receiver.first_token,
-                             receiver.block_hashes)
+        prompt = EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
+                               receiver.mrope_delta, prefix=prefix,
+                               first_token=receiver.first_token,
+                               block_hashes=receiver.block_hashes)
+        if self.pool.layout.deepstack_layers:
+            self._attach_deepstack(receiver, prompt)
+        return prompt
+
+    def _attach_deepstack(self, receiver: EmbeddingReceiver, prompt: EncodedPrompt) -> None:
+        """The visual mask and ``[layers, visual tokens, hidden]`` rows, in token order."""
+        layout = self.pool.layout
+        starts = sorted(receiver.deepstack)
+        runs = [(start + first, count) for start in starts
+                for first, count in receiver.deepstack[start][0]]
+        rows = [receiver.deepstack[start][1] for start in starts]
+        receiver.deepstack = {}
+        prompt.visual_mask = runs_mask(runs, prompt.total_tokens)
+        prompt.deepstack = torch.cat(rows).transpose(0, 1) if rows else torch.empty(
+            layout.deepstack_layers, 0, layout.hidden_size, dtype=layout.torch_dtype)
 
     # -- offering windows -----------------------------------------------------------------
 
@@ -414,6 +434,11 @@ class ReceiverManager(TransferManager):
         if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
                                f"room {room}; its window takes {expected} of {total}")
+        problem = runs_problem(notice.visual_runs, expected)
+        if problem is None and notice.visual_runs and not self.pool.layout.deepstack_layers:
+            problem = "visual runs for a pool without deepstack rows"
+        if problem:
+            raise ChunkRefused(f"chunk at token {notice.start_token} of room {room}: {problem}")
         if blocks is not None:
             used = window.allocation.blocks[: self.pool.allocator.blocks_for(expected)]
             if list(blocks) != list(used):
@@ -424,12 +449,13 @@ class ReceiverManager(TransferManager):
     def _landed(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                 notice: ChunkDone) -> None:
         window.filled = notice.num_tokens
+        window.visual_runs = notice.visual_runs
         receiver.total_tokens = notice.total_tokens
         receiver.mrope_delta = notice.mrope_delta
         receiver.sent_tokens = notice.start_token + notice.num_tokens
         receiver.last_progress = time.monotonic()
         self.stats.chunks += 1
-        self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
+        self.stats.bytes += self.pool.layout.chunk_bytes(notice.num_tokens, notice.visual_runs)
         if receiver.sent_tokens == receiver.total_tokens:
             receiver._end(Poll.Success)
             self.stats.rooms_succeeded += 1
@@ -472,8 +498,12 @@ class ReceiverManager(TransferManager):
                   out: Gathered) -> None:
         start = window.start - receiver.first_token
         span = slice(start, start + window.filled)
-        self.pool.arrays.read(window.allocation.blocks, window.filled, out=Gathered(
+        blocks = window.allocation.blocks
+        self.pool.arrays.read(blocks, window.filled, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))
+        if window.visual_runs:
+            receiver.deepstack[window.start] = (window.visual_runs, self.pool.arrays.read_deepstack(
+                blocks, 0, window.visual_runs))
 
     def _fail(self, receiver: EmbeddingReceiver, reason: str, notify: bool) -> None:
         """``notify``: tell the sender, and keep unfilled blocks until it confirms."""
@@ -487,6 +517,7 @@ class ReceiverManager(TransferManager):
         self._pending.pop(receiver.room, None)
         self._finished(receiver.room)
         receiver.staged = None
+        receiver.deepstack = {}
         if receiver.peer is not None:
             receiver.peer.rooms.discard(receiver.room)
         waits_for_sender = notify and receiver.peer is not None
@@ -515,6 +546,7 @@ class ReceiverManager(TransferManager):
                 self.pool.allocator.free(window.allocation)
         receiver.windows = []
         receiver.staged = None
+        receiver.deepstack = {}
         self._retry_pending()
 
     def _unpin(self, receiver: EmbeddingReceiver) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.messages import LANGUAGE_ABORT
 from mmdisagg.pool.allocator import Allocation
-from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.layout import PoolLayout, Runs, runs_within
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.bootstrap import BootstrapRefused, BootstrapServer
 from mmdisagg.transfer.manager import Peer, RoomTransfer, TransferManager
@@ -54,6 +54,7 @@ class EmbeddingSender(RoomTransfer):
         self.first_token = 0
         self.sent_tokens = 0
         self.mrope_delta = 0
+        self.visual_runs: Runs = ()
         self.peer: Peer | None = None
         self.windows: dict[int, Window] = {}
         self.source: Allocation | None = None
@@ -70,10 +71,11 @@ class EmbeddingSender(RoomTransfer):
         say which of them it already holds (``cached_tokens``)."""
         self._manager._announce(self, total_tokens, block_hashes or [])
 
-    def send(self, source: Allocation, mrope_delta: int) -> None:
-        """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0).
-        Non-blocking; the sender owns ``source`` from now on and frees it on every path."""
-        self._manager._send(self, source, mrope_delta)
+    def send(self, source: Allocation, mrope_delta: int, visual_runs: Runs = ()) -> None:
+        """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0),
+        with the deepstack rows of the tokens in ``visual_runs``. Non-blocking; the sender owns
+        ``source`` from now on and frees it on every path."""
+        self._manager._send(self, source, mrope_delta, visual_runs)
 
     def abort(self, reason: str = "aborted by the encode server") -> None:
         self._manager._abort(self, reason)
@@ -367,7 +369,8 @@ class SenderManager(TransferManager):
         sender.sent_tokens = first
         self._pump(sender)
 
-    def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int) -> None:
+    def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int,
+              visual_runs: Runs) -> None:
         with self._lock:
             if sender.source is not None:
                 raise ValueError(f"room {sender.room} was already sent")
@@ -379,8 +382,11 @@ class SenderManager(TransferManager):
             if source.allocated_tokens < sender.total_tokens:
                 raise ValueError(f"source holds {source.allocated_tokens} tokens, room "
                                  f"{sender.room} has {sender.total_tokens}")
+            if visual_runs and not self.pool.layout.deepstack_layers:
+                raise ValueError(f"room {sender.room} has deepstack rows; this pool has none")
             sender.source = source
             sender.mrope_delta = mrope_delta
+            sender.visual_runs = visual_runs
             sender.last_progress = time.monotonic()
             if sender.peer is not None:
                 sender.state = Poll.Transferring
@@ -410,8 +416,9 @@ class SenderManager(TransferManager):
         # written; writes to one receiver are serialized, so releasing here is as safe.
         self._unclaim(sender, [window])
         sender.writing = True
-        writer.submit(sender, window, ChunkDone(sender.room, window.start_token, num_tokens,
-                                                sender.total_tokens, sender.mrope_delta))
+        writer.submit(sender, window, ChunkDone(
+            sender.room, window.start_token, num_tokens, sender.total_tokens, sender.mrope_delta,
+            tuple(runs_within(sender.visual_runs, window.start_token, num_tokens))))
 
     def _written(self, sender: EmbeddingSender, window: Window, notice: ChunkDone,
                  error: str | None, seconds: float) -> None:
@@ -423,7 +430,8 @@ class SenderManager(TransferManager):
                 sender.sent_tokens += notice.num_tokens
                 sender.last_progress = time.monotonic()
                 self.stats.chunks += 1
-                self.stats.bytes += notice.num_tokens * self.pool.layout.token_bytes
+                self.stats.bytes += self.pool.layout.chunk_bytes(notice.num_tokens,
+                                                                 notice.visual_runs)
                 self.stats.seconds += seconds
             if sender.state == Poll.Failed:
                 return self._release(sender)

@@ -46,3 +46,14 @@ def test_bench_transfer_refuses_a_resume_prompt_within_one_window() -> None:
                            "--resume-tokens", "300"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "longer than its first window (1024 tokens)" in done.stderr
+
+
+def test_bench_transfer_deepstack_counts_the_rows_of_image_tokens_only(tmp_path: Path) -> None:
+    result = bench(tmp_path, "transfer", "--deepstack-layers", "3", "--hidden-size", "64",
+                   "--repeat", "3", "--backends", "shm", "tcp", "--resume-tokens", "1200")
+    text = 64 * 2 + 4 + 12  # bfloat16 embedding, token id, 3 positions
+    for row in result["rows"]:
+        assert row["text_today_B_per_token"] == row["text_B_per_token"] == text, row
+        assert row["image_B_per_token"] == text + 3 * 64 * 2, row
+        assert measured(row["image_ms"]), row
+    assert [row["backend"] for row in result["rows"]] == ["shm", "tcp"]

@@ -64,7 +64,7 @@ def test_chat_template_is_qwen_style() -> None:
                       "<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("size, hidden, layers", [("small", 512, 4), ("medium", 1024, 8)])
 def test_larger_sizes(family: str, size: str, hidden: int, layers: int) -> None:
     config = build_config(family, SIZES[size], build_tokenizer())

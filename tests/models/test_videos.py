@@ -25,6 +25,7 @@ from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.videos import VideoRules, load_video
 from tests.models.fixtures import (
+    VIDEO_FAMILIES,
     TinyModel,
     data_url,
     generate_on,
@@ -61,6 +62,17 @@ CASES = {
                                               video_part(30, 56, 84, fps=3, seed=5)),
                                          max_video_frames=6),
 }
+
+
+@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+def tiny(request: pytest.FixtureRequest, tiny_models: dict[str, TinyModel]) -> TinyModel:
+    """The families that take videos (this module's tests run once for each)."""
+    return tiny_models[request.param]
+
+
+def test_qwen3_vl_refuses_videos_readably(tiny_models: dict[str, TinyModel]) -> None:
+    with pytest.raises(InputError, match="video 1: video input is not served for Qwen3-VL"):
+        tiny_models["qwen3_vl"].encoder.prepare(CASES["short video"].messages)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmdisagg.pool.allocator import Allocation
-from mmdisagg.pool.layout import PoolLayout, paired_ranges
+from mmdisagg.pool.layout import PoolLayout, paired_ranges, runs_within
 from mmdisagg.pool.pool import EmbeddingPool
 
 BLOCK = 128
@@ -207,3 +207,72 @@ def test_fast_copy_tunable_keeps_other_tunables():
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{FAST_COPY_TUNABLE}"
     mine = "glibc.cpu.x86_non_temporal_threshold=0x1000"
     assert with_fast_copies({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"] == mine
+
+
+# -- deepstack rows (Qwen3-VL) ------------------------------------------------------------
+
+DEEPSTACK = PoolLayout(num_blocks=12, block_size=BLOCK, hidden_size=8, dtype="float16",
+                       deepstack_layers=3)
+
+
+def test_deepstack_array_only_when_the_model_has_it():
+    plain = PoolLayout(num_blocks=12, block_size=BLOCK, hidden_size=8, dtype="float16")
+    assert "deepstack" not in plain.arrays and EmbeddingPool(plain).arrays.deepstack is None
+    assert DEEPSTACK.arrays[-1] == "deepstack"
+    assert DEEPSTACK.deepstack_bytes == 3 * 8 * 2
+    assert DEEPSTACK.total_bytes >= plain.total_bytes + 12 * BLOCK * DEEPSTACK.deepstack_bytes
+    assert DEEPSTACK.mismatch(plain) == "pool layout mismatch: deepstack_layers 3 here vs 0 at " \
+                                        "the peer"
+    assert PoolLayout.from_dict(DEEPSTACK.to_dict()) == DEEPSTACK
+    # text tokens move what they move without deepstack rows: same ranges, same bytes
+    assert DEEPSTACK.byte_ranges([4, 1], 0, 200) == [
+        (DEEPSTACK.offset(a) + at - plain.offset(a), size)
+        for a, (at, size) in zip([a for a in plain.arrays for _ in range(2)],
+                                 plain.byte_ranges([4, 1], 0, 200), strict=True)]
+    assert DEEPSTACK.chunk_bytes(200) == plain.chunk_bytes(200) == 200 * plain.token_bytes
+
+
+@pytest.mark.parametrize("runs", [[(0, 1), (5, 3)], [(120, 20)], [(199, 1)], []])
+def test_deepstack_rows_of_visual_runs_round_trip_and_copy(runs):
+    src, dst = EmbeddingPool(DEEPSTACK), EmbeddingPool(DEEPSTACK, backing="shm")
+    try:
+        src_blocks, dst_blocks = [7, 2, 9], [3, 0]
+        tokens = make_tokens(3 * BLOCK, 8, seed=9, dtype=torch.float16)
+        src.arrays.write(src_blocks, 0, *tokens)
+        visual = sum(count for _, count in runs)
+        rows = torch.randn(visual, 3, 8).to(torch.float16)
+        start = BLOCK  # the chunk is tokens [128, 328) of the prompt
+        src.arrays.write_deepstack(src_blocks, start, runs, rows)
+        assert torch.equal(src.arrays.read_deepstack(src_blocks, start, runs), rows)
+        src.arrays.copy_to(dst.arrays, src_blocks, start, dst_blocks, 0, 200, runs)
+        assert torch.equal(dst.arrays.read_deepstack(dst_blocks, 0, runs), rows)
+        got = dst.arrays.read(dst_blocks, 200)
+        assert torch.equal(got.embeddings, tokens[0][start: start + 200])
+        assert int(dst.arrays.deepstack.flatten(2).any(dim=2).sum()) == visual  # only theirs
+        moved = sum(size for *_, size in paired_ranges(DEEPSTACK, src_blocks, start, DEEPSTACK,
+                                                        dst_blocks, 0, 200, runs))
+        assert moved == DEEPSTACK.chunk_bytes(200, runs)
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("runs", [[(5, 3), (0, 1)], [(0, 0)], [(190, 20)], [(-1, 2)],
+                                  [(3, 4), (6, 1)]])
+def test_bad_visual_runs_are_refused(runs):
+    with pytest.raises(IndexError, match="visual runs"):
+        DEEPSTACK.byte_ranges([0, 1], 0, 200, runs)
+
+
+def test_visual_runs_need_a_deepstack_pool():
+    plain = PoolLayout(num_blocks=2, block_size=BLOCK, hidden_size=8, dtype="float16")
+    with pytest.raises(IndexError, match="without deepstack rows"):
+        plain.byte_ranges([0, 1], 0, 200, [(0, 1)])
+
+
+def test_runs_within_clips_a_prompts_runs_to_a_window():
+    prompt_runs = [(10, 20), (100, 200), (400, 5)]
+    assert runs_within(prompt_runs, 0, 128) == [(10, 20), (100, 28)]
+    assert runs_within(prompt_runs, 128, 256) == [(0, 172)]
+    assert runs_within(prompt_runs, 384, 128) == [(16, 5)]
+    assert runs_within(prompt_runs, 512, 128) == []

@@ -17,7 +17,7 @@ import time
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import HASH_BLOCK_TOKENS, PrefixHit, block_hashes
+from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixHit, block_hashes
 from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
@@ -28,17 +28,38 @@ from mmdisagg.transfer.sender import SenderManager
 torch.set_num_threads(1)
 
 
-def make_prompt(room: int, total: int, hidden: int, dtype: torch.dtype):
+def make_prompt(room: int, total: int, layout: PoolLayout) -> EncodedPrompt:
+    """The room's prompt. With deepstack rows in the pool, an odd room has up to three runs of
+    visual tokens (an even one is text only), each with its own rows."""
     gen = torch.Generator().manual_seed(room)
-    return (torch.randn(total, hidden, generator=gen).to(dtype),
-            torch.randint(0, 150_000, (total,), generator=gen),
-            torch.randint(0, 100_000, (total, 3), generator=gen),
-            int(torch.randint(-1000, 1000, (1,), generator=gen)))
+    prompt = EncodedPrompt(torch.randn(total, layout.hidden_size, generator=gen).to(
+        layout.torch_dtype), torch.randint(0, 150_000, (total,), generator=gen),
+        torch.randint(0, 100_000, (total, 3), generator=gen),
+        int(torch.randint(-1000, 1000, (1,), generator=gen)))
+    if layout.deepstack_layers:
+        prompt.visual_mask = torch.zeros(total, dtype=torch.bool)
+        for _ in range(3 if room % 2 else 0):
+            first = int(torch.randint(0, total, (1,), generator=gen))
+            prompt.visual_mask[first: first + int(torch.randint(1, total // 3 + 2, (1,),
+                                                                 generator=gen))] = True
+        prompt.deepstack = torch.randn(layout.deepstack_layers, int(prompt.visual_mask.sum()),
+                                       layout.hidden_size, generator=gen).to(layout.torch_dtype)
+    return prompt
 
 
-def prompt_hashes(room: int, total: int) -> list[bytes]:
-    _, ids, _, _ = make_prompt(room, total, 1, torch.float32)
-    return block_hashes(ids.tolist())
+def same_prompt(got: EncodedPrompt, expected: EncodedPrompt) -> bool:
+    same = (torch.equal(got.embeddings, expected.embeddings)
+            and torch.equal(got.token_ids, expected.token_ids)
+            and torch.equal(got.positions, expected.positions)
+            and got.mrope_delta == expected.mrope_delta)
+    if expected.deepstack is None:
+        return same and got.deepstack is None and got.visual_mask is None
+    return (same and torch.equal(got.visual_mask, expected.visual_mask)
+            and torch.equal(got.deepstack, expected.deepstack))
+
+
+def prompt_hashes(room: int, total: int, layout: PoolLayout) -> list[bytes]:
+    return block_hashes(make_prompt(room, total, layout).token_ids.tolist())
 
 
 class HeldPrefixes:
@@ -74,7 +95,7 @@ class SendTask:
         self.room = cmd["room"]
         self.sender = manager.create_sender(self.room)
         self.total = cmd["total"]
-        self.sender.announce(self.total, prompt_hashes(self.room, self.total))
+        self.sender.announce(self.total, prompt_hashes(self.room, self.total, manager.pool.layout))
         emit({"event": "announced", "room": self.room})
         # "hold": the "vision work" lasts until a "go" command
         self.send_at = float("inf") if cmd.get("hold") else time.monotonic() + cmd.get(
@@ -90,10 +111,9 @@ class SendTask:
         if not self.sent and time.monotonic() >= self.send_at:
             source = pool.allocator.alloc(self.total)
             if source is not None:
-                emb, ids, pos, delta = make_prompt(self.room, self.total, pool.layout.hidden_size,
-                                                   pool.layout.torch_dtype)
-                pool.write(source, 0, emb, ids, pos)
-                self.sender.send(source, delta)
+                prompt = make_prompt(self.room, self.total, pool.layout)
+                runs = pool.write_prompt(source, prompt)
+                self.sender.send(source, prompt.mrope_delta, runs)
                 self.sent = True
         kill_after = self.cmd.get("kill_after_tokens")
         if kill_after is not None and self.sender.sent_tokens >= kill_after:
@@ -139,13 +159,13 @@ class RecvTask:
         return False
 
     def finish(self) -> None:
-        layout = self.manager.pool.layout
         got = self.receiver.take()
-        emb, ids, pos, delta = make_prompt(self.room, got.prompt_tokens, layout.hidden_size,
-                                           layout.torch_dtype)
-        skip = got.first_token
-        exact = (torch.equal(got.embeddings, emb[skip:]) and torch.equal(got.token_ids, ids[skip:])
-                 and torch.equal(got.positions, pos[skip:]) and got.mrope_delta == delta)
+        expected = make_prompt(self.room, got.prompt_tokens, self.manager.pool.layout)
+        skip = got.first_token  # the rows before it were never sent: the receiver held them
+        if skip:
+            expected = EncodedPrompt(expected.embeddings[skip:], expected.token_ids[skip:],
+                                     expected.positions[skip:], expected.mrope_delta)
+        exact = same_prompt(got, expected)
         if got.prefix is not None:
             self.manager.prefix_cache.release(got.prefix)
         emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
@@ -195,7 +215,7 @@ def main() -> None:
             elif op == "release":
                 held.pop(cmd["room"]).finish()
             elif op == "cache":
-                hashes = prompt_hashes(cmd["room"], cmd["total"])
+                hashes = prompt_hashes(cmd["room"], cmd["total"], layout)
                 manager.prefix_cache.held.update(hashes[: cmd["tokens"] // HASH_BLOCK_TOKENS])
             elif op == "go" and cmd["room"] in tasks:  # (a room that failed is gone)
                 tasks[cmd["room"]].send_at = time.monotonic()

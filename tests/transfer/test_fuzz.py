@@ -60,8 +60,9 @@ def fuzz_settings(examples: int) -> settings:
 TOKEN = "fuzz-secret"
 TAGS = ["window", "announce", "cached", "chunk", "received", "abort", "heartbeat"]
 FIELDS = ["room", "start_token", "blocks", "allocated_tokens", "total_tokens", "num_tokens",
-          "mrope_delta", "reason", "block_hashes", "tokens"]
+          "mrope_delta", "visual_runs", "reason", "block_hashes", "tokens"]
 MSGPACK_INTS = st.integers(-(2**63), 2**64 - 1)
+RUNS = st.lists(st.tuples(MSGPACK_INTS, MSGPACK_INTS), max_size=3).map(tuple)
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | MSGPACK_INTS | st.floats() | st.text() | st.binary(),
@@ -74,7 +75,8 @@ messages = st.one_of(
               MSGPACK_INTS),
     st.builds(Announce, MSGPACK_INTS, MSGPACK_INTS, st.lists(st.binary(max_size=20), max_size=4)),
     st.builds(Cached, MSGPACK_INTS, MSGPACK_INTS),
-    st.builds(ChunkDone, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS),
+    st.builds(ChunkDone, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS, MSGPACK_INTS,
+              RUNS),
     st.builds(Received, MSGPACK_INTS),
     st.builds(Abort, MSGPACK_INTS, st.text()),
     st.just(Heartbeat()),
@@ -143,7 +145,9 @@ def well_typed(message: object) -> bool:
     return all(isinstance(value, str) if name == "reason" else
                all(type(b) is int for b in value) if name == "blocks" else
                all(type(b) is bytes for b in value) if name == "block_hashes" else
-               type(value) is int for name, value in fields.items())
+               all(len(run) == 2 and all(type(n) is int for n in run) for run in value)
+               if name == "visual_runs" else type(value) is int
+               for name, value in fields.items())
 
 
 @fuzz_settings(2000)
@@ -187,7 +191,8 @@ def start_manager(cls, backend: str, blocks: int, timeout: float, transfer_timeo
 
 
 def prompt(room: int, total: int):
-    return make_prompt(room, total, HIDDEN, torch.float32)
+    made = make_prompt(room, total, PoolLayout(1, BLOCK, HIDDEN, "float32"))
+    return made.embeddings, made.token_ids, made.positions, made.mrope_delta
 
 
 class Troubles(logging.Handler):
@@ -496,7 +501,7 @@ def to_receiver(data, cluster: Cluster) -> None:
     windows = windows or [(0, 2 * BLOCK)]
     starts, sizes = [s for s, _ in windows], [n for _, n in windows]
     if data.draw(st.booleans(), label="as the honest sender"):
-        flaw = data.draw(st.sampled_from(["misaligned", "num", "total"]), label="flaw")
+        flaw = data.draw(st.sampled_from(["misaligned", "num", "total", "runs"]), label="flaw")
         start = pick(data, starts, "start")
         start += data.draw(st.integers(1, BLOCK - 1)) if flaw == "misaligned" else 0
         num = number(data, *sizes, label="num")
@@ -505,7 +510,10 @@ def to_receiver(data, cluster: Cluster) -> None:
             num = data.draw(st.sampled_from([0, -1, -BLOCK, -(2**63)]), label="bad num")
         elif flaw == "total":
             whole = data.draw(st.sampled_from([0, -1, -(2**63)]), label="bad total")
-        return cluster.push(manager, cluster.sender.id, ChunkDone(room, start, num, whole, 0))
+        # this pool has no deepstack rows: any visual run is refused
+        runs = data.draw(RUNS.filter(bool), label="runs") if flaw == "runs" else ()
+        return cluster.push(manager, cluster.sender.id,
+                            ChunkDone(room, start, num, whole, 0, runs))
     kind = data.draw(st.sampled_from(["plausible", "chunk", "announce", "abort", "other"]),
                      label="message")
     if kind == "plausible":  # the chunk S2 would send next: drives rooms to Success
@@ -842,5 +850,39 @@ def test_abort_from_another_receiver_keeps_early_windows():
             cluster.pair_legit()
             cluster.finish(troubles)
             assert cluster.legit[room].outcome == "Success"
+        finally:
+            cluster.close()
+
+
+@pytest.mark.parametrize("runs", [((0, 5),), ((15, 10),), ((3, 2), (1, 1))])
+def test_tcp_chunk_claiming_visual_runs_is_refused_before_a_byte_lands(runs):
+    """Deepstack rows for a pool that has none (or runs outside the chunk, or out of order):
+    the header is refused, nothing is written, and the room still takes its real chunk."""
+    with Troubles() as troubles:
+        cluster = Cluster("tcp")
+        try:
+            room, receiver = next(iter(cluster.hostile_receivers.items()))
+            with cluster.receiver._lock:
+                blocks = list(receiver.windows[0].allocation.blocks)
+            refused = cluster.receiver.stats.refused
+            arrays = cluster.receiver.pool.arrays
+            before = arrays.embeddings[blocks[:2]].clone(), arrays.token_ids[blocks[:2]].clone()
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 20, 20, 3, runs), blocks[:2]))
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header
+                     + chunk_payload(room, 20) + bytes(5 * HIDDEN * 4))
+            deadline = time.monotonic() + 10
+            while cluster.receiver.stats.refused == refused and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cluster.receiver.stats.refused == refused + 1
+            assert torch.equal(arrays.embeddings[blocks[:2]], before[0])
+            assert torch.equal(arrays.token_ids[blocks[:2]], before[1])
+            assert receiver.poll() == Poll.WaitingForInput
+            header = msgspec.msgpack.encode(ChunkHeader(
+                TOKEN, cluster.rogue_sender.id, ChunkDone(room, 0, 20, 20, 3), blocks[:2]))
+            send_raw(cluster, PREFIX.pack(MAGIC, len(header)) + header
+                     + chunk_payload(room, 20))
+            assert receiver.poll() == Poll.Success, receiver.failure
+            cluster.finish(troubles)
         finally:
             cluster.close()

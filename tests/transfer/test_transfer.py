@@ -9,15 +9,19 @@ import signal
 import pytest
 import zmq
 from backends import BACKENDS
+from peer import make_prompt
 from peers import Peer
 
+from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.transfer.protocol import ControlCodec, Window
 
 SIZES = [1, 127, 128, 129, 1024, 2000, 8000, 20000]
 
 
-def layout(blocks: int, hidden: int = 256, dtype: str = "bfloat16") -> dict:
-    return {"num_blocks": blocks, "block_size": 128, "hidden_size": hidden, "dtype": dtype}
+def layout(blocks: int, hidden: int = 256, dtype: str = "bfloat16",
+           deepstack_layers: int = 0) -> dict:
+    return {"num_blocks": blocks, "block_size": 128, "hidden_size": hidden, "dtype": dtype,
+            "deepstack_layers": deepstack_layers}
 
 
 @pytest.fixture
@@ -26,7 +30,8 @@ def start():
 
     def start_peer(role: str, backend: str, blocks: int, **kwargs) -> Peer:
         peer = Peer(role, backend, layout(blocks, kwargs.pop("hidden", 256),
-                                          kwargs.pop("dtype", "bfloat16")), **kwargs)
+                                          kwargs.pop("dtype", "bfloat16"),
+                                          kwargs.pop("deepstack_layers", 0)), **kwargs)
         started.append(peer)
         return peer
 
@@ -104,6 +109,54 @@ def test_window_with_stale_data_from_an_earlier_request(start, backend):
     assert_exact(first, {21: 1000})
     second, _ = transfer(sender, receiver, {22: 100})
     assert_exact(second, {22: 100})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepstack_rows_travel_with_visual_tokens_only(start, backend):
+    """Qwen3-VL's pools: odd rooms have runs of visual tokens, each carrying 3 deepstack rows;
+    even rooms are text. Every room arrives exact (deepstack rows and visual mask included)
+    over several windows (resumes after announce) and through spills (a receiver pool smaller
+    than the prompt); the bytes moved are exactly a text token's for each token plus 3 rows for
+    each visual one."""
+    sender = start("sender", backend, 256, deepstack_layers=3)
+    receiver = start("receiver", backend, 6, default_blocks=2, deepstack_layers=3,
+                     transfer={"window_blocks": 2})
+    rooms = {71: 1, 72: 300, 73: 129, 75: 700, 77: 2000}
+    received, _ = transfer(sender, receiver, rooms)
+    assert_exact(received, rooms)
+    stats = receiver.stats()
+    assert stats["resumes"] > 0 and stats["spills"] > 0
+    pool = PoolLayout(**layout(1, deepstack_layers=3))
+    prompts = [make_prompt(room, total, pool) for room, total in rooms.items()]
+    visual = sum(int(prompt.visual_mask.sum()) for prompt in prompts)
+    assert 0 < visual < sum(rooms.values())
+    assert stats["bytes"] == sender.stats()["bytes"] == (
+        sum(rooms.values()) * pool.token_bytes + visual * pool.deepstack_bytes)
+    assert receiver.wait_pool_full()["live"] == 0
+    assert sender.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_prompt_moves_the_same_bytes_with_or_without_deepstack_rows(start, backend):
+    rooms = {82: 1000, 84: 129}
+    moved = []
+    for layers in (0, 3):
+        sender = start("sender", backend, 64, deepstack_layers=layers)
+        receiver = start("receiver", backend, 64, deepstack_layers=layers)
+        received, _ = transfer(sender, receiver, rooms)
+        assert_exact(received, rooms)
+        moved.append(receiver.stats()["bytes"])
+    assert moved[0] == moved[1] == sum(rooms.values()) * PoolLayout(**layout(1)).token_bytes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepstack_layout_mismatch_is_refused(start, backend):
+    sender = start("sender", backend, 64, deepstack_layers=3)
+    receiver = start("receiver", backend, 64)
+    receiver.command(op="recv", room=53, encoder=sender.bootstrap)
+    result = receiver.done([53])[53]
+    assert result["state"] == "Failed"
+    assert "layout mismatch: deepstack_layers 3 here vs 0" in result["failure"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -96,7 +96,7 @@ class MooncakeLink(Link):
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
         runs = paired_ranges(self.src, src_blocks, src_start, self.dst, dst_blocks, 0,
-                             notice.num_tokens)
+                             notice.num_tokens, notice.visual_runs)
         status = self.engine.batch_transfer_sync_write(
             self.session, [self.src_base + at for at, _, _ in runs],
             [self.dst_base + at for _, at, _ in runs], [size for _, _, size in runs])

@@ -31,7 +31,8 @@ class ShmLink(Link):
 
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
-        self.src.copy_to(self.dst, src_blocks, src_start, dst_blocks, 0, notice.num_tokens)
+        self.src.copy_to(self.dst, src_blocks, src_start, dst_blocks, 0, notice.num_tokens,
+                         notice.visual_runs)
 
     def close(self) -> None:
         self.dst.close()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import msgspec
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.pool.layout import runs_problem
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes.base import ChunkRefused, ChunkSink, DataPlane, Link, PlaneError
 from mmdisagg.transfer.protocol import ChunkDone
@@ -90,7 +91,8 @@ class TcpLink(Link):
             self.sock = self._connect()
         try:
             self.sock.sendall(PREFIX.pack(MAGIC, len(header)) + header)
-            for offset, size in layout.byte_ranges(src_blocks, src_start, notice.num_tokens):
+            for offset, size in layout.byte_ranges(src_blocks, src_start, notice.num_tokens,
+                                                   notice.visual_runs):
                 self.sock.sendall(self.view[offset: offset + size])
         except OSError as exc:
             self.close()
@@ -161,12 +163,13 @@ class TcpPlane(DataPlane):
                     if not exc.drain:
                         raise
                     log.info("tcp data plane: discarding a late chunk: %s", exc)
-                    self._discard(conn, header.notice.num_tokens)
+                    self._discard(conn, header.notice)
                     continue
                 error = None
                 try:
                     for offset, size in self.pool.layout.byte_ranges(
-                            header.blocks, 0, header.notice.num_tokens):
+                            header.blocks, 0, header.notice.num_tokens,
+                            header.notice.visual_runs):
                         if not _recv_exact(conn, pool_view[offset: offset + size]):
                             raise ConnectionError("stream ended inside a chunk")
                 except OSError as exc:
@@ -183,12 +186,13 @@ class TcpPlane(DataPlane):
             self._connections.discard(conn)
             conn.close()
 
-    def _discard(self, conn: socket.socket, num_tokens: int) -> None:
+    def _discard(self, conn: socket.socket, notice: ChunkDone) -> None:
         """Read and drop a chunk's payload (bounded by what the pool could ever hold)."""
-        layout = self.pool.layout
-        if not 0 <= num_tokens <= layout.num_blocks * layout.block_size:
+        layout, num_tokens = self.pool.layout, notice.num_tokens
+        if not 0 <= num_tokens <= layout.num_blocks * layout.block_size or runs_problem(
+                notice.visual_runs, num_tokens):
             raise ValueError(f"chunk of {num_tokens} tokens cannot be discarded")
-        left = num_tokens * layout.token_bytes
+        left = layout.chunk_bytes(num_tokens, notice.visual_runs)
         scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
         while left:
             n = conn.recv_into(scratch[: min(left, len(scratch))])

@@ -1,0 +1,82 @@
+"""Qwen3-VL end to end over each data plane: deepstack features travel from the encode server
+to the language server (across window boundaries: 16-token blocks, first windows of 2 blocks,
+one block per window after that) and the answers equal the unsplit model's generate(). The
+bytes moved are a text token's for each token plus the deepstack rows of each image token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from cluster import Cluster, metrics, wait_pools_free
+
+from mmdisagg.pool.layout import PoolLayout
+from tests.models.fixtures import assert_same_tokens, generate_greedy, image_part, text_part, user
+from tests.transfer.backends import BACKENDS
+
+MAX_TOKENS = 10
+BLOCK = 16
+CASES = {
+    "one image": user(image_part(112, 84, seed=21), text_part("Describe the image.")),
+    "two images": user(text_part("Compare"), image_part(64, 96, seed=22), text_part("with"),
+                       image_part(128, 64, seed=23), text_part("please.")),
+    "image in the middle": user(text_part("Here is a picture of the lake:"),
+                                image_part(96, 96, seed=24), text_part("What colour is it?")),
+    "text only": user(text_part("Tell me a story about a cat and a boat, please.")),
+}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request, tiny_checkpoints):
+    cluster = Cluster(tiny_checkpoints["qwen3_vl"], transfer_backend=request.param,
+                      block_size=BLOCK, default_blocks=2, window_blocks=1, torch_threads=1)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_models):
+    return {case: generate_greedy(tiny_models["qwen3_vl"], messages, MAX_TOKENS)
+            for case, messages in CASES.items()}
+
+
+async def ask_all(cluster: Cluster, cases: list[str]) -> list[list[int]]:
+    client = cluster.async_client()
+
+    async def ask(case: str) -> list[int]:
+        reply = await client.chat.completions.create(
+            model="tiny-model", messages=CASES[case], max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"return_token_ids": True})
+        return reply.choices[0].token_ids
+
+    try:
+        return await asyncio.gather(*(ask(case) for case in cases))
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_request_equals_generate(cluster, expected, case):
+    assert asyncio.run(ask_all(cluster, [case]))[0] == expected[case].tokens
+
+
+def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, expected,
+                                                                      tiny_models):
+    """Every case at once (the language server prefills them in one batch); then the bytes
+    the language server received: image tokens carry their deepstack rows, text tokens only
+    what a Qwen2-VL token carries."""
+    encoder = tiny_models["qwen3_vl"].encoder
+    language = cluster.child("language-0").url
+    before = metrics(language)
+    cases = list(CASES) * 2
+    for case, tokens in zip(cases, asyncio.run(ask_all(cluster, cases)), strict=True):
+        assert_same_tokens(tokens, expected[case])
+    after = metrics(language)
+    assert after["mmdisagg_transfer_resumes_total"] > before["mmdisagg_transfer_resumes_total"]
+    layout = PoolLayout(1, BLOCK, encoder.hidden_size, "float32", encoder.deepstack_layers)
+    prepared = [encoder.prepare(CASES[case]) for case in cases]
+    tokens = sum(prompt.total_tokens for prompt in prepared)
+    visual = sum(image.num_tokens for prompt in prepared for image in prompt.images)
+    moved = after["mmdisagg_transfer_bytes_total"] - before["mmdisagg_transfer_bytes_total"]
+    assert moved == tokens * layout.token_bytes + visual * layout.deepstack_bytes
+    assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
