@@ -107,6 +107,24 @@ class EncodedPrompt:
         """Tokens of the whole prompt, the cached ones included."""
         return self.first_token + self.total_tokens
 
+    def visual_runs(self) -> list[tuple[int, int]]:
+        """(first token, count) of each run of visual tokens carrying deepstack rows."""
+        if self.deepstack is None:
+            return []
+        return mask_runs(self.visual_mask)
+
+    def deepstack_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Of tokens ``[start, end)``: the visual ones (counted from ``start``) and their
+        ``[layers, visual, H]`` deepstack rows; None when there are none."""
+        if self.deepstack is None:
+            return None
+        mask = self.visual_mask[start:end]
+        first = int(self.visual_mask[:start].sum())
+        rows = mask.nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        return rows, self.deepstack[:, first: first + rows.numel()]
+
     def after(self, prefix: PrefixHit | None) -> EncodedPrompt:
         """This whole prompt without the ``prefix`` a language server holds."""
         if prefix is None:
@@ -173,23 +191,6 @@ def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = ()) -> 
         parent = digest.digest()
         hashes.append(parent)
     return hashes
-    def visual_runs(self) -> list[tuple[int, int]]:
-        """(first token, count) of each run of visual tokens carrying deepstack rows."""
-        if self.deepstack is None:
-            return []
-        return mask_runs(self.visual_mask)
-
-    def deepstack_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Of tokens ``[start, end)``: the visual ones (counted from ``start``) and their
-        ``[layers, visual, H]`` deepstack rows; None when there are none."""
-        if self.deepstack is None:
-            return None
-        mask = self.visual_mask[start:end]
-        first = int(self.visual_mask[:start].sum())
-        rows = mask.nonzero().flatten()
-        if rows.numel() == 0:
-            return None
-        return rows, self.deepstack[:, first: first + rows.numel()]
 
 
 def mask_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
