@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmdisagg.language.detokenizer import Detokenizer
+from mmdisagg.language.detokenizer import Detokenizer, TokenTexts
 from mmdisagg.language.engine import StepOutput
 from mmdisagg.language.request import Req
-from mmdisagg.messages import ErrorEvent, Event, TokenEvent
+from mmdisagg.messages import ErrorEvent, Event, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class OutputProcessor:
                  ) -> None:
         self.tokenizer = tokenizer
         self.on_stop = on_stop
+        self.token_texts = TokenTexts(tokenizer)
 
     def process(self, message: Sequence[StepOutput] | Direct) -> Delivered:
         if isinstance(message, Direct):
@@ -62,11 +63,19 @@ class OutputProcessor:
             text, finish_reason = self._text(req, output)
             req.delivered_tokens += 1
             event = TokenEvent(text, [output.token_id], finish_reason, req.prompt_tokens,
-                               req.delivered_tokens)
+                               req.delivered_tokens, req.index, self._logprobs(output))
             events.append(self._final(req, event) if finish_reason else (req, event))
             if finish_reason and output.finish_reason is None:
                 self.on_stop(req)
         return events
+
+    def _logprobs(self, output: StepOutput) -> list[TokenLogprob] | None:
+        if output.logprob is None:
+            return None
+        logprob, top = output.logprob
+        text = self.token_texts
+        return [TokenLogprob(text(output.token_id), logprob,
+                             [(text(token), value) for token, value in top])]
 
     @staticmethod
     def _final(req: Req, event: Event) -> tuple[Req, Event]:

@@ -94,7 +94,7 @@ class Req:
         output, seed and grammar state."""
         return Req(f"{self.request_id}/{index}", self.params, self.prompt, self.emit,
                    self.room, self.encoder, grammar=self.grammar, index=index,
-                   arrived=self.arrived)
+                   arrived=self.arrived, loop=self.loop)
 
     @property
     def num_tokens(self) -> int:
