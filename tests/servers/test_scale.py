@@ -72,7 +72,8 @@ def test_pool_so_small_that_requests_wait_and_resume(tiny_checkpoints, reference
     blocks."""
     distinct, expected = references
     cluster = Cluster(tiny_checkpoints["qwen2_vl"], block_size=16, pool_blocks=10,
-                      default_blocks=1, window_blocks=1, torch_threads=1)
+                      default_blocks=1, window_blocks=1, torch_threads=1,
+                      prefix_cache=False)  # repeated prompts would not be sent again
     try:
         answers = asyncio.run(ask_all(cluster, distinct * 2, concurrency=12))
         for i, tokens in enumerate(answers):
