@@ -44,8 +44,9 @@ def serves_again(cluster: FaultCluster, name: str, tries: int = 40) -> None:
     NOTE: first its vision forward must end (one that was running when it stopped goes on for
     a request already aborted): until then it reports that load, and the router, which picks
     by load, sends sequential requests to the other encoder."""
-    wait_until(lambda: cluster.queue(name, "encoding") == 0, 120,
-               f"{name}'s vision forward over")
+    wait_until(lambda: all(cluster.queue(name, queue) == 0
+                           for queue in ("waiting", "admitted", "encoding", "sending")), 120,
+               f"{name} idle (its vision forward over, its stale rooms failed)")
     client = cluster.client()
     before = cluster.rooms(name, "succeeded")
     for i in range(tries):
