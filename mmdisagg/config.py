@@ -548,7 +548,9 @@ class ServeSettings:
     max_request_bytes: int = knob(64 * 1024 * 1024, "largest request body accepted")
     encoding: EncodingSettings = field(default_factory=EncodingSettings)
     cache_dir: str = knob("~/.cache/mmdisagg", "where the default tiny checkpoint is built once")
-    startup_timeout: float = knob(300.0, "seconds every server gets to come up")
+    startup_timeout: float = knob(300.0, "seconds every server gets to come up, at the start "
+                                         "and after each restart (one still silent then is "
+                                         "killed and counts as a death)")
     health_interval: float = knob(2.0, "seconds between the router's health checks of each "
                                        "server (how soon it sees one die or come back)")
     restart_limit: int = knob(

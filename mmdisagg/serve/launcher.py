@@ -2,8 +2,9 @@
 
 Starts ``--encoders`` encode servers, ``--language-servers`` language servers (shared memory
 between them) and a router as child processes, waits until each answers, prints where the API
-listens, and supervises: a child that dies is started again as it was (same ports, settings
-and environment) after a backoff; one that dies ``--restart-limit`` times without staying up
+listens, and supervises: a child that dies, or does not answer within ``--startup-timeout``
+of its start, is started again as it was (same ports, settings and environment) after a
+backoff; one that dies ``--restart-limit`` times without staying up
 ``--restart-window`` seconds in between stops the service with its last log lines. SIGINT or
 SIGTERM stops every child; each runs in its own process group and gets SIGTERM when serve
 dies, however it dies. ``--colocated`` instead serves from this one process with both halves
@@ -198,26 +199,37 @@ class Launcher:
                     child.up = True
                     if child.strikes:
                         say(f"{child.name} (pid {child.process.pid}) is back")
+                elif not child.up and now - child.started > self.settings.startup_timeout:
+                    self._hung(child, now)
                 continue
             if child.restart_at is None:
-                self._died(child, code, now)
+                self._died(child, f"exited with code {code}", now)
             elif now >= child.restart_at:
                 child.launch()
                 say(f"{child.name} started again (pid {child.process.pid})")
 
-    def _died(self, child: Child, code: int, now: float) -> None:
+    def _hung(self, child: Child, now: float) -> None:
+        """A child that runs but never answered /health counts as a death: killed, then
+        started again like one that exited (a restart must not wait forever on a stuck
+        start-up)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        child.process.wait()
+        self._died(child, f"did not answer /health within "
+                          f"{self.settings.startup_timeout:g}s of its start and was killed", now)
+
+    def _died(self, child: Child, why: str, now: float) -> None:
         if now - child.started >= self.settings.restart_window:
             child.strikes = 0
         child.strikes += 1
         if child.strikes >= self.settings.restart_limit:
             raise ServiceFailed(
-                f"{child.name} (pid {child.process.pid}) exited with code {code}, "
+                f"{child.name} (pid {child.process.pid}) {why}, "
                 f"{child.strikes} times without staying up {self.settings.restart_window:g}s; "
                 f"its last lines:\n{child.last_lines()}")
         backoff = min(FIRST_BACKOFF_S * 2 ** (child.strikes - 1), MAX_BACKOFF_S)
         child.restart_at = now + backoff
-        say(f"{child.name} (pid {child.process.pid}) exited with code {code}; starting it "
-            f"again in {backoff:g}s")
+        say(f"{child.name} (pid {child.process.pid}) {why}; starting it again in {backoff:g}s")
 
     def restart(self, child: Child) -> None:
         """Start a dead ``child`` again with the same command line, port and environment, and

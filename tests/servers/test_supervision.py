@@ -32,6 +32,7 @@ from tests.models.fixtures import image_part, text_part, user
 
 ANSWER_DEADLINE_S = 120
 BACK_WITHIN_S = 30
+STARTUP_TIMEOUT_S = 60  # serve's --startup-timeout here: long enough for a loaded machine
 PROMPTS = [user(image_part(56 + 8 * i, 56, seed=i), text_part(f"Picture {i}?")) for i in range(6)]
 
 
@@ -198,7 +199,8 @@ def served(tiny_checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("supervised") / "serve.log"
     served = Supervised(tiny_checkpoints["qwen2_vl"], log, "--encoders", "2",
                         "--language-servers", "2", "--heartbeat-interval", "0.3",
-                        "--heartbeat-timeout", "2", "--health-interval", "0.5")
+                        "--heartbeat-timeout", "2", "--health-interval", "0.5",
+                        "--startup-timeout", str(STARTUP_TIMEOUT_S))
     yield served
     served.stop()
     sweep_stale_segments()  # those of children killed outright (serve sweeps on its way out,
@@ -295,6 +297,22 @@ def test_health_is_degraded_while_a_server_is_down(served):
                BACK_WITHIN_S, "/health says ok again", served)
     health = httpx.get(f"{served.url}/health").json()
     assert health["servers"]["language"] == {"healthy": 2, "configured": 2}
+
+
+def test_restarted_server_stuck_at_start_is_killed_and_started_again(served):
+    """encode-1 killed, and its new process frozen (SIGSTOP) before it can answer: serve kills
+    it once --startup-timeout has passed since its start and starts it once more."""
+    old = kill(served, "encode-1")
+    wait_until(lambda: (p := running(served, "encode-1")) is not None and p.pid != old,
+               BACK_WITHIN_S, "encode-1 started again", served)
+    stuck = child(served, "encode-1")
+    stuck.send_signal(signal.SIGSTOP)  # long before it has loaded torch, let alone a model
+    line = f"encode-1 (pid {stuck.pid}) did not answer /health within {STARTUP_TIMEOUT_S}s"
+    wait_until(lambda: line in served.log.read_text(), STARTUP_TIMEOUT_S + BACK_WITHIN_S,
+               f"serve says: {line}", served)
+    wait_back(served, "encode-1", stuck.pid, "encode", 2)
+    outcomes = asyncio.run(closed_loop(served, 6, 3, 8))
+    assert [o.result for o in outcomes] == ["ok"] * 6, outcomes
 
 
 def test_killing_serves_process_group_stops_every_child(served):
