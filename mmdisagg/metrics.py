@@ -41,21 +41,24 @@ def server_metrics(health: Mapping[str, tuple[int, int]]) -> Iterator[Metric]:
     yield family
 
 
+def by_label(kind: type[Metric], name: str, doc: str, label: str,
+             values: Mapping[str, float]) -> Metric:
+    """One family of ``kind`` (gauge or counter) with a sample per ``label`` value."""
+    family = kind(name, doc, labels=[label])
+    for value, sample in values.items():
+        family.add_metric([value], sample)
+    return family
+
+
 def queue_metrics(queues: Mapping[str, int]) -> Iterator[Metric]:
-    family = GaugeMetricFamily("mmdisagg_queue_length", "Requests in each queue",
-                               labels=["queue"])
-    for queue, length in queues.items():
-        family.add_metric([queue], length)
-    yield family
+    yield by_label(GaugeMetricFamily, "mmdisagg_queue_length", "Requests in each queue",
+                   "queue", queues)
 
 
 def pool_metrics(pool: EmbeddingPool) -> Iterator[Metric]:
     stats = pool.allocator.stats()
-    blocks = GaugeMetricFamily("mmdisagg_pool_blocks", "Embedding-pool blocks by state",
-                               labels=["state"])
-    blocks.add_metric(["free"], stats.free_blocks)
-    blocks.add_metric(["used"], stats.used_blocks)
-    yield blocks
+    yield by_label(GaugeMetricFamily, "mmdisagg_pool_blocks", "Embedding-pool blocks by state",
+                   "state", {"free": stats.free_blocks, "used": stats.used_blocks})
     yield GaugeMetricFamily("mmdisagg_pool_live_allocations", "Allocations not yet freed",
                             value=stats.live_allocations)
     yield CounterMetricFamily("mmdisagg_pool_failed_allocs",
@@ -65,12 +68,9 @@ def pool_metrics(pool: EmbeddingPool) -> Iterator[Metric]:
 
 def kv_metrics(engine: Engine) -> Iterator[Metric]:
     stats = engine.blocks.stats()
-    blocks = GaugeMetricFamily("mmdisagg_kv_blocks", "Paged KV-cache blocks by state",
-                               labels=["state"])
-    blocks.add_metric(["free"], stats.free_blocks)
-    blocks.add_metric(["used"], stats.used_blocks)
-    blocks.add_metric(["cached"], stats.cached_blocks)  # unreferenced prefix-cache blocks
-    yield blocks
+    yield by_label(GaugeMetricFamily, "mmdisagg_kv_blocks", "Paged KV-cache blocks by state",
+                   "state", {"free": stats.free_blocks, "used": stats.used_blocks,
+                             "cached": stats.cached_blocks})  # cached: unreferenced, evictable
     yield GaugeMetricFamily("mmdisagg_kv_blocks_total", "Blocks in the paged KV cache",
                             value=stats.total_blocks)
     yield CounterMetricFamily("mmdisagg_prefix_cache_queries_tokens",
@@ -97,9 +97,6 @@ def transfer_metrics(stats: TransferStats) -> Iterator[Metric]:
         ("peers_lost", "Peers declared dead for missing heartbeats"),
     ):
         yield CounterMetricFamily(f"mmdisagg_transfer_{name}", doc, value=getattr(stats, name))
-    rooms = CounterMetricFamily("mmdisagg_transfer_rooms", "Transfers by outcome",
-                                labels=["outcome"])
-    rooms.add_metric(["started"], stats.rooms_started)
-    rooms.add_metric(["succeeded"], stats.rooms_succeeded)
-    rooms.add_metric(["failed"], stats.rooms_failed)
-    yield rooms
+    yield by_label(CounterMetricFamily, "mmdisagg_transfer_rooms", "Transfers by outcome",
+                   "outcome", {"started": stats.rooms_started,
+                               "succeeded": stats.rooms_succeeded, "failed": stats.rooms_failed})

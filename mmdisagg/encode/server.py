@@ -22,7 +22,13 @@ from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import EncodeScheduler
 from mmdisagg.httpapp import ApiError, StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.messages import EncodeRequest, EncodeResult, ErrorEvent, ServerInfo
-from mmdisagg.metrics import outcome_metrics, pool_metrics, queue_metrics, transfer_metrics
+from mmdisagg.metrics import (
+    by_label,
+    outcome_metrics,
+    pool_metrics,
+    queue_metrics,
+    transfer_metrics,
+)
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
 from mmdisagg.pool.layout import PoolLayout, dtype_name
@@ -75,11 +81,8 @@ class EncodeServer:
         yield CounterMetricFamily("mmdisagg_vision_images", "Images run through the vision tower",
                                   value=self.half.images_encoded)
         if self.cache is not None:
-            hits = CounterMetricFamily("mmdisagg_image_cache", "Image-cache lookups",
-                                       labels=["result"])
-            hits.add_metric(["hit"], self.cache.hits)
-            hits.add_metric(["miss"], self.cache.misses)
-            yield hits
+            yield by_label(CounterMetricFamily, "mmdisagg_image_cache", "Image-cache lookups",
+                           "result", {"hit": self.cache.hits, "miss": self.cache.misses})
             yield GaugeMetricFamily("mmdisagg_image_cache_bytes", "Bytes held by the image cache",
                                     value=self.cache.bytes_used)
 

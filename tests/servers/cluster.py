@@ -3,6 +3,7 @@ ports, with metrics read back from every server."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,24 @@ class Cluster:
     def async_client(self, **kwargs) -> AsyncOpenAI:
         return AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
                            timeout=300, **kwargs)
+
+    async def token_ids(self, requests: list[list[dict]], max_tokens: int,
+                        concurrency: int | None = None) -> list[list[int]]:
+        """Each chat's greedy answer as token ids, ``concurrency`` (default: all) at a time."""
+        client = self.async_client()
+        limit = asyncio.Semaphore(concurrency or len(requests))
+
+        async def ask(messages: list[dict]) -> list[int]:
+            async with limit:
+                reply = await client.chat.completions.create(
+                    model="tiny-model", messages=messages, max_tokens=max_tokens,
+                    temperature=0, extra_body={"return_token_ids": True})
+                return reply.choices[0].token_ids
+
+        try:
+            return await asyncio.gather(*(ask(messages) for messages in requests))
+        finally:
+            await client.close()
 
     def close(self) -> None:
         """Stop every process; none may leave its shared-memory pool behind."""

@@ -24,21 +24,6 @@ KV_USED = 'mmdisagg_kv_blocks{state="used"}'
 TRANSFER_BYTES = "mmdisagg_transfer_bytes_total"
 
 
-async def ask_all(cluster: Cluster, requests: list[list[dict]], max_tokens: int) -> list:
-    client = cluster.async_client()
-
-    async def ask(messages):
-        reply = await client.chat.completions.create(
-            model="tiny-model", messages=messages, max_tokens=max_tokens, temperature=0,
-            extra_body={"return_token_ids": True})
-        return reply.choices[0].token_ids
-
-    try:
-        return await asyncio.gather(*(ask(messages) for messages in requests))
-    finally:
-        await client.close()
-
-
 def kv_bytes_per_token(path) -> int:
     return LanguageHalf.from_pretrained(path).kv_layout.bytes_per_token
 
@@ -77,7 +62,7 @@ def test_kv_cache_so_small_that_requests_are_preempted(tiny_checkpoints, tiny_mo
     cluster = Cluster(path, torch_threads=1, kv_block_size=2, prefix_cache=False,
                       kv_cache_memory=str(150 * kv_bytes_per_token(path)))
     try:
-        answers = asyncio.run(ask_all(cluster, distinct * 4, max_tokens=12))
+        answers = asyncio.run(cluster.token_ids(distinct * 4, max_tokens=12))
         for i, tokens in enumerate(answers):
             assert_same_tokens(tokens, expected[i % len(distinct)])
         assert metrics(cluster.child("language-0").url)[PREEMPTIONS] > 0
@@ -109,9 +94,9 @@ def test_100_concurrent_long_requests_keep_memory_bounded(tiny_models):
     cluster = Cluster(model.path, torch_threads=1, kv_cache_memory="64MiB", prefix_cache=False)
     try:
         language = cluster.child("language-0")
-        asyncio.run(ask_all(cluster, distinct[:2], max_tokens=4))  # warm up: a 2-prompt step
+        asyncio.run(cluster.token_ids(distinct[:2], max_tokens=4))  # warm up: a 2-prompt step
         baseline = peak_rss(language.process.pid)
-        answers = asyncio.run(ask_all(cluster, [distinct[i % 4] for i in range(100)],
+        answers = asyncio.run(cluster.token_ids([distinct[i % 4] for i in range(100)],
                                       max_tokens=4))
         for i, tokens in enumerate(answers):
             assert_same_tokens(tokens, expected[i % 4])

@@ -40,24 +40,9 @@ def expected(tiny_models):
             for case, messages in CASES.items()}
 
 
-async def ask_all(cluster: Cluster, cases: list[str]) -> list[list[int]]:
-    client = cluster.async_client()
-
-    async def ask(case: str) -> list[int]:
-        reply = await client.chat.completions.create(
-            model="tiny-model", messages=CASES[case], max_tokens=MAX_TOKENS, temperature=0,
-            extra_body={"return_token_ids": True})
-        return reply.choices[0].token_ids
-
-    try:
-        return await asyncio.gather(*(ask(case) for case in cases))
-    finally:
-        await client.close()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_request_equals_generate(cluster, expected, case):
-    assert asyncio.run(ask_all(cluster, [case]))[0] == expected[case].tokens
+    assert asyncio.run(cluster.token_ids([CASES[case]], MAX_TOKENS))[0] == expected[case].tokens
 
 
 def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, expected,
@@ -69,7 +54,8 @@ def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, 
     language = cluster.child("language-0").url
     before = metrics(language)
     cases = list(CASES) * 2
-    for case, tokens in zip(cases, asyncio.run(ask_all(cluster, cases)), strict=True):
+    answers = asyncio.run(cluster.token_ids([CASES[c] for c in cases], MAX_TOKENS))
+    for case, tokens in zip(cases, answers, strict=True):
         assert_same_tokens(tokens, expected[case])
     after = metrics(language)
     assert after["mmdisagg_transfer_resumes_total"] > before["mmdisagg_transfer_resumes_total"]

@@ -20,23 +20,6 @@ def prompts(count: int) -> list[list[dict]]:
                  text_part(f"Question {i}: what do you see?")) for i in range(count)]
 
 
-async def ask_all(cluster: Cluster, requests: list[list[dict]], concurrency: int | None = None):
-    client = cluster.async_client()
-    limit = asyncio.Semaphore(concurrency or len(requests))
-
-    async def ask(messages):
-        async with limit:
-            reply = await client.chat.completions.create(
-                model="tiny-model", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
-                extra_body={"return_token_ids": True})
-            return reply.choices[0].token_ids
-
-    try:
-        return await asyncio.gather(*(ask(messages) for messages in requests))
-    finally:
-        await client.close()
-
-
 @pytest.fixture(scope="module")
 def references(tiny_models):
     distinct = prompts(10)
@@ -50,7 +33,7 @@ def test_200_concurrent_image_requests_on_2_plus_2_servers(tiny_checkpoints, ref
                       torch_threads=1)
     try:
         order = [i % len(distinct) for i in range(200)]
-        answers = asyncio.run(ask_all(cluster, [distinct[i] for i in order]))
+        answers = asyncio.run(cluster.token_ids([distinct[i] for i in order], MAX_TOKENS))
         assert len(answers) == 200
         for i, tokens in zip(order, answers, strict=True):
             assert_same_tokens(tokens, expected[i])
@@ -75,7 +58,7 @@ def test_pool_so_small_that_requests_wait_and_resume(tiny_checkpoints, reference
                       default_blocks=1, window_blocks=1, torch_threads=1,
                       prefix_cache=False)  # repeated prompts would not be sent again
     try:
-        answers = asyncio.run(ask_all(cluster, distinct * 2, concurrency=12))
+        answers = asyncio.run(cluster.token_ids(distinct * 2, MAX_TOKENS, concurrency=12))
         for i, tokens in enumerate(answers):
             assert_same_tokens(tokens, expected[i % len(distinct)])
         language = metrics(cluster.child("language-0").url)
