@@ -234,9 +234,17 @@ class Engine:
         finish_reason = self._finish_reason(req, token)
         if finish_reason is not None:
             self.running.remove(req)
+            self._index_generated(req)
             self._release(req)
             req.finish_reason = finish_reason
         return StepOutput(req, token, finish_reason, logprob=logprob)
+
+    def _index_generated(self, req: Req) -> None:
+        """Keep the KV of the tokens ``req`` generated (all but the last, which has none):
+        a chat's next turn repeats them after this prompt."""
+        if self.blocks.prefix_caching:
+            generated = req.output_ids[: req.num_computed - req.prompt_tokens]
+            self.blocks.index(req, req.prompt.hashes_with(generated))
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)
