@@ -113,7 +113,10 @@ class EncodedPrompt:
         repeats both (a chat's next turn) hashes to, so that the KV of generated tokens is
         found again. Just the prompt's when it came without all its hashes."""
         hashed = len(self.block_hashes) * HASH_BLOCK_TOKENS
-        if not self.block_hashes or self.prompt_tokens - hashed >= HASH_BLOCK_TOKENS:
+        # NOTE: a cached prefix ends on or before the last whole hash block (it leaves the last
+        # token out), so the rows of the partial block are here; never hash other tokens.
+        if (not self.block_hashes or self.prompt_tokens - hashed >= HASH_BLOCK_TOKENS
+                or hashed < self.first_token):
             return self.block_hashes
         tail = self.token_ids[hashed - self.first_token:].tolist() + list(generated)
         return self.block_hashes + block_hashes(tail, self.tail_images, hashed,

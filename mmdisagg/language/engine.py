@@ -11,7 +11,8 @@ already produced (kept in host memory) — its output is what an uninterrupted r
 
 With the prefix cache (``kv_blocks``), a request starts from the longest prefix of its prompt
 the cache holds: found when the prompt was announced (its embeddings were never sent), or
-else when it is admitted. Once its prompt is computed, the prompt's chunks are indexed.
+else when it is admitted. Once its prompt is computed, the prompt's blocks are indexed; once
+it finishes, the blocks its generated tokens filled too (a chat's next turn repeats them).
 """
 
 from __future__ import annotations

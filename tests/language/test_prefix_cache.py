@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mmdisagg.config import EngineSettings
-from mmdisagg.core import EncodedPrompt, SamplingParams
+from mmdisagg.core import EncodedPrompt, PrefixHit, SamplingParams, block_hashes
 from mmdisagg.language.engine import Engine
 from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req
@@ -70,6 +70,24 @@ def test_later_turns_of_a_chat_match_generate(tiny: TinyModel, cached: bool) -> 
         assert server.prefix_hit_tokens % BLOCK == 0
     else:
         assert server.prefix_hit_tokens == 0 and server.blocks.stats().cached_blocks == 0
+
+
+def test_hashes_continue_over_generated_tokens(tiny: TinyModel) -> None:
+    """What the language side hashes for a prompt and its answer is what the encoder hashes
+    for a prompt that repeats both, whether or not a cached prefix was sent."""
+    if tiny.language.deepstack_layers:
+        pytest.skip("a deepstack model's language server runs with the prefix cache off")
+    messages = user(image_part(112, 112, seed=44))
+    prepared = tiny.encoder.prepare(messages)
+    prompt = encoded(tiny, messages)
+    assert prompt.tail_images  # the image reaches into the last, partial hash block
+    generated = list(range(100, 140))
+    whole = block_hashes(prepared.token_ids.tolist() + generated, prepared.image_spans())
+    assert prompt.hashes_with(generated) == whole
+    assert prompt.after(PrefixHit(BLOCK, [])).hashes_with(generated) == whole
+    cut, hashed = 16 - prompt.total_tokens % 16, len(prompt.block_hashes)
+    assert prompt.hashes_with(generated[:cut - 1]) == whole[:hashed]
+    assert prompt.hashes_with(generated[:cut]) == whole[:hashed + 1]
 
 
 @pytest.mark.parametrize("repeats", [True, False], ids=["answer-retokenizes-alike", "free-answer"])
