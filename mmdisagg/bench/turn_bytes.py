@@ -47,7 +47,7 @@ def measure_turn(client: OpenAI, language_url: str, request: ChatRequest) -> dic
         model="bench", messages=request.messages, max_tokens=request.max_tokens, temperature=0,
         extra_body={"ignore_eos": True})
     after = metrics(language_url)
-    row = {name: after[key] - before.get(key, 0.0) for name, key in COUNTERS.items()}
+    row = {name: int(after[key] - before.get(key, 0.0)) for name, key in COUNTERS.items()}
     return {"turn": request.turn, "prompt": reply.usage.prompt_tokens,
             "answer": reply.choices[0].message.content, **row}
 
@@ -75,14 +75,16 @@ def run(args: argparse.Namespace) -> int:
                     rows.append({"scenario": scenario.name, "conversation": request.index,
                                  "turn": turn["turn"], "prompt tokens": turn["prompt"],
                                  "cached tokens": turn["hit"], "bytes": turn["bytes"],
-                                 "bytes / turn 1's": turn["bytes"] / first["bytes"]})
+                                 "bytes / turn 1's": f"{turn['bytes'] / first['bytes']:.1%}"})
                     request = request.follow_up(turn["answer"])
     finally:
         launcher.stop()
+    first_bytes = {(r["scenario"], r["conversation"]): r["bytes"] for r in rows if r["turn"] == 1}
     print_table(rows, ["scenario", "conversation", "turn", "prompt tokens", "cached tokens",
                        "bytes", "bytes / turn 1's"])
     for name in SCENARIOS:
-        ratios = [r["bytes / turn 1's"] for r in rows if r["scenario"] == name and r["turn"] > 1]
+        ratios = [r["bytes"] / first_bytes[name, r["conversation"]] for r in rows
+                  if r["scenario"] == name and r["turn"] > 1]
         if ratios:
             print(f"{name}: later turns move {statistics.median(ratios):.1%} of turn 1's bytes "
                   f"(median of {len(ratios)}; max {max(ratios):.1%})", file=sys.stderr)

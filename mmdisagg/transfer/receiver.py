@@ -404,10 +404,6 @@ class ReceiverManager(TransferManager):
                 self.pool.allocator.free(window.allocation)
             receiver.windows = []
 
-    def _window_start(self, token: int) -> int:
-        """Where the window that holds ``token`` starts: windows start on blocks."""
-        return token - token % self.pool.layout.block_size
-
     def begin_chunk(self, source: str, notice: ChunkDone, blocks: Sequence[int]) -> None:
         """In-band planes (tcp), before a byte lands: check the chunk and mark it landing."""
         with self._lock:

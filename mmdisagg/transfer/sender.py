@@ -371,10 +371,6 @@ class SenderManager(TransferManager):
         sender.cached_tokens = sender.sent_tokens = tokens
         self._pump(sender)
 
-    def _window_start(self, token: int) -> int:
-        """Where the window that holds ``token`` starts: windows start on blocks."""
-        return token - token % self.pool.layout.block_size
-
     def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int,
               visual_runs: Runs) -> None:
         with self._lock:
