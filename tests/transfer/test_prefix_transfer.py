@@ -70,6 +70,25 @@ def test_how_much_is_skipped(pair, total, held, cached):
     assert stats["bytes"] == (total - cached) * TOKEN_BYTES and stats["pinned"] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepstack_rows_of_the_suffix_land_where_its_tokens_do(backend):
+    """A pool with deepstack rows (Qwen3-VL; its language server keeps the prefix cache off
+    for now): after a hit inside a pool block, the visual runs of the first chunk count from
+    its first token, and each token's rows land with it."""
+    sender = Peer("sender", backend, layout(64, deepstack_layers=3))
+    receiver = Peer("receiver", backend, layout(64, deepstack_layers=3), prefix_cache=True)
+    try:
+        rooms = {43: 2000, 45: 1500}  # odd rooms carry runs of visual tokens
+        for room, total in rooms.items():
+            cache(receiver, room, total, 1000)
+        received, _ = transfer(sender, receiver, rooms)
+        assert_exact(received, rooms)
+        assert all(received[room]["first"] == 992 for room in rooms)
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_a_cache_of_another_prompt_does_not_hit(pair):
     sender, receiver = pair("shm")
     cache(receiver, 60, 2000, 1024)  # room 60's prompt; room 61's differs from its first token
