@@ -26,6 +26,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                          "load generator against any OpenAI-compatible endpoint"),
     ("bench", "compare"): ("mmdisagg.bench.compare",
                            "disaggregated vs colocated vs transformers serve, same requests"),
+    ("bench", "turn-bytes"): ("mmdisagg.bench.turn_bytes",
+                              "embedding bytes and prefix-cache hits of each chat turn"),
     ("bench", "soak"): ("mmdisagg.bench.soak",
                         "mixed load with random faults: nothing lost or leaked, memory flat"),
     ("bench", "engine"): ("mmdisagg.bench.engine",

@@ -92,6 +92,7 @@ class EncodedPrompt:
     prefix: PrefixHit | None = None
     first_token: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # core.block_hashes of the prompt
+    tail_images: list[ImageSpan] = field(default_factory=list)  # core.tail_images of it
 
     @property
     def total_tokens(self) -> int:
@@ -106,6 +107,20 @@ class EncodedPrompt:
     def prompt_tokens(self) -> int:
         """Tokens of the whole prompt, the cached ones included."""
         return self.first_token + self.total_tokens
+
+    def hashes_with(self, generated: Sequence[int]) -> list[bytes]:
+        """``block_hashes`` of this prompt followed by ``generated``: what a later prompt that
+        repeats both (a chat's next turn) hashes to, so that the KV of generated tokens is
+        found again. Just the prompt's when it came without all its hashes."""
+        hashed = len(self.block_hashes) * HASH_BLOCK_TOKENS
+        # NOTE: a cached prefix ends on or before the last whole hash block (it leaves the last
+        # token out), so the rows of the partial block are here; never hash other tokens.
+        if (not self.block_hashes or self.prompt_tokens - hashed >= HASH_BLOCK_TOKENS
+                or hashed < self.first_token):
+            return self.block_hashes
+        tail = self.token_ids[hashed - self.first_token:].tolist() + list(generated)
+        return self.block_hashes + block_hashes(tail, self.tail_images, hashed,
+                                                self.block_hashes[-1])
 
     def visual_runs(self) -> list[tuple[int, int]]:
         """(first token, count) of each run of visual tokens carrying deepstack rows."""
@@ -134,7 +149,7 @@ class EncodedPrompt:
         rows = slice(prefix.tokens, None)
         return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
                              self.mrope_delta, prefix=prefix, first_token=prefix.tokens,
-                             block_hashes=self.block_hashes)
+                             block_hashes=self.block_hashes, tail_images=self.tail_images)
 
 
 @dataclass(eq=False)
@@ -171,26 +186,35 @@ class ImageSpan:
     key: str
 
 
-def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = ()) -> list[bytes]:
-    """Chain hashes of a prompt's whole ``HASH_BLOCK_TOKENS``-token blocks.
+def block_hashes(token_ids: Sequence[int], images: Sequence[ImageSpan] = (), first: int = 0,
+                 parent: bytes = b"") -> list[bytes]:
+    """Chain hashes of a prompt's whole ``HASH_BLOCK_TOKENS``-token blocks. To continue a
+    chain: ``token_ids`` from token ``first`` on (a block's start), ``parent`` the hash of the
+    block that ends there.
 
     NOTE: a block's hash covers every token before its end, and an image's placeholder tokens
     count by the image's ``key``, not their (shared) id: equal hashes mean equal prefixes, so
     equal KV. Encode and language servers must hash alike; this is the one place that does.
     """
     hashes: list[bytes] = []
-    parent = b""
     size = HASH_BLOCK_TOKENS
-    for start in range(0, len(token_ids) - size + 1, size):
-        end = start + size
+    for at in range(0, len(token_ids) - size + 1, size):
+        start, end = first + at, first + at + size
         digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(array("q", token_ids[start:end]).tobytes())
+        digest.update(array("q", token_ids[at:at + size]).tobytes())
         for image in images:
             if image.start < end and image.end > start:
                 digest.update(f"|{image.key}@{image.start}-{image.end}".encode())
         parent = digest.digest()
         hashes.append(parent)
     return hashes
+
+
+def tail_images(images: Sequence[ImageSpan], total_tokens: int) -> list[ImageSpan]:
+    """The images that reach into a prompt's last, partial hash block: with the prompt's
+    hashes and tokens, all it takes to continue its chain over the tokens that follow."""
+    hashed = total_tokens - total_tokens % HASH_BLOCK_TOKENS
+    return [image for image in images if image.end > hashed]
 
 
 def mask_runs(mask: torch.Tensor) -> list[tuple[int, int]]:

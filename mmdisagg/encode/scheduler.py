@@ -113,7 +113,7 @@ class EncodeScheduler(LoopThread):
                reply: Callable[[EncodeResult | ErrorEvent], None]) -> None:
         """Any thread. Announces the prompt's length at once. ValueError: duplicate room."""
         sender = self.manager.create_sender(room)
-        sender.announce(prepared.total_tokens, prepared.block_hashes())
+        sender.announce(prepared.total_tokens, prepared.block_hashes(), prepared.tail_images())
         self._inbox.append(EncodeJob(room, prepared, sender, reply))
         self.wake()
 
@@ -225,7 +225,7 @@ class EncodeScheduler(LoopThread):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
             prompt = result[i]
-            visual_runs = self.pool.write_prompt(job.allocation, prompt, job.sender.first_token)
+            visual_runs = self.pool.write_prompt(job.allocation, prompt, job.cached_tokens)
             allocation, job.allocation = job.allocation, None
             # the sender owns the blocks now
             job.sender.send(allocation, prompt.mrope_delta, visual_runs)

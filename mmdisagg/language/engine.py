@@ -11,7 +11,8 @@ already produced (kept in host memory) — its output is what an uninterrupted r
 
 With the prefix cache (``kv_blocks``), a request starts from the longest prefix of its prompt
 the cache holds: found when the prompt was announced (its embeddings were never sent), or
-else when it is admitted. Once its prompt is computed, the prompt's chunks are indexed.
+else when it is admitted. Once its prompt is computed, the prompt's blocks are indexed; once
+it finishes, the blocks its generated tokens filled too (a chat's next turn repeats them).
 """
 
 from __future__ import annotations
@@ -234,9 +235,17 @@ class Engine:
         finish_reason = self._finish_reason(req, token)
         if finish_reason is not None:
             self.running.remove(req)
+            self._index_generated(req)
             self._release(req)
             req.finish_reason = finish_reason
         return StepOutput(req, token, finish_reason, logprob=logprob)
+
+    def _index_generated(self, req: Req) -> None:
+        """Keep the KV of the tokens ``req`` generated (all but the last, which has none):
+        a chat's next turn repeats them after this prompt."""
+        if self.blocks.prefix_caching:
+            generated = req.output_ids[: req.num_computed - req.prompt_tokens]
+            self.blocks.index(req, req.prompt.hashes_with(generated))
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)

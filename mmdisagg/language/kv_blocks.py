@@ -6,7 +6,8 @@ grows by a block when its next token would not fit.
 
 Prefix cache: once a request has computed its prompt, each of its whole KV blocks is indexed
 by the chain hash of the prompt's tokens up to the block's end (``core.block_hashes``, every
-``HASH_BLOCK_TOKENS``). A block counts its references (requests whose table holds it, and
+``HASH_BLOCK_TOKENS``); once it finishes, so are the blocks its generated tokens filled
+(``EncodedPrompt.hashes_with``). A block counts its references (requests whose table holds it, and
 pins of ``match``); at zero an indexed block is kept, least recently used first to go, until
 a new allocation needs it. NOTE: a block is never rewritten while referenced, and never
 found again once handed out anew (its index entry goes first).

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from mmdisagg.config import ImageSettings
-from mmdisagg.core import EncodedPrompt, ImageSpan, PromptInput, block_hashes
+from mmdisagg.core import EncodedPrompt, ImageSpan, PromptInput, block_hashes, tail_images
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 
 # model_type in config.json -> module with ``ENCODER_HALF`` and ``LANGUAGE_HALF`` classes.
@@ -82,6 +82,11 @@ class PreparedPrompt:
     def block_hashes(self) -> list[bytes]:
         """The prefix cache's keys (``core.block_hashes``)."""
         return block_hashes(self.token_ids.tolist(), self.image_spans())
+
+    def tail_images(self) -> list[ImageSpan]:
+        """What a language server needs besides ``block_hashes`` to hash the tokens it will
+        generate after this prompt (``core.tail_images``)."""
+        return tail_images(self.image_spans(), self.total_tokens)
 
     def images_after(self, token: int) -> list[PreparedImage]:
         """The images not wholly inside the first ``token`` tokens: those a prompt whose

@@ -82,6 +82,7 @@ class LocalEncodeSource:
                 continue
             for request, prompt in zip(batch, encoded, strict=True):
                 prompt.block_hashes = self._hashes.pop(request, [])
+                prompt.tail_images = request.prepared.tail_images()
                 done.append((request, prompt.after(self._hits.pop(request))))
         return done
 

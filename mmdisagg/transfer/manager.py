@@ -99,6 +99,10 @@ class TransferManager:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{self.role}-loop", daemon=True)
 
+    def _window_start(self, token: int) -> int:
+        """Where the window that holds ``token`` starts: windows start on blocks."""
+        return token - token % self.pool.layout.block_size
+
     def start(self) -> None:
         self._thread.start()
 

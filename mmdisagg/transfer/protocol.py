@@ -13,6 +13,8 @@ from enum import IntEnum
 
 import msgspec
 
+from mmdisagg.core import ImageSpan
+
 VERSION = b"mmdisagg-control/2"
 
 
@@ -41,11 +43,14 @@ class Window(msgspec.Struct, tag="window", frozen=True):
 
 class Announce(msgspec.Struct, tag="announce", frozen=True):
     """Sender -> receiver: the prompt's length, known right after tokenizing, and the chain
-    hashes of its full blocks (``core.block_hashes``) for the receiver's prefix cache."""
+    hashes of its full blocks (``core.block_hashes``) for the receiver's prefix cache, with
+    the images in its last partial block (``core.tail_images``): the receiver continues the
+    chain over the tokens it generates, so that a next turn finds them."""
 
     room: int
     total_tokens: int
     block_hashes: list[bytes] = []
+    tail_images: list[ImageSpan] = []
 
 
 class Cached(msgspec.Struct, tag="cached", frozen=True):
@@ -58,7 +63,10 @@ class Cached(msgspec.Struct, tag="cached", frozen=True):
 
 
 class ChunkDone(msgspec.Struct, tag="chunk", frozen=True, omit_defaults=True):
-    """Sender -> receiver: these tokens are in place in the window starting at ``start_token``.
+    """Sender -> receiver: tokens ``[start_token, start_token + num_tokens)`` are in place in
+    the window that holds ``start_token``. A chunk starts at its window's start, except the
+    first after a prefix-cache hit: it starts at the first uncached token, row ``chunk_row``
+    of its window's first block (the rows before it are never written).
 
     ``visual_runs``: (first, count) runs of those tokens, counted from ``start_token``, whose
     deepstack rows came too (pools with deepstack rows only; empty, and not on the wire, for
@@ -70,6 +78,12 @@ class ChunkDone(msgspec.Struct, tag="chunk", frozen=True, omit_defaults=True):
     total_tokens: int
     mrope_delta: int
     visual_runs: tuple[tuple[int, int], ...] = ()
+
+
+def chunk_row(notice: ChunkDone, block_size: int) -> int:
+    """The row of its window's first block where a chunk's first token lands (windows start
+    on blocks)."""
+    return notice.start_token % block_size
 
 
 class Received(msgspec.Struct, tag="received", frozen=True):

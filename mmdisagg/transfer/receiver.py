@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
-from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixCache, PrefixHit, runs_mask
+from mmdisagg.core import (
+    HASH_BLOCK_TOKENS,
+    EncodedPrompt,
+    ImageSpan,
+    PrefixCache,
+    PrefixHit,
+    runs_mask,
+)
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.layout import runs_problem
 from mmdisagg.pool.pool import EmbeddingPool, Gathered
@@ -41,6 +48,7 @@ from mmdisagg.transfer.protocol import (
     Received,
     Registration,
     Window,
+    chunk_row,
 )
 
 log = logging.getLogger(__name__)
@@ -52,13 +60,20 @@ TERMINAL = (Poll.Success, Poll.Failed)
 class OfferedWindow:
     start: int
     allocation: Allocation | None  # None once spilled
-    filled: int = 0
+    skipped: int = 0  # rows at its start a prefix-cache hit holds: never written
+    filled: int = 0  # tokens written, after the skipped rows
     landing: bool = False
-    visual_runs: tuple[tuple[int, int], ...] = ()  # of the filled tokens, from ``start``
+    visual_runs: tuple[tuple[int, int], ...] = ()  # of the filled tokens, from the first
+
+    @property
+    def first(self) -> int:
+        """The first token written into it."""
+        return self.start + self.skipped
 
     @property
     def end(self) -> int:
-        return self.start + (self.allocation.allocated_tokens if self.allocation else self.filled)
+        return (self.start + self.allocation.allocated_tokens if self.allocation
+                else self.first + self.filled)
 
 
 class EmbeddingReceiver(RoomTransfer):
@@ -71,13 +86,14 @@ class EmbeddingReceiver(RoomTransfer):
         self.peer: Peer | None = None
         self.total_tokens: int | None = None
         self.block_hashes: list[bytes] = []
+        self.tail_images: list[ImageSpan] = []
         self.prefix: PrefixHit | None = None  # pinned in the prefix cache until taken or failed
-        self.first_token = 0  # the first token sent: the start of the block the hit ends in
+        self.first_token = 0  # the first token sent: the first the prefix cache lacks
         self.mrope_delta = 0
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
-        # window start -> its visual runs (from that start) and their deepstack rows
+        # window's first token -> its visual runs (from that token) and their deepstack rows
         self.deepstack: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
         self.created = self.waiting_since = self.last_progress = time.monotonic()
         self.release_by: float | None = None  # set while quarantined
@@ -237,7 +253,8 @@ class ReceiverManager(TransferManager):
         prompt = EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
                                receiver.mrope_delta, prefix=prefix,
                                first_token=receiver.first_token,
-                               block_hashes=receiver.block_hashes)
+                               block_hashes=receiver.block_hashes,
+                               tail_images=receiver.tail_images)
         if self.pool.layout.deepstack_layers:
             self._attach_deepstack(receiver, prompt)
         return prompt
@@ -246,7 +263,7 @@ class ReceiverManager(TransferManager):
         """The visual mask and ``[layers, visual tokens, hidden]`` rows, in token order."""
         layout = self.pool.layout
         starts = sorted(receiver.deepstack)
-        runs = [(start + first, count) for start in starts
+        runs = [(start - receiver.first_token + first, count) for start in starts
                 for first, count in receiver.deepstack[start][0]]
         rows = [receiver.deepstack[start][1] for start in starts]
         receiver.deepstack = {}
@@ -280,7 +297,8 @@ class ReceiverManager(TransferManager):
         if receiver.state in TERMINAL or receiver.total_tokens is None or not receiver.started:
             return
         allocator = self.pool.allocator
-        end = receiver.windows[-1].end if receiver.windows else receiver.sent_tokens
+        end = receiver.windows[-1].end if receiver.windows else self._window_start(
+            receiver.sent_tokens)
         while end < receiver.total_tokens:
             need = allocator.blocks_for(receiver.total_tokens - end)
             want = min(need, self.settings.window_blocks or need)
@@ -333,7 +351,7 @@ class ReceiverManager(TransferManager):
                              "not serve here")
             return
         if isinstance(message, Announce):
-            self._announced(receiver, message.total_tokens, message.block_hashes)
+            self._announced(receiver, message)
         elif isinstance(message, ChunkDone):
             try:
                 window = self._check_chunk(receiver, message, None)
@@ -343,8 +361,8 @@ class ReceiverManager(TransferManager):
         else:
             self._refuse(f"{type(message).__name__} is not for a receiver (room {room})")
 
-    def _announced(self, receiver: EmbeddingReceiver, total_tokens: int,
-                   block_hashes: list[bytes]) -> None:
+    def _announced(self, receiver: EmbeddingReceiver, announce: Announce) -> None:
+        total_tokens = announce.total_tokens
         if receiver.state in TERMINAL:
             return
         if total_tokens <= 0 or receiver.total_tokens not in (None, total_tokens):
@@ -358,16 +376,17 @@ class ReceiverManager(TransferManager):
         first = receiver.total_tokens is None
         receiver.total_tokens = total_tokens
         if first and self.prefix_cache is not None:
-            receiver.block_hashes = block_hashes[: total_tokens // HASH_BLOCK_TOKENS]
+            receiver.block_hashes = announce.block_hashes[: total_tokens // HASH_BLOCK_TOKENS]
+            receiver.tail_images = announce.tail_images
             self._skip_cached(receiver)
         self._trim(receiver)
         self._offer_more(receiver)
 
     def _skip_cached(self, receiver: EmbeddingReceiver) -> None:
         """Pin the longest prefix the cache holds (short of the last token, whose logits
-        prefill must compute), tell the sender, and take only what follows, from the start
-        of the block the hit ends in. NOTE: the sender writes nothing before this answer, so
-        no offered window is filled yet."""
+        prefill must compute), tell the sender, and take only what follows: windows start on
+        blocks, the first chunk at the first uncached token inside its window. NOTE: the
+        sender writes nothing before this answer, so no offered window is filled yet."""
         limit = receiver.total_tokens - 1
         hit = self.prefix_cache.match(receiver.block_hashes, limit)
         if hit is not None and not 0 < hit.tokens <= limit:
@@ -378,10 +397,9 @@ class ReceiverManager(TransferManager):
         if hit is None:
             return
         receiver.prefix = hit
-        block_size = self.pool.layout.block_size
-        first = receiver.first_token = receiver.sent_tokens = hit.tokens // block_size * block_size
-        self.stats.cached_tokens += first
-        if first:
+        receiver.first_token = receiver.sent_tokens = hit.tokens
+        self.stats.cached_tokens += hit.tokens
+        if self._window_start(hit.tokens):
             for window in receiver.windows:
                 self.pool.allocator.free(window.allocation)
             receiver.windows = []
@@ -404,8 +422,9 @@ class ReceiverManager(TransferManager):
     def end_chunk(self, source: str, notice: ChunkDone, error: str | None) -> None:
         with self._lock:
             receiver = self._receivers.get(notice.room) or self._quarantine.get(notice.room)
-            window = receiver and next(
-                (w for w in receiver.windows if w.start == notice.start_token and w.landing), None)
+            window = receiver and self._window_of(receiver, notice)
+            if window is not None and not window.landing:
+                window = None
             if window is None:
                 return log.error("end of a chunk for room %d that is not landing", notice.room)
             window.landing = False
@@ -420,7 +439,8 @@ class ReceiverManager(TransferManager):
         room = receiver.room
         if receiver.state in TERMINAL:
             raise ChunkRefused(f"chunk for room {room}, which is {receiver.state.name}")
-        window = next((w for w in receiver.windows if w.start == notice.start_token), None)
+        row = chunk_row(notice, self.pool.layout.block_size)
+        window = self._window_of(receiver, notice)
         if window is None or window.allocation is None:
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} is outside "
                                "every offered window")
@@ -430,7 +450,7 @@ class ReceiverManager(TransferManager):
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} out of "
                                f"order (next is {receiver.sent_tokens})")
         total = receiver.total_tokens or notice.total_tokens
-        expected = min(total - window.start, window.allocation.allocated_tokens)
+        expected = min(total, window.end) - notice.start_token
         if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
                                f"room {room}; its window takes {expected} of {total}")
@@ -440,14 +460,20 @@ class ReceiverManager(TransferManager):
         if problem:
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room}: {problem}")
         if blocks is not None:
-            used = window.allocation.blocks[: self.pool.allocator.blocks_for(expected)]
+            used = window.allocation.blocks[: self.pool.allocator.blocks_for(row + expected)]
             if list(blocks) != list(used):
                 raise ChunkRefused(f"chunk for room {room} aims at blocks {list(blocks)[:16]}, "
                                    f"its window has {list(used)[:16]}")
         return window
 
+    def _window_of(self, receiver: EmbeddingReceiver, notice: ChunkDone) -> OfferedWindow | None:
+        """The window a chunk lands in: the one that starts on its first token's block."""
+        start = notice.start_token - chunk_row(notice, self.pool.layout.block_size)
+        return next((w for w in receiver.windows if w.start == start), None)
+
     def _landed(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                 notice: ChunkDone) -> None:
+        window.skipped = notice.start_token - window.start
         window.filled = notice.num_tokens
         window.visual_runs = notice.visual_runs
         receiver.total_tokens = notice.total_tokens
@@ -496,14 +522,15 @@ class ReceiverManager(TransferManager):
 
     def _copy_out(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                   out: Gathered) -> None:
-        start = window.start - receiver.first_token
+        start = window.first - receiver.first_token
         span = slice(start, start + window.filled)
         blocks = window.allocation.blocks
-        self.pool.arrays.read(blocks, window.filled, out=Gathered(
+        self.pool.arrays.read(blocks, window.filled, window.skipped, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))
         if window.visual_runs:
-            receiver.deepstack[window.start] = (window.visual_runs, self.pool.arrays.read_deepstack(
-                blocks, 0, window.visual_runs))
+            receiver.deepstack[window.first] = (window.visual_runs,
+                                                self.pool.arrays.read_deepstack(
+                                                    blocks, window.skipped, window.visual_runs))
 
     def _fail(self, receiver: EmbeddingReceiver, reason: str, notify: bool) -> None:
         """``notify``: tell the sender, and keep unfilled blocks until it confirms."""

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from mmdisagg.config import NetworkSettings, TransferSettings
+from mmdisagg.core import ImageSpan
 from mmdisagg.messages import LANGUAGE_ABORT
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.pool.layout import PoolLayout, Runs, runs_within
@@ -48,10 +49,10 @@ class EmbeddingSender(RoomTransfer):
         self._manager = manager
         self.total_tokens: int | None = None
         self.block_hashes: list[bytes] = []
+        self.tail_images: list[ImageSpan] = []
         # Tokens the receiver already holds (its prefix cache): None until it said; nothing is
-        # written before. Sending starts at the block holding the first token it lacks.
+        # written before. Sending starts at the first token it lacks.
         self.cached_tokens: int | None = None
-        self.first_token = 0
         self.sent_tokens = 0
         self.mrope_delta = 0
         self.visual_runs: Runs = ()
@@ -65,11 +66,12 @@ class EmbeddingSender(RoomTransfer):
         self.notify_peer = False
         self.released = False
 
-    def announce(self, total_tokens: int, block_hashes: list[bytes] | None = None) -> None:
+    def announce(self, total_tokens: int, block_hashes: list[bytes] | None = None,
+                 tail_images: list[ImageSpan] | None = None) -> None:
         """Tell the receiver the prompt's length as soon as it is known (before any vision
         work), so it can offer every window at once, and its full blocks' hashes, so it can
         say which of them it already holds (``cached_tokens``)."""
-        self._manager._announce(self, total_tokens, block_hashes or [])
+        self._manager._announce(self, total_tokens, block_hashes or [], tail_images or [])
 
     def send(self, source: Allocation, mrope_delta: int, visual_runs: Runs = ()) -> None:
         """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0),
@@ -124,7 +126,7 @@ class _PeerWriter:
                 elif self._manager.stalled():
                     error = "this encode server stalled; its peers may have given up on it"
                 else:
-                    self.link.write(sender.source.blocks, window.start_token, window.blocks,
+                    self.link.write(sender.source.blocks, notice.start_token, window.blocks,
                                     notice)
             except PlaneError as exc:
                 error = str(exc)
@@ -284,7 +286,8 @@ class SenderManager(TransferManager):
         if not window.blocks or window.allocated_tokens != len(window.blocks) * block_size:
             return (f"allocated_tokens {window.allocated_tokens} is not {len(window.blocks)} "
                     f"blocks x {block_size}")
-        if window.start_token % block_size or window.start_token < sender.sent_tokens:
+        if window.start_token % block_size or window.start_token < self._window_start(
+                sender.sent_tokens):
             return f"start_token {window.start_token} is not the next block-aligned token"
         if window.start_token in sender.windows:
             return f"a window at token {window.start_token} is already offered"
@@ -324,8 +327,8 @@ class SenderManager(TransferManager):
 
     # -- requests (scheduler thread) ------------------------------------------------------
 
-    def _announce(self, sender: EmbeddingSender, total_tokens: int,
-                  block_hashes: list[bytes]) -> None:
+    def _announce(self, sender: EmbeddingSender, total_tokens: int, block_hashes: list[bytes],
+                  tail_images: list[ImageSpan]) -> None:
         if total_tokens <= 0:
             raise ValueError(f"total_tokens must be > 0, got {total_tokens}")
         with self._lock:
@@ -333,7 +336,7 @@ class SenderManager(TransferManager):
                 raise ValueError(f"room {sender.room} already announced "
                                  f"{sender.total_tokens} tokens")
             sender.total_tokens = total_tokens
-            sender.block_hashes = block_hashes
+            sender.block_hashes, sender.tail_images = block_hashes, tail_images
             if sender.peer is not None:
                 self._unclaim(sender, list(sender.windows.values()))
                 for window in sender.windows.values():
@@ -343,13 +346,13 @@ class SenderManager(TransferManager):
     def _send_announce(self, sender: EmbeddingSender) -> None:
         if not sender.announced and sender.state not in (Poll.Success, Poll.Failed):
             sender.announced = True
-            self.control.send(sender.peer.endpoint, Announce(sender.room, sender.total_tokens,
-                                                             sender.block_hashes))
+            self.control.send(sender.peer.endpoint, Announce(
+                sender.room, sender.total_tokens, sender.block_hashes, sender.tail_images))
 
     def _cached(self, sender: EmbeddingSender, tokens: int) -> None:
-        """The receiver holds the first ``tokens`` tokens: send from the start of the block that
-        holds the first it lacks. Its windows before that were never written (nothing is
-        before this answer); forget them."""
+        """The receiver holds the first ``tokens`` tokens: send from the first it lacks (into
+        the window that holds it, from that token's row on). Its windows before that were
+        never written (nothing is before this answer); forget them."""
         if sender.state in (Poll.Success, Poll.Failed):
             return
         problem = None
@@ -360,13 +363,12 @@ class SenderManager(TransferManager):
         if problem:
             return self._fail(sender, f"bad Cached for room {sender.room}: {problem}",
                               notify=True)
-        first = tokens // self.pool.layout.block_size * self.pool.layout.block_size
-        skipped = [window for start, window in sender.windows.items() if start < first]
+        first_window = self._window_start(tokens)
+        skipped = [window for start, window in sender.windows.items() if start < first_window]
         self._unclaim(sender, skipped)
         for window in skipped:
             del sender.windows[window.start_token]
-        sender.cached_tokens, sender.first_token = tokens, first
-        sender.sent_tokens = first
+        sender.cached_tokens = sender.sent_tokens = tokens
         self._pump(sender)
 
     def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int,
@@ -404,21 +406,22 @@ class SenderManager(TransferManager):
         if (sender.state in (Poll.Success, Poll.Failed) or sender.writing
                 or sender.source is None or sender.peer is None or sender.cached_tokens is None):
             return
-        window = sender.windows.get(sender.sent_tokens)
-        if window is None or sender.sent_tokens >= sender.total_tokens:
+        start = sender.sent_tokens
+        window = sender.windows.get(self._window_start(start))
+        if window is None or start >= sender.total_tokens:
             return
         writer = self._writers.get(sender.peer.id)
         if writer is None:
             return self._fail(sender, f"no data link to receiver {sender.peer.id}", notify=False)
-        num_tokens = min(sender.total_tokens - window.start_token, window.allocated_tokens)
+        num_tokens = min(sender.total_tokens, window.start_token + window.allocated_tokens) - start
         # NOTE: an in-band plane's notice can reach the receiver, which may then reuse these
         # blocks, before this thread hears the write returned. Claims guard windows not yet
         # written; writes to one receiver are serialized, so releasing here is as safe.
         self._unclaim(sender, [window])
         sender.writing = True
         writer.submit(sender, window, ChunkDone(
-            sender.room, window.start_token, num_tokens, sender.total_tokens, sender.mrope_delta,
-            tuple(runs_within(sender.visual_runs, window.start_token, num_tokens))))
+            sender.room, start, num_tokens, sender.total_tokens, sender.mrope_delta,
+            tuple(runs_within(sender.visual_runs, start, num_tokens))))
 
     def _written(self, sender: EmbeddingSender, window: Window, notice: ChunkDone,
                  error: str | None, seconds: float) -> None:

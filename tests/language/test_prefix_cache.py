@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mmdisagg.config import EngineSettings
-from mmdisagg.core import EncodedPrompt, SamplingParams
+from mmdisagg.core import EncodedPrompt, PrefixHit, SamplingParams, block_hashes
 from mmdisagg.language.engine import Engine
 from mmdisagg.language.kv_blocks import KVBlockManager
 from mmdisagg.language.request import Req
@@ -37,7 +37,7 @@ def engine(tiny: TinyModel, kv_tokens: int = 4096, cached: bool = True) -> Engin
 def encoded(tiny: TinyModel, messages: list[dict[str, Any]]) -> EncodedPrompt:
     prepared = tiny.encoder.prepare(messages)
     prompt = tiny.encoder.encode([prepared])[0]
-    prompt.block_hashes = prepared.block_hashes()
+    prompt.block_hashes, prompt.tail_images = prepared.block_hashes(), prepared.tail_images()
     return prompt
 
 
@@ -70,6 +70,52 @@ def test_later_turns_of_a_chat_match_generate(tiny: TinyModel, cached: bool) -> 
         assert server.prefix_hit_tokens % BLOCK == 0
     else:
         assert server.prefix_hit_tokens == 0 and server.blocks.stats().cached_blocks == 0
+
+
+def test_hashes_continue_over_generated_tokens(tiny: TinyModel) -> None:
+    """What the language side hashes for a prompt and its answer is what the encoder hashes
+    for a prompt that repeats both, whether or not a cached prefix was sent."""
+    if tiny.language.deepstack_layers:
+        pytest.skip("a deepstack model's language server runs with the prefix cache off")
+    messages = user(image_part(112, 112, seed=44))
+    prepared = tiny.encoder.prepare(messages)
+    prompt = encoded(tiny, messages)
+    assert prompt.tail_images  # the image reaches into the last, partial hash block
+    generated = list(range(100, 140))
+    whole = block_hashes(prepared.token_ids.tolist() + generated, prepared.image_spans())
+    assert prompt.hashes_with(generated) == whole
+    assert prompt.after(PrefixHit(BLOCK, [])).hashes_with(generated) == whole
+    cut, hashed = 16 - prompt.total_tokens % 16, len(prompt.block_hashes)
+    assert prompt.hashes_with(generated[:cut - 1]) == whole[:hashed]
+    assert prompt.hashes_with(generated[:cut]) == whole[:hashed + 1]
+
+
+@pytest.mark.parametrize("repeats", [True, False], ids=["answer-retokenizes-alike", "free-answer"])
+def test_a_next_turn_finds_the_answer_too(tiny: TinyModel, repeats: bool) -> None:
+    """Turn 1's answer is cached with its prompt: turn 2, which repeats both, hits past turn
+    1's prompt as far as its re-tokenized answer equals the generated tokens (whole KV
+    blocks; a random model's answer often re-tokenizes otherwise: a shorter hit, never a
+    wrong one), and still matches generate()."""
+    if tiny.language.deepstack_layers:
+        pytest.skip("a deepstack model's language server runs with the prefix cache off")
+    server = engine(tiny)
+    turn = user(image_part(112, 112, seed=43))  # the image reaches into the last hash block
+    prompt = encoded(tiny, turn)
+    assert prompt.tail_images
+    cat = tiny.language.tokenizer.encode(" cat")  # one token; " cat cat" re-tokenizes alike
+    params = SamplingParams(max_tokens=40, logit_bias=((cat[0], 100.0),) if repeats else ())
+    tokens = run_engine(server, [Req("1", params, prompt)])["1"]
+    computed = tokens[:-1]  # the last token has no KV
+    turn = next_turn(tiny, turn, tokens, "Why?")
+    repeated = tiny.encoder.prepare(turn).token_ids.tolist()[prompt.total_tokens:]
+    same = next((i for i, (a, b) in enumerate(zip(computed, repeated, strict=False)) if a != b),
+                len(computed))
+    before = server.prefix_hit_tokens
+    assert_same_tokens(answer(tiny, server, turn), generate_greedy(tiny, turn, MAX_TOKENS))
+    hit = server.prefix_hit_tokens - before
+    assert hit == (prompt.total_tokens + same) // BLOCK * BLOCK
+    if repeats:
+        assert len(cat) == 1 and same == len(computed) and hit > prompt.total_tokens
 
 
 def test_two_images_of_one_size_never_hit_each_other(tiny: TinyModel) -> None:

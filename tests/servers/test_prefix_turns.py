@@ -64,12 +64,39 @@ def test_later_turns_reuse_the_prefix_and_match_generate(cluster, tiny_models):
         after = counters(cluster)
         hit = after["hit"] - start["hit"]
         assert hit >= first_prompt and hit % HASH_BLOCK_TOKENS == 0  # turn 1's whole blocks
-        sent_from = hit // chunk * chunk  # the start of the pool block the hit ends in
-        assert after["skipped"] - start["skipped"] == sent_from
-        assert after["bytes"] - start["bytes"] == (prompt_tokens - sent_from) * token_bytes
+        assert after["skipped"] - start["skipped"] == hit
+        # only the uncached suffix crosses, though it starts inside a pool block
+        assert after["bytes"] - start["bytes"] == (prompt_tokens - hit) * token_bytes
         assert after["vision"] == start["vision"]  # the image lies inside the cached prefix
         assert after["queried"] - start["queried"] == prompt_tokens
     assert max(wait_pools_free(cluster).values()) == 0
+
+
+def test_a_next_turn_finds_the_answer_too(cluster, tiny_models):
+    """Turn 1's answer is cached with its prompt: turn 2's hit reaches past turn 1's prompt,
+    only what follows the hit crosses, and the answer still equals generate()."""
+    tiny = tiny_models["qwen2_vl"]
+    kv_block = cluster.settings.engine.kv_block_size
+    token_bytes = PoolLayout(1, cluster.settings.pool.block_size, tiny.language.hidden_size,
+                             "float32").token_bytes
+    cat = tiny.language.tokenizer.encode(" cat")  # one token; " cat cat" re-tokenizes alike
+    turn = [{"role": "user", "content": [image_part(84, 84, seed=85), text_part("Say cat.")]}]
+    first = tiny.encoder.prepare(turn).total_tokens
+    reply = cluster.client().chat.completions.create(
+        model="tiny-model", messages=turn, max_tokens=40, temperature=0,
+        logit_bias={str(cat[0]): 100}, extra_body={"return_token_ids": True}).choices[0]
+    turn = [*turn, {"role": "assistant", "content": reply.message.content},
+            {"role": "user", "content": "Why?"}]
+    prompt = tiny.encoder.prepare(turn).token_ids.tolist()
+    computed = reply.token_ids[:-1]  # the last token has no KV
+    assert len(cat) == 1 and prompt[first: first + len(computed)] == computed
+    start = counters(cluster)
+    tokens, _ = ask(cluster, turn)
+    assert tokens == generate_greedy(tiny, turn, MAX_TOKENS).tokens
+    after = counters(cluster)
+    hit = after["hit"] - start["hit"]
+    assert hit == (first + len(computed)) // kv_block * kv_block > first
+    assert after["bytes"] - start["bytes"] == (len(prompt) - hit) * token_bytes
 
 
 def test_another_image_of_the_same_size_is_encoded_and_answered_right(cluster, tiny_models):

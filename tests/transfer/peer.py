@@ -163,8 +163,12 @@ class RecvTask:
         expected = make_prompt(self.room, got.prompt_tokens, self.manager.pool.layout)
         skip = got.first_token  # the rows before it were never sent: the receiver held them
         if skip:
-            expected = EncodedPrompt(expected.embeddings[skip:], expected.token_ids[skip:],
-                                     expected.positions[skip:], expected.mrope_delta)
+            whole, expected = expected, EncodedPrompt(
+                expected.embeddings[skip:], expected.token_ids[skip:], expected.positions[skip:],
+                expected.mrope_delta)
+            if whole.deepstack is not None:
+                expected.visual_mask = whole.visual_mask[skip:]
+                expected.deepstack = whole.deepstack[:, int(whole.visual_mask[:skip].sum()):]
         exact = same_prompt(got, expected)
         if got.prefix is not None:
             self.manager.prefix_cache.release(got.prefix)

@@ -60,7 +60,7 @@ def fuzz_settings(examples: int) -> settings:
 TOKEN = "fuzz-secret"
 TAGS = ["window", "announce", "cached", "chunk", "received", "abort", "heartbeat"]
 FIELDS = ["room", "start_token", "blocks", "allocated_tokens", "total_tokens", "num_tokens",
-          "mrope_delta", "visual_runs", "reason", "block_hashes", "tokens"]
+          "mrope_delta", "visual_runs", "reason", "block_hashes", "tail_images", "tokens"]
 MSGPACK_INTS = st.integers(-(2**63), 2**64 - 1)
 RUNS = st.lists(st.tuples(MSGPACK_INTS, MSGPACK_INTS), max_size=3).map(tuple)
 
@@ -145,6 +145,8 @@ def well_typed(message: object) -> bool:
     return all(isinstance(value, str) if name == "reason" else
                all(type(b) is int for b in value) if name == "blocks" else
                all(type(b) is bytes for b in value) if name == "block_hashes" else
+               all(type(i.start) is type(i.end) is int and type(i.key) is str for i in value)
+               if name == "tail_images" else
                all(len(run) == 2 and all(type(n) is int for n in run) for run in value)
                if name == "visual_runs" else type(value) is int
                for name, value in fields.items())

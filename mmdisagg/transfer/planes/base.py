@@ -51,7 +51,8 @@ class Link(ABC):
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
         """Blocking: put ``notice.num_tokens`` tokens from the sender's blocks (request token
-        ``src_start`` on) into ``dst_blocks``. Raises PlaneError."""
+        ``src_start`` on) into ``dst_blocks`` (a window's, from row ``chunk_row(notice)`` of
+        the first on). Raises PlaneError."""
 
     def close(self) -> None:
         """Release what the link holds."""

@@ -24,7 +24,7 @@ from mmdisagg.config import MooncakeSettings, NetworkSettings, TransferSettings
 from mmdisagg.pool.layout import PoolLayout, paired_ranges
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes.base import ChunkSink, DataPlane, Link, PlaneError
-from mmdisagg.transfer.protocol import ChunkDone
+from mmdisagg.transfer.protocol import ChunkDone, chunk_row
 
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 WHEELS = ("mooncake-transfer-engine-non-cuda on CPU hosts (pip install 'mmdisagg[mooncake]'), "
@@ -95,8 +95,9 @@ class MooncakeLink(Link):
 
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
-        runs = paired_ranges(self.src, src_blocks, src_start, self.dst, dst_blocks, 0,
-                             notice.num_tokens, notice.visual_runs)
+        runs = paired_ranges(self.src, src_blocks, src_start, self.dst, dst_blocks,
+                             chunk_row(notice, self.dst.block_size), notice.num_tokens,
+                             notice.visual_runs)
         status = self.engine.batch_transfer_sync_write(
             self.session, [self.src_base + at for at, _, _ in runs],
             [self.dst_base + at for _, at, _ in runs], [size for _, _, size in runs])

@@ -11,7 +11,7 @@ from mmdisagg.pool.layout import PoolLayout
 from mmdisagg.pool.pool import PoolArrays
 from mmdisagg.pool.shm import SegmentError
 from mmdisagg.transfer.planes.base import ChunkSink, DataPlane, Link, PlaneError
-from mmdisagg.transfer.protocol import ChunkDone
+from mmdisagg.transfer.protocol import ChunkDone, chunk_row
 
 
 def host_identity() -> str:
@@ -31,7 +31,8 @@ class ShmLink(Link):
 
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
-        self.src.copy_to(self.dst, src_blocks, src_start, dst_blocks, 0, notice.num_tokens,
+        self.src.copy_to(self.dst, src_blocks, src_start, dst_blocks,
+                         chunk_row(notice, self.dst.layout.block_size), notice.num_tokens,
                          notice.visual_runs)
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.pool.layout import runs_problem
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes.base import ChunkRefused, ChunkSink, DataPlane, Link, PlaneError
-from mmdisagg.transfer.protocol import ChunkDone
+from mmdisagg.transfer.protocol import ChunkDone, chunk_row
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class TcpLink(Link):
     def write(self, src_blocks: Sequence[int], src_start: int, dst_blocks: Sequence[int],
               notice: ChunkDone) -> None:
         layout = self.plane.pool.layout
-        used = -(-notice.num_tokens // layout.block_size)
+        used = -(-(chunk_row(notice, layout.block_size) + notice.num_tokens) // layout.block_size)
         header = _header_encoder.encode(ChunkHeader(
             self.plane.auth_token, self.plane.source, notice, list(dst_blocks[:used])))
         if self.sock is None:
@@ -167,9 +167,10 @@ class TcpPlane(DataPlane):
                     continue
                 error = None
                 try:
-                    for offset, size in self.pool.layout.byte_ranges(
-                            header.blocks, 0, header.notice.num_tokens,
-                            header.notice.visual_runs):
+                    layout = self.pool.layout
+                    for offset, size in layout.byte_ranges(
+                            header.blocks, chunk_row(header.notice, layout.block_size),
+                            header.notice.num_tokens, header.notice.visual_runs):
                         if not _recv_exact(conn, pool_view[offset: offset + size]):
                             raise ConnectionError("stream ended inside a chunk")
                 except OSError as exc:
