@@ -32,6 +32,14 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str =
         time.sleep(0.05)
 
 
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """``wait_until`` inside an event loop: the loop's other tasks run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        await asyncio.sleep(0.05)
+
+
 class FaultCluster(Cluster):
     """A Cluster whose servers a test may kill, stop and start again."""
 
@@ -104,9 +112,11 @@ def image(width: int, height: int, seed: int = 0) -> dict:
 
 
 async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int = 8,
-              stream: bool = False, deadline: float = ANSWER_DEADLINE_S) -> str | int:
+              stream: bool = False, deadline: float = ANSWER_DEADLINE_S,
+              chunks: list[object] | None = None) -> str | int:
     """'ok', the HTTP status of a clean failure, 'stream-error' (an error event in a stream)
-    or 'connection-error'; a request that hangs fails the test."""
+    or 'connection-error'; a request that hangs fails the test. A stream's chunks are appended
+    to ``chunks`` as they arrive (for a test that waits on them)."""
     async def run() -> str | int:
         try:
             if not stream:
@@ -119,6 +129,8 @@ async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int 
             async for chunk in await client.chat.completions.create(
                     model="tiny-model", messages=messages, max_tokens=max_tokens,
                     temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                if chunks is not None:
+                    chunks.append(chunk)
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
             assert finish == "length"

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.faults.conftest import MAX_MODEL_LEN
-from tests.faults.harness import FaultCluster, ask, image, wait_until
+from tests.faults.harness import FaultCluster, ask, image, until, wait_until
 from tests.models.fixtures import text_part, user
 
 LONG = 3000  # tokens: still decoding when the kill comes (tens of seconds of CPU decoding,
@@ -44,13 +44,18 @@ def test_language_server_killed_mid_decode(cluster):
     async def scenario():
         client = cluster.async_client()
         decoding = []
-        for each, stream in enumerate((True, False), start=1):  # least-loaded: one of each
+        streamed: list[list[object]] = [[], []]
+        # least-loaded: one of each per server; whole requests first, so that a streamed one
+        # (in the same decode batch, admitted later) having tokens means they have them too
+        for each, stream in enumerate((False, True), start=1):
             decoding += [asyncio.create_task(timed(ask(
-                client, user(text_part(f"Story {i}.")), LONG, stream, LONG_DEADLINE_S)))
-                for i in range(2)]
+                client, user(text_part(f"Story {i}.")), LONG, stream, LONG_DEADLINE_S,
+                chunks=streamed[i] if stream else None))) for i in range(2)]
             await asyncio.to_thread(
                 wait_until, lambda each=each: all(running(cluster, n) >= each for n in names),
                 60, "requests decoding on both language servers")
+        await until(lambda: all(len(chunks) >= 3 for chunks in streamed), LONG_DEADLINE_S,
+                    "tokens streamed from both language servers")
         big = asyncio.create_task(timed(ask(client, user(image(2048, 2048), text_part("Hi")),
                                             deadline=LONG_DEADLINE_S)))
         await asyncio.to_thread(wait_until, lambda: cluster.queue("encode-0", "encoding") >= 1,

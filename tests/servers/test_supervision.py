@@ -27,6 +27,7 @@ from mmdisagg.pool.shm import sweep_stale_segments
 from mmdisagg.serve.launcher import free_port
 from mmdisagg.serve.probe import metrics, used_blocks
 from tests.conftest import SPAWNED
+from tests.faults.harness import until
 from tests.faults.served import API_KEY, Served
 from tests.models.fixtures import image_part, text_part, user
 
@@ -177,13 +178,6 @@ async def closed_loop(served: Supervised, total: int, concurrency: int, max_toke
     finally:
         await client.close()
     return outcomes
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 def references(served: Supervised, max_tokens: int) -> list[str]:
