@@ -141,7 +141,7 @@ class DecodeWorkspace:
         self.lengths: list[int] = []  # tokens held, by row
         self.row_tokens = 0
         self.keys = self.values = self._flat[:0]
-        self._rows = self._positions = torch.zeros(0, dtype=torch.long)
+        self._slots = torch.zeros(0, dtype=torch.long)  # of the new tokens, in a layer
 
     @property
     def nbytes(self) -> int:
@@ -188,8 +188,10 @@ class DecodeWorkspace:
             rows.append(row)
         if stale:
             self._copy_in(stale)
-        self._rows = torch.arange(len(rows))
-        self._positions = torch.tensor(self.lengths) - 1
+        heads = self.cache.layout.num_kv_heads
+        slots = ((torch.arange(len(rows))[:, None] * heads + torch.arange(heads)) * self.row_tokens
+                 + torch.tensor(self.lengths)[:, None] - 1)
+        self._slots = slots.flatten()
         return rows
 
     def forget(self, owner: Hashable) -> None:
@@ -202,8 +204,9 @@ class DecodeWorkspace:
         """The rows' new ``keys``/``values`` ``[rows, kv_heads, head_dim]`` (in row order)
         after their cached ones; return the layer's keys and values of every row, ``[rows,
         kv_heads, end, head_dim]``."""
-        self.keys[layer][self._rows, :, self._positions] = keys
-        self.values[layer][self._rows, :, self._positions] = values
+        dim = self.cache.layout.head_dim
+        self.keys[layer].view(-1, dim).index_copy_(0, self._slots, keys.reshape(-1, dim))
+        self.values[layer].view(-1, dim).index_copy_(0, self._slots, values.reshape(-1, dim))
         count = len(self.owners)
         return self.keys[layer, :count, :, :end], self.values[layer, :count, :, :end]
 
