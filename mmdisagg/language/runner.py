@@ -133,7 +133,7 @@ class ModelRunner:
     def _decode_rows(self, decode: Sequence[Req]) -> PagedRows:
         lengths = [req.num_computed + 1 for req in decode]
         width = self._width(lengths)
-        keys = torch.arange(max(lengths), device=self.device)
+        keys = torch.arange(width * self.cache.block_size, device=self.device)
         mask = keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         return PagedRows(self._tables(decode, width).to(self.device), mask[:, None, None, :])
 

@@ -104,9 +104,8 @@ class PagedRows:
     """Sequences whose new tokens attend to their cached keys and values through block tables.
 
     ``block_tables [rows, max_blocks]`` (padded with any valid block id) and ``mask [rows, 1,
-    queries, keys]``: True where a query may see a key (its own sequence, causal, within the
-    cached length); ``keys`` is ``max_blocks * block_size`` for prefill chunks, the longest
-    row for decode rows. Built once per step, shared by every layer.
+    queries, max_blocks * block_size]``: True where a query may see a key (its own sequence,
+    causal, within the cached length). Built once per step, shared by every layer.
     """
 
     block_tables: torch.Tensor

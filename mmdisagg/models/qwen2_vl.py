@@ -531,12 +531,10 @@ class QwenVLLanguageHalf(LanguageHalf):
         a KV head go in as that head's queries, so the keys are not repeated per group (what
         ``enable_gqa`` does on CPU): 3x faster at batch 256."""
         count, heads, _ = queries.shape
-        end = rows.mask.shape[-1]  # the longest row
         if cache.decode is not None:
-            keys, values = cache.decode.append(layer, new_keys, new_values, end)
+            keys, values = cache.decode.append(layer, new_keys, new_values, rows.mask.shape[-1])
         else:
             keys, values = self._gather(layer, cache, rows)
-            keys, values = keys[:, :, :end], values[:, :, :end]
         grouped = queries.view(count, self.num_kv_heads, heads // self.num_kv_heads,
                                self.head_dim)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=rows.mask,
