@@ -88,7 +88,8 @@ class PagedKVCache:
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values of each row's blocks, ``[rows, blocks * block_size,
-        kv_heads, head_dim]``, copied into a workspace that the next call overwrites.
+        kv_heads, head_dim]``, copied into a workspace that the next call overwrites: prefill
+        chunks' (the engine bounds their rows times width), and off CPU decode rows'.
 
         NOTE: a fresh tensor per call would be freed and re-faulted page by page every layer
         (5x slower on CPU at batch 64); the workspace grows to the largest gather and stays."""
