@@ -106,7 +106,8 @@ def test_100_concurrent_long_requests_keep_memory_bounded(tiny_models):
     assert prompt_tokens > 1500
     expected = [generate_greedy(model, messages, 4) for messages in distinct]
     # NOTE: with the prefix cache, dozens of these prompts prefill short suffixes against long
-    # cached contexts: --max-prefill-kv-tokens bounds what one such step gathers.
+    # cached contexts: a prefill step's padded area is bounded (--max-prefill-tokens counts
+    # padding, --max-prefill-kv-tokens the gathered contexts); unbounded, this grew 511 MiB.
     cluster = Cluster(model.path, torch_threads=1, kv_cache_memory="64MiB")
     try:
         language = cluster.child("language-0")
