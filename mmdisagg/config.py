@@ -432,12 +432,19 @@ def fraction(value: float) -> str | None:
 @dataclass(frozen=True)
 class EngineSettings:
     max_prefill_tokens: int = knob(
-        2048, "prompt tokens the language engine prefills per step; longer prompts take several "
-        "steps while others keep decoding")
+        2048, "prompt tokens the language engine prefills per step, counting each chunk as long "
+        "as the step's longest (attention pads them); longer prompts take several steps while "
+        "others keep decoding")
+    max_prefill_kv_tokens: int = knob(
+        32768, "cached tokens one prefill step gathers for its attention: its chunks times the "
+        "longest context among them (bounds that step's padded workspace; a step always takes "
+        "one chunk, whatever its context)")
     kv_block_size: int = knob(16, "tokens per block of the paged KV cache", check=power_of_two)
     kv_cache_memory: str = knob(
         "4GiB", "memory of the language server's paged KV cache (units B, KiB, MiB, GiB, ...); "
-        "on CUDA used only when --gpu-memory-utilization is 0", check=byte_size)
+        "on CPU half of it holds the decoding rows' keys and values again, in attention's layout "
+        "(the decode workspace); on CUDA used only when --gpu-memory-utilization is 0",
+        check=byte_size)
     gpu_memory_utilization: float = knob(
         0.9, "CUDA: fraction of the device's memory for weights, activations and the KV cache "
              "(sized by a dry run at start); 0 = use --kv-cache-memory", check=fraction)

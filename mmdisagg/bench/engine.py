@@ -5,9 +5,11 @@ another checkout's engine ("today"); and requests/s with a KV cache a quarter of
 Decode is measured from a KV cache holding each sequence's ``--prompt-tokens`` keys and
 values as they lie in fresh memory (zeros), not a real prefill: a decode step costs the same
 whatever the values, and
-prefilling 256 x 400 tokens would take most of the run on a CPU. ``generate()`` does prefill
-(so it runs only where the batch's prompts total at most ``--generate-max-tokens``); its
-decode time is the median gap between its steps after the first.
+prefilling 256 x 400 tokens would take most of the run on a CPU. Decode is timed twice: by
+the wall clock and by the process's CPU time (with one torch thread, the step's own work
+without the time other processes hold the cores; memory contention still counts).
+``generate()`` does prefill (so it runs only where the batch's prompts total at most
+``--generate-max-tokens``); its decode time is the median gap between its steps after the first.
 
 The "today" column runs this same file with another checkout's interpreter and sources
 (``--today-root``, e.g. /work/main): it then drives that checkout's per-sequence engine
@@ -170,7 +172,7 @@ def decode_point(half: LanguageHalf, batch: int, args: argparse.Namespace) -> di
     """Decode tokens/s and aten ops per step of ``batch`` sequences of ``prompt_tokens``."""
     params = SamplingParams(max_tokens=10**6, ignore_eos=True)
     encoded = prompt(half, args.prompt_tokens, seed=batch)
-    times = []
+    times, cpu_times = [], []
     ops = 0
     for run in range(args.repeat + 1):
         driver = driver_class()(half, batch * (args.prompt_tokens + args.steps + 64), batch)
@@ -182,13 +184,16 @@ def decode_point(half: LanguageHalf, batch: int, args: argparse.Namespace) -> di
                 driver.step()
             ops = sum(counter.ops.values())
             continue
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             driver.step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = sorted(times)[len(times) // 2]
+    cpu_seconds = sorted(cpu_times)[len(cpu_times) // 2]
     return {"tokens_per_s": batch * args.steps / seconds, "ops_per_step": ops,
-            "step_ms": seconds / args.steps * 1000}
+            "step_ms": seconds / args.steps * 1000,
+            "cpu_tokens_per_s": batch * args.steps / cpu_seconds}
 
 
 def load_point(half: LanguageHalf, kv_fraction: float, args: argparse.Namespace) -> dict:
@@ -286,14 +291,16 @@ def run(args: argparse.Namespace) -> int:
         for batch in args.batches:
             point = ours["decode"][size][str(batch)] = decode_point(half, batch, args)
             row = {"model": size, "batch": batch, "tokens/s": point["tokens_per_s"],
-                   "ops/step": point["ops_per_step"]}
+                   "CPU tokens/s": point["cpu_tokens_per_s"], "ops/step": point["ops_per_step"]}
             if theirs is not None:
                 one = argparse.Namespace(**{**vars(args), "sizes": [size], "batches": [batch]})
                 old = today(one)["decode"][size][str(batch)]
                 theirs["decode"].setdefault(size, {})[str(batch)] = old
-                row |= {"today tokens/s": old["tokens_per_s"], "today ops/step":
-                        old["ops_per_step"], "vs today": point["tokens_per_s"]
-                        / old["tokens_per_s"]}
+                row |= {"today tokens/s": old["tokens_per_s"],
+                        "today CPU tokens/s": old["cpu_tokens_per_s"],
+                        "today ops/step": old["ops_per_step"],
+                        "vs today": point["tokens_per_s"] / old["tokens_per_s"],
+                        "vs today, CPU": point["cpu_tokens_per_s"] / old["cpu_tokens_per_s"]}
             generated = generate_point(half, path, batch, args)
             if generated is not None:
                 row |= {"generate() tokens/s": generated["tokens_per_s"],
@@ -302,9 +309,10 @@ def run(args: argparse.Namespace) -> int:
         if args.load_requests:
             ours["load"][size] = {str(fraction): load_point(half, fraction, args)
                                   for fraction in (1.0, 0.25)}
-    columns = ["model", "batch", "tokens/s", "ops/step"]
+    columns = ["model", "batch", "tokens/s", "CPU tokens/s", "ops/step"]
     if theirs is not None:
-        columns += ["today tokens/s", "today ops/step", "vs today"]
+        columns += ["today tokens/s", "today CPU tokens/s", "today ops/step", "vs today",
+                    "vs today, CPU"]
     columns += ["generate() tokens/s", "vs generate()"]
     print_table(rows, columns)
     if args.load_requests:

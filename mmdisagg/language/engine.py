@@ -52,6 +52,44 @@ class StepOutput:
         return self.req.request_id
 
 
+@dataclass
+class PrefillArea:
+    """What one prefill step's attention pads: every chunk to the longest (``queries`` tokens
+    at most, padding included) and every chunk's cached context to the longest (``keys``
+    tokens at most, in whole blocks). The first chunk is only held to ``queries``."""
+
+    queries: int
+    keys: int
+    block_size: int
+    rows: int = 0
+    longest_chunk: int = 0
+    longest_context: int = 0
+
+    def fits(self, computed: int, pending: int | None = None) -> int:
+        """The longest next chunk (at most ``pending`` tokens) of a sequence that has
+        ``computed`` tokens cached; 0 if none fits."""
+        pending = self.queries if pending is None else pending
+        if self.rows == 0:
+            return min(pending, self.queries)
+        rows = self.rows + 1
+        if rows * self.longest_chunk > self.queries:
+            return 0
+        # the chunk may grow the longest context up to the keys' share of each row
+        keys_per_row = self.keys // rows // self.block_size * self.block_size
+        if keys_per_row < self.longest_context:
+            return 0
+        return max(0, min(pending, self.queries // rows, keys_per_row - computed))
+
+    def take(self, computed: int, pending: int) -> int:
+        count = self.fits(computed, pending)
+        if count:
+            self.rows += 1
+            self.longest_chunk = max(self.longest_chunk, count)
+            context = -(-(computed + count) // self.block_size) * self.block_size
+            self.longest_context = max(self.longest_context, context)
+        return count
+
+
 class Engine:
     """Runs requests through a LanguageHalf over one paged KV cache. Not thread-safe: one
     scheduler loop owns it."""
@@ -128,6 +166,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         failed: list[StepOutput] = []
         decode = self._grow_decoding(failed)
+        decode = decode[:self.runner.fitting(decode)]
         prefill = self._schedule_prefill(failed)
         if not decode and not prefill:
             return failed
@@ -169,17 +208,17 @@ class Engine:
 
     def _schedule_prefill(self, failed: list[StepOutput]) -> list[tuple[Req, int]]:
         """Next prompt (or recomputed) tokens of running requests, then of admitted ones,
-        within ``max_prefill_tokens``."""
-        budget = self.settings.max_prefill_tokens
+        within the step's padded area (``PrefillArea``)."""
+        area = PrefillArea(self.settings.max_prefill_tokens, self.settings.max_prefill_kv_tokens,
+                           self.blocks.block_size)
         prefill = []
         for req in self.running:
-            if budget == 0:
-                return prefill
             if not self._decoding(req):
-                count = min(req.num_pending, budget)
+                count = area.take(req.num_computed, req.num_pending)
+                if count == 0:
+                    return prefill
                 prefill.append((req, count))
-                budget -= count
-        while budget and self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             if not req.block_table:
                 self._find_prefix(req)
@@ -188,6 +227,8 @@ class Engine:
                 failed.append(self._fail(req, "its prompt's cached prefix was evicted while it "
                                               "waited (preempted); send it again", running=False))
                 continue
+            if area.fits(req.num_computed) == 0:
+                break
             try:
                 admitted = self.blocks.allocate(req, req.num_tokens + 1)
             except Exception as exc:  # an allocator failure fails this request only
@@ -204,9 +245,7 @@ class Engine:
                 self.prefix_hit_tokens += req.num_computed
             req.status = ReqStatus.RUNNING
             self.running.append(req)
-            count = min(req.num_pending, budget)
-            prefill.append((req, count))
-            budget -= count
+            prefill.append((req, area.take(req.num_computed, req.num_pending)))
         return prefill
 
     def _find_prefix(self, req: Req) -> None:
@@ -221,6 +260,7 @@ class Engine:
     def _preempt(self, req: Req) -> None:
         self.running.remove(req)
         self.blocks.free(req)
+        self.runner.forget(req)
         req.status = ReqStatus.PREEMPTED
         req.preemptions += 1
         self.preemptions += 1
@@ -257,6 +297,7 @@ class Engine:
 
     def _release(self, req: Req) -> None:
         self.blocks.free(req)
+        self.runner.forget(req)
         req.status = ReqStatus.FINISHED
 
     def _finish_reason(self, req: Req, token: int) -> str | None:

@@ -29,6 +29,34 @@ class ModelRunner:
 
         NOTE: the caller has given every row the blocks for its new tokens, and advances
         ``num_computed`` afterwards."""
+        order = None
+        if decode and self.cache.decode is not None:
+            rows = self.cache.decode.place(decode, [req.num_computed for req in decode],
+                                           [req.block_table for req in decode])
+            order = sorted(range(len(decode)), key=rows.__getitem__)
+            decode = [decode[i] for i in order]
+        sampled = self._run(decode, prefill)
+        if order is None:
+            return sampled
+        back = [0] * len(order)
+        for position, original in enumerate(order):
+            back[original] = position
+        back += range(len(order), len(sampled.tokens))
+        return Sampled([sampled.tokens[i] for i in back], [sampled.logprobs[i] for i in back])
+
+    def fitting(self, decode: Sequence[Req]) -> int:
+        """How many of the first ``decode`` rows one step can take: all, but on CPU those
+        that fit the decode workspace padded to the longest (the others wait a step)."""
+        if self.cache.decode is None:
+            return len(decode)
+        return self.cache.decode.fitting([req.num_computed + 1 for req in decode])
+
+    def forget(self, req: Req) -> None:
+        """``req`` stopped running (finished, failed, preempted): its KV blocks may change."""
+        if self.cache.decode is not None:
+            self.cache.decode.forget(req)
+
+    def _run(self, decode: Sequence[Req], prefill: Sequence[tuple[Req, int]]) -> Sampled:
         batch = self._batch(decode, prefill)
         hidden = self.half.forward(batch, self.cache)
         finishing = [req for req, count in prefill if count == req.num_pending]

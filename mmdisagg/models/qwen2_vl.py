@@ -492,8 +492,8 @@ class QwenVLLanguageHalf(LanguageHalf):
                    position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
                    cache: PagedKVCache) -> torch.Tensor:
         """Projections and rotary embedding over all tokens at once; new keys and values into
-        their slots with one index op each; then one attention call for the decode rows and
-        one for the prefill chunks, both reading the cache through block tables."""
+        their slots with one index op each; then one attention call for the decode rows (on CPU
+        over the decode workspace) and one for the prefill chunks (through block tables)."""
         count = hidden.shape[0]
         queries, keys, values = self._project(attention, hidden)
         queries, keys = modeling_qwen2_vl.apply_rotary_pos_emb(queries, keys, *position_embeddings)
@@ -504,8 +504,10 @@ class QwenVLLanguageHalf(LanguageHalf):
         decoded = batch.num_decode
         outputs = []
         if batch.decode is not None:
-            outputs.append(self._decode_attention(queries[:decoded], layer, cache, batch.decode,
-                                                  attention.scaling))
+            outputs.append(self._decode_attention(
+                queries[:decoded], keys[0, :, :decoded].transpose(0, 1),
+                values[0, :, :decoded].transpose(0, 1), layer, cache, batch.decode,
+                attention.scaling))
         if batch.prefill is not None:
             outputs.append(self._prefill_attention(queries[decoded:], layer, cache,
                                                    batch.prefill, attention.scaling))
@@ -520,13 +522,19 @@ class QwenVLLanguageHalf(LanguageHalf):
         keys, values = cache.gather(layer, rows.block_tables)
         return keys.transpose(1, 2), values.transpose(1, 2)
 
-    def _decode_attention(self, queries: torch.Tensor, layer: int, cache: PagedKVCache,
+    def _decode_attention(self, queries: torch.Tensor, new_keys: torch.Tensor,
+                          new_values: torch.Tensor, layer: int, cache: PagedKVCache,
                           rows: PagedRows, scale: float) -> torch.Tensor:
-        """``queries [rows, heads, head_dim]``, one token per row. The query heads sharing a
-        KV head go in as that head's queries, so the keys are not repeated per group (what
+        """``queries [rows, heads, head_dim]``, one token per row (``new_keys``/``new_values``
+        ``[rows, kv_heads, head_dim]``, already in the pool). On CPU the keys come from the
+        decode workspace, on other devices through the block tables. The query heads sharing
+        a KV head go in as that head's queries, so the keys are not repeated per group (what
         ``enable_gqa`` does on CPU): 3x faster at batch 256."""
         count, heads, _ = queries.shape
-        keys, values = self._gather(layer, cache, rows)
+        if cache.decode is not None:
+            keys, values = cache.decode.append(layer, new_keys, new_values, rows.mask.shape[-1])
+        else:
+            keys, values = self._gather(layer, cache, rows)
         grouped = queries.view(count, self.num_kv_heads, heads // self.num_kv_heads,
                                self.head_dim)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=rows.mask,

@@ -20,6 +20,7 @@ def test_bench_engine(tmp_path: Path) -> None:
     decode = result["ours"]["decode"]["tiny"]
     for point in decode.values():
         assert measured(point["tokens_per_s"]) and point["ops_per_step"] > 0, point
+        assert measured(point["cpu_tokens_per_s"]), point
     assert decode["8"]["ops_per_step"] - decode["1"]["ops_per_step"] <= 8, decode
     assert result["today"]["decode"]["tiny"]["1"]["ops_per_step"] > 0
     for fraction, load in result["ours"]["load"]["tiny"].items():

@@ -8,9 +8,10 @@ import math
 from collections import defaultdict
 
 import pytest
+import torch
 
 from mmdisagg.core import EncodedPrompt, SamplingParams
-from mmdisagg.language.engine import Engine, StepOutput
+from mmdisagg.language.engine import Engine, PrefillArea, StepOutput
 from mmdisagg.language.request import Req, ReqStatus
 from mmdisagg.models.base import LanguageHalf
 from mmdisagg.models.errors import InputError
@@ -136,6 +137,60 @@ def test_prefill_budget_is_shared_by_the_step(qwen2_vl: TinyModel) -> None:
     lengths = [new.prompt_tokens for new in reqs]
     assert first_token_step == {"long text": math.ceil(lengths[0] / 16),
                                 "one image": math.ceil(sum(lengths) / 16)}
+
+
+def test_decode_rows_beyond_the_workspace_wait_a_step(qwen2_vl: TinyModel) -> None:
+    """On CPU a decode step reads the decoding rows' keys from a workspace of as many tokens
+    as the pool, each row padded to the longest: rows beyond it wait a step. After every step
+    each row of the workspace equals its sequence's keys and values in the pool, bit for bit,
+    and every answer is generate()'s."""
+    names = ["two images", "text only", "text only", "text only"]
+    reqs = [req(qwen2_vl, name, request_id=str(i)) for i, name in enumerate(names)]
+    longest = max(new.prompt_tokens for new in reqs) + 12
+    needed = sum(math.ceil((new.prompt_tokens + 12) / 16) * 16 for new in reqs)
+    assert len(reqs) * math.ceil(longest / 16) * 16 > needed  # padded, they do not fit
+    engine = paged_engine(qwen2_vl.language, kv_tokens=needed)
+    workspace = engine.runner.cache.decode
+    assert workspace is not None and workspace.tokens == needed
+    offered = engine.runner.fitting
+    taken: list[tuple[int, int]] = []
+
+    def fitting(decode: list[Req]) -> int:
+        taken.append((offered(decode), len(decode)))
+        return taken[-1][0]
+
+    engine.runner.fitting = fitting  # type: ignore[method-assign]
+    for new in reqs:
+        engine.add(new)
+    cache = engine.runner.cache
+    layers, _, _, heads, dim = cache.keys.shape
+    while engine.has_work():
+        engine.step()
+        for row, (owner, length) in enumerate(zip(workspace.owners, workspace.lengths,
+                                                  strict=True)):
+            assert owner.num_computed == length
+            for pool, copy in ((cache.keys, workspace.keys), (cache.values, workspace.values)):
+                expected = pool[:, owner.block_table].reshape(layers, -1, heads, dim)[:, :length]
+                assert torch.equal(copy[:, row, :, :length], expected.transpose(1, 2))
+    assert any(count < len_offered for count, len_offered in taken)
+    for new, name in zip(reqs, names, strict=True):
+        assert_same_tokens(new.output_ids, generate_greedy(qwen2_vl, PROMPTS[name], 12))
+    assert_idle(engine)
+    assert not workspace.owners
+
+
+def test_prefill_area_bounds_padded_queries_and_keys() -> None:
+    """A prefill step pads every chunk to the longest and every context to the longest: both
+    padded areas stay within their limits, except that the first chunk always runs."""
+    area = PrefillArea(queries=64, keys=256, block_size=16)
+    assert area.take(computed=1000, pending=500) == 64  # one chunk, whatever its context
+    assert area.take(computed=0, pending=1) == 0  # 2 x 64 padded queries
+    area = PrefillArea(queries=64, keys=256, block_size=16)
+    assert area.take(computed=100, pending=10) == 10  # context 112
+    assert area.take(computed=100, pending=40) == 28  # 2 rows: 128 keys each at most
+    assert area.take(computed=0, pending=40) == 0  # 3 rows x 128 > 256
+    area = PrefillArea(queries=64, keys=4096, block_size=16)
+    assert [area.take(0, 20), area.take(0, 40), area.take(0, 5)] == [20, 32, 0]
 
 
 def test_prompt_longer_than_the_whole_cache_is_refused(qwen2_vl: TinyModel) -> None:

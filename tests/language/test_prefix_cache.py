@@ -233,3 +233,36 @@ def test_a_referenced_block_is_never_taken() -> None:
     assert not blocks.allocate(owner("x"), 32 * 7)
     assert blocks.allocate(owner("y"), 32 * 6)
     blocks.check()
+
+
+def test_prefill_steps_of_cache_hits_stay_within_their_padded_keys(tiny: TinyModel) -> None:
+    """Eight copies of a prompt whose first blocks are cached each prefill only their last
+    tokens, against the whole cached context: a step takes as many of them as
+    --max-prefill-kv-tokens holds, each context padded to the longest (here three)."""
+    messages = user(text_part("Describe the harbour, the boats and the sky at dawn. " * 4))
+    expected = generate_greedy(tiny, messages, MAX_TOKENS)
+    context = -(-encoded(tiny, messages).total_tokens // BLOCK) * BLOCK
+    limit = 3 * context
+    cache = PagedKVCache(tiny.language.kv_layout, 4096 // BLOCK, BLOCK, tiny.language.device)
+    server = Engine(tiny.language, cache, EngineSettings(max_prefill_tokens=2048,
+                                                         max_prefill_kv_tokens=limit),
+                    prefix_cache=True)
+    assert_same_tokens(answer(tiny, server, messages, "first"), expected)
+    areas: list[tuple[int, int]] = []
+    run = server.runner.run
+
+    def record(decode: list[Req], prefill: list[tuple[Req, int]]) -> Any:
+        if prefill:
+            areas.append((len(prefill), max(-(-(req.num_computed + count) // BLOCK) * BLOCK
+                                            for req, count in prefill)))
+        return run(decode, prefill)
+
+    server.runner.run = record  # type: ignore[method-assign]
+    hits = server.prefix_hit_tokens
+    reqs = [Req(str(i), SamplingParams(max_tokens=MAX_TOKENS), encoded(tiny, messages))
+            for i in range(8)]
+    for tokens in run_engine(server, reqs).values():
+        assert_same_tokens(tokens, expected)
+    assert server.prefix_hit_tokens - hits >= 8 * BLOCK  # every copy started from the cache
+    assert all(rows * longest <= limit for rows, longest in areas), areas
+    assert max(rows for rows, _ in areas) == 3, areas

@@ -25,7 +25,9 @@ TRANSFER_BYTES = "mmdisagg_transfer_bytes_total"
 
 
 def kv_bytes_per_token(path) -> int:
-    return LanguageHalf.from_pretrained(path).kv_layout.bytes_per_token
+    """--kv-cache-memory per token of the pool: on CPU it also holds the decode workspace,
+    as many tokens again."""
+    return 2 * LanguageHalf.from_pretrained(path).kv_layout.bytes_per_token
 
 
 def test_prompt_longer_than_the_kv_cache_is_refused_before_transfer(tiny_checkpoints):
@@ -88,10 +90,10 @@ def test_100_concurrent_long_requests_keep_memory_bounded(tiny_models):
     prompt_tokens = model.encoder.prepare(distinct[0]).total_tokens
     assert prompt_tokens > 1500
     expected = [generate_greedy(model, messages, 4) for messages in distinct]
-    # NOTE: without the prefix cache: with it, dozens of these prompts prefill short suffixes
-    # against long cached contexts in one step, and the padded attention workspace (not yet
-    # bounded: docs/models.md) outgrows this margin.
-    cluster = Cluster(model.path, torch_threads=1, kv_cache_memory="64MiB", prefix_cache=False)
+    # NOTE: with the prefix cache, dozens of these prompts prefill short suffixes against long
+    # cached contexts: a prefill step's padded area is bounded (--max-prefill-tokens counts
+    # padding, --max-prefill-kv-tokens the gathered contexts); unbounded, this grew 511 MiB.
+    cluster = Cluster(model.path, torch_threads=1, kv_cache_memory="64MiB")
     try:
         language = cluster.child("language-0")
         asyncio.run(cluster.token_ids(distinct[:2], max_tokens=4))  # warm up: a 2-prompt step
