@@ -38,7 +38,6 @@ from mmdisagg.models.tiny import make_tiny_model
 torch.set_num_threads(1)
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-VIDEO_FAMILIES = FAMILIES
 
 
 @dataclass
@@ -252,7 +251,7 @@ def _all_frames(data: bytes) -> tuple[np.ndarray, float]:
 
 def transformers_inputs(checkpoints: dict[str, Path],
                         cases: dict[str, tuple[list[dict[str, Any]], int]],
-                        folder: Path, families: tuple[str, ...] = VIDEO_FAMILIES
+                        folder: Path, families: tuple[str, ...] = FAMILIES
                         ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """(family, case) -> what transformers' own processor (its video processor included) makes
     of the case's messages, frames sampled at most ``max_video_frames`` (the case's int), for

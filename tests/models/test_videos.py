@@ -20,14 +20,16 @@ import pytest
 import torch
 
 from mmdisagg.config import ImageSettings
+from mmdisagg.core import HASH_BLOCK_TOKENS
 from mmdisagg.encode.image_cache import ImageCache
-from mmdisagg.models.base import EncoderHalf
+from mmdisagg.models import videos
+from mmdisagg.models.base import EncoderHalf, pixel_hash
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.videos import VideoRules, load_video
+from mmdisagg.models.videos import QWEN2_VL, VideoRules, load_video
 from tests.models.fixtures import (
-    VIDEO_FAMILIES,
     TinyModel,
     data_url,
+    encode,
     generate_on,
     image_part,
     png_bytes,
@@ -62,12 +64,6 @@ CASES = {
                                               video_part(30, 56, 84, fps=3, seed=5)),
                                          max_video_frames=6),
 }
-
-
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
-def tiny(request: pytest.FixtureRequest, tiny_models: dict[str, TinyModel]) -> TinyModel:
-    """The families that take videos (this module's tests run once for each)."""
-    return tiny_models[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +132,85 @@ def test_negative_control_untimed_video_positions_change_tokens(tiny_models, ref
     assert split_greedy(tiny, prompt, NEW_TOKENS) != expected
 
 
+# -- Qwen3-VL: a video is a run of frame groups, each after its timestamp text ---------------
+
+def test_qwen3_vl_video_positions_equal_get_rope_index(tiny_models, references) -> None:
+    qwen3 = tiny_models["qwen3_vl"]
+    for name in ("short video", "video and image"):
+        inputs = references["qwen3_vl", name]
+        ids = inputs["input_ids"]
+        kinds = ((ids == qwen3.encoder.image_token_id).long()
+                 + 2 * (ids == qwen3.encoder.video_token_id).long())
+        positions, delta = qwen3.reference.model.get_rope_index(
+            ids, kinds, inputs.get("image_grid_thw"), inputs["video_grid_thw"].clone())
+        prompt = encode(qwen3, CASES[name].messages)
+        assert prompt.positions.T.tolist() == positions[:, 0].tolist()
+        assert prompt.mrope_delta == int(delta)
+
+
+@pytest.mark.parametrize("change", ["timestamps all zero", "video deepstack zeroed"])
+def test_negative_control_qwen3_vl_video_needs_timestamps_and_deepstack(
+        tiny_models, references, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    qwen3 = tiny_models["qwen3_vl"]
+    messages = CASES["short video"].messages
+    expected = generate_on(qwen3, references["qwen3_vl", "short video"], NEW_TOKENS)
+    assert split_greedy(qwen3, encode(qwen3, messages), NEW_TOKENS) == expected
+    if change == "timestamps all zero":
+        monkeypatch.setattr(videos, "timestamps", lambda indices, fps, step: [0.0] * (
+            -(-len(indices) // step)))
+        prompt = encode(qwen3, messages)
+    else:
+        prompt = encode(qwen3, messages)
+        prompt.deepstack = torch.zeros_like(prompt.deepstack)
+    assert split_greedy(qwen3, prompt, NEW_TOKENS) != expected
+
+
+def test_qwen3_vl_video_spans_hashes_and_cached_prefix(tiny_models) -> None:
+    """One span per frame group, keyed by its own pixels, between its timestamp text and
+    <|vision_end|>; a change to one group's pixels changes the prefix cache's block hashes
+    from that group's first block on; a cached prefix holding the first group skips only it."""
+    encoder = tiny_models["qwen3_vl"].encoder
+    prepared = encoder.prepare(CASES["long video, sampled sparsely"].messages)
+    spans = prepared.image_spans()
+    ids = prepared.token_ids.tolist()
+    assert len(spans) == len(prepared.images) >= 3
+    for span, group in zip(spans, prepared.images, strict=True):
+        assert group.grid_thw[0] == 1
+        assert set(ids[span.start:span.end]) == {encoder.video_token_id}
+        assert (ids[span.start - 1], ids[span.end]) == (encoder.vision_start_token_id,
+                                                       encoder.vision_end_token_id)
+        assert span.key == pixel_hash(group.pixel_values, group.grid_thw)
+    assert len({span.key for span in spans}) == len(spans)
+    hashes = prepared.block_hashes()
+    changed = prepared.images[2]
+    changed.pixel_values = changed.pixel_values.flip(0)
+    changed.content_hash = pixel_hash(changed.pixel_values, changed.grid_thw)
+    first_changed = next(block for block, (a, b) in enumerate(
+        zip(hashes, prepared.block_hashes(), strict=True)) if a != b)
+    assert first_changed == spans[2].start // HASH_BLOCK_TOKENS
+
+    prepared = encoder.prepare(CASES["short video"].messages)
+    whole = encoder.encode([prepared])[0]
+    first = prepared.image_spans()[0]
+    calls: list[int] = []
+    hook = encoder.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        cached = encoder.encode([prepared], cached_tokens=[first.end])[0]
+    finally:
+        hook.remove()
+    assert sum(calls) == sum(group.pixel_values.shape[0] for group in prepared.images[1:])
+    assert torch.equal(cached.embeddings[first.end:], whole.embeddings[first.end:])
+    assert torch.equal(cached.deepstack[:, first.end - first.start:],
+                       whole.deepstack[:, first.end - first.start:])
+
+
 def _refused(url: str, settings: ImageSettings = DEFAULTS, max_tokens: int = 4096
              ) -> InputError:
-    rules = VideoRules(min_pixels=3136, max_pixels=12544, patch_size=14, temporal_patch_size=2,
-                       merge_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-                       rescale_factor=1 / 255, fps=2.0, min_frames=4, max_frames=768,
-                       cap_pixels_per_frame=False, max_video_tokens=128000)
+    rules = VideoRules(processor=QWEN2_VL, min_pixels=3136, max_pixels=12544, patch_size=14,
+                       temporal_patch_size=2, merge_size=2, image_mean=(0.5,) * 3,
+                       image_std=(0.5,) * 3, rescale_factor=1 / 255, fps=2.0, min_frames=4,
+                       max_frames=768, cap_pixels_per_frame=False, max_video_tokens=128000)
     with pytest.raises(InputError) as caught:
         load_video(url, settings, rules, max_tokens)
     return caught.value
