@@ -35,7 +35,7 @@ from transformers import (
 from transformers.video_utils import VideoMetadata
 
 PROCESSORS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor,
-              "qwen3_vl": Qwen3VLProcessor}
+              "qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor}
 
 
 def run(case: dict, out_dir: Path) -> None:
@@ -54,7 +54,7 @@ def run(case: dict, out_dir: Path) -> None:
                                       duration=len(frames) / video["fps"]))
     max_frames = {video["max_frames"] for video in case["videos"]}
     kwargs = {"max_frames": max_frames.pop()} if max_frames else {}
-    if kwargs and case["family"] == "qwen3_vl":
+    if kwargs and case["family"].startswith("qwen3_vl"):
         video_processor.max_frames = min(video_processor.max_frames, kwargs["max_frames"])
     outputs = processor(text=[case["text"]], images=images or None, videos=videos or None,
                         video_metadata=metadata or None, do_sample_frames=True,

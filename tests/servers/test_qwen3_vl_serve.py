@@ -36,6 +36,8 @@ CASES = {
     "text only": user(text_part("Tell me a story about a cat and a boat, please.")),
 }
 VIDEO_CASES = {
+    "short video": user(video_part(8, 64, 48, fps=4, seed=27),
+                        text_part("What happens in the video?")),
     "video and image": user(text_part("Compare"), video_part(8, 64, 48, fps=4, seed=25),
                             text_part("with"), image_part(64, 64, seed=26), text_part("now.")),
 }
