@@ -25,7 +25,7 @@ from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models import videos
 from mmdisagg.models.base import EncoderHalf, pixel_hash
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.videos import QWEN2_VL, VideoRules, load_video
+from mmdisagg.models.videos import QWEN2_VL, QWEN3_VL, VideoRules, frame_size, load_video
 from tests.models.fixtures import (
     TinyModel,
     data_url,
@@ -203,6 +203,18 @@ def test_qwen3_vl_video_spans_hashes_and_cached_prefix(tiny_models) -> None:
     assert torch.equal(cached.embeddings[first.end:], whole.embeddings[first.end:])
     assert torch.equal(cached.deepstack[:, first.end - first.start:],
                        whole.deepstack[:, first.end - first.start:])
+
+
+def test_qwen3_vl_pixel_budget_is_of_the_whole_video_and_refuses_extreme_aspects() -> None:
+    """Qwen3VLVideoProcessor's defaults (16-px patches, 128..768 tokens' pixels for all frames
+    together): 2 frames of 448x448 fit, 16 are shrunk; a strip too thin for one merged patch
+    is scaled up first, and past 200:1 refused readably."""
+    rules = VideoRules.from_checkpoint(Path("/nonexistent"), QWEN3_VL)
+    assert (rules.patch_size, rules.max_pixels) == (16, 768 * 32 * 32)
+    assert frame_size(448, 448, 2, rules) == (448, 448)
+    assert frame_size(448, 448, 16, rules) == (192, 192)
+    with pytest.raises(InputError, match="aspect ratio 8000x32 is beyond 200:1"):
+        frame_size(8, 2000, 4, rules)
 
 
 def _refused(url: str, settings: ImageSettings = DEFAULTS, max_tokens: int = 4096
