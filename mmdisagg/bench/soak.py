@@ -75,8 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=120.0,
                         help="seconds after which a request with no answer counts as lost")
     parser.add_argument("--video-share", type=float, default=0.1,
-                        help="share of the requests that stay which carry a short video (0 for "
-                        "a model without video input: Qwen3-VL)")
+                        help="share of the requests that stay which carry a short video")
     parser.add_argument("--model-path", type=Path,
                         help="checkpoint (default: the tiny random one, built under --cache-dir)")
     parser.add_argument("--cache-dir", default="~/.cache/mmdisagg")

@@ -47,7 +47,7 @@ from mmdisagg.models.images import load_image
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
 from mmdisagg.models.prompts import ChatPrompt, ImageRef, parse_messages
-from mmdisagg.models.videos import VideoRules, load_video
+from mmdisagg.models.videos import QWEN2_VL, LoadedVideo, VideoRules, load_video
 from mmdisagg.models.weights import CheckpointWeights
 
 
@@ -149,8 +149,13 @@ def longest_token_bytes(tokenizer: Any) -> int:
     return max(len(text.encode()) for text in texts)
 
 
+# What a placeholder token of the chat template becomes: token ids and images, in order.
+Expansion = list[list[int] | PreparedImage]
+
+
 class QwenVLEncoderHalf(EncoderHalf):
     FAMILIES = FAMILIES
+    VIDEO_PROCESSOR = QWEN2_VL  # whose rules videos follow unless the checkpoint names another
 
     def __init__(self, *, checkpoint: Checkpoint, vision_tower: nn.Module,
                  embed_tokens: nn.Embedding, loaded_weights: dict[str, torch.Tensor],
@@ -167,7 +172,7 @@ class QwenVLEncoderHalf(EncoderHalf):
             checkpoint.path, local_files_only=True, backend="pil")
         self.vision_tower = vision_tower
         self.embed_tokens = embed_tokens
-        self.video_rules = VideoRules.from_checkpoint(checkpoint.path)
+        self.video_rules = VideoRules.from_checkpoint(checkpoint.path, self.VIDEO_PROCESSOR)
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
         # Qwen2.5-VL spaces a video's temporal patches by their timestamps; Qwen2-VL by one.
@@ -222,7 +227,7 @@ class QwenVLEncoderHalf(EncoderHalf):
         if template_ids.count(self.image_token_id) != len(chat.images):
             raise InputError("message text may not contain the image placeholder token")
         pending = {
-            self.image_token_id: iter([self._prepare_image(number, image)
+            self.image_token_id: iter([[self._prepare_image(number, image)]
                                        for number, image in enumerate(chat.images, start=1)]),
             self.video_token_id: iter([self._prepare_video(number, url)
                                        for number, url in enumerate(chat.video_urls, start=1)]),
@@ -231,12 +236,16 @@ class QwenVLEncoderHalf(EncoderHalf):
         image_starts: list[int] = []
         visuals: list[PreparedImage] = []
         for token_id in template_ids:
-            if token_id in pending:
-                visuals.append(next(pending[token_id]))
-                image_starts.append(len(token_ids))
-                token_ids.extend([token_id] * visuals[-1].num_tokens)
-            else:
+            if token_id not in pending:
                 token_ids.append(token_id)
+                continue
+            for piece in next(pending[token_id]):
+                if isinstance(piece, PreparedImage):
+                    visuals.append(piece)
+                    image_starts.append(len(token_ids))
+                    token_ids.extend([piece.placeholder_id] * piece.num_tokens)
+                else:
+                    token_ids.extend(piece)
         return self._prompt(token_ids, visuals, image_starts)
 
     def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
@@ -289,21 +298,25 @@ class QwenVLEncoderHalf(EncoderHalf):
                              num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
                              placeholder_id=self.image_token_id)
 
-    def _prepare_video(self, number: int, url: str) -> PreparedImage:
+    def _load_video(self, number: int, url: str) -> LoadedVideo:
         try:
-            video = load_video(url, self.image_settings, self.video_rules, self.max_model_len)
+            return load_video(url, self.image_settings, self.video_rules, self.max_model_len)
         except InputError as exc:
             raise InputError(f"video {number}: {exc.message}", exc.status) from None
+
+    def _prepare_video(self, number: int, url: str) -> Expansion:
+        """What the video's placeholder token becomes: here one run of video tokens."""
+        video = self._load_video(number, url)
         time_step = 1.0
         if self.tokens_per_second is not None:  # NOTE: float32, as generate() computes it
             time_step = float(torch.tensor(video.seconds_per_grid, dtype=torch.float32)
                               * self.tokens_per_second)
         t, h, w = video.grid_thw
-        return PreparedImage(pixel_values=video.pixel_values, grid_thw=video.grid_thw,
-                             content_hash=pixel_hash(video.pixel_values, video.grid_thw,
-                                                     time_step),
-                             num_tokens=t * h * w // self.merge_size**2,
-                             placeholder_id=self.video_token_id, time_step=time_step)
+        return [PreparedImage(pixel_values=video.pixel_values, grid_thw=video.grid_thw,
+                              content_hash=pixel_hash(video.pixel_values, video.grid_thw,
+                                                      time_step),
+                              num_tokens=t * h * w // self.merge_size**2,
+                              placeholder_id=self.video_token_id, time_step=time_step)]
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,

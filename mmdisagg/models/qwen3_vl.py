@@ -12,11 +12,13 @@ Chat format, image processing, checkpoint loading and the batched decoder pass a
 * each attention head normalizes its queries and keys (Qwen3's ``q_norm``/``k_norm``);
 * M-RoPE is interleaved (t, h, w frequencies alternate): transformers' rotary module does it.
 
-Image positions follow the same rule as Qwen2-VL's (``models/positions.py``). NOTE for video:
-Qwen3-VL gives each frame its own timestamp text and ``<|vision_start|>...<|vision_end|>``, and
-positions every frame as an image of t = 1 (``get_rope_index`` splits a video's grid that way);
-a video's frames therefore go through ``_vision_forward`` and ``mrope_positions`` as a run of
-one-frame grids, with no change there. Until then ``_prepare_video`` refuses videos (400).
+Image positions follow the same rule as Qwen2-VL's (``models/positions.py``). Videos: Qwen3-VL
+writes each temporal patch ("frame group") as ``<t seconds><|vision_start|>`` + its tokens +
+``<|vision_end|>`` and positions it as an image of t = 1 (``get_rope_index`` splits a video's
+grid that way; the timestamps are ordinary text). ``_prepare_video`` therefore makes one
+``PreparedImage`` of grid ``(1, h, w)`` per frame group: positions, the vision forward (which
+attends within one temporal patch at a time anyway), the image cache, the prefix cache's spans
+and the transfer see a run of small images.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
 
-from mmdisagg.models.base import ForwardBatch, PreparedImage
-from mmdisagg.models.errors import InputError
+from mmdisagg.models.base import ForwardBatch, PreparedImage, pixel_hash
 from mmdisagg.models.qwen2_vl import (
     Checkpoint,
+    Expansion,
     Family,
     QwenVLEncoderHalf,
     QwenVLLanguageHalf,
 )
+from mmdisagg.models.videos import QWEN3_VL
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -58,14 +61,32 @@ def deepstack_layers(checkpoint: Checkpoint) -> int:
 
 class Qwen3VLEncoderHalf(QwenVLEncoderHalf):
     FAMILIES = FAMILIES
+    VIDEO_PROCESSOR = QWEN3_VL
 
     def __init__(self, *, checkpoint: Checkpoint, **parts) -> None:
         super().__init__(checkpoint=checkpoint, **parts)
         self.deepstack_layers = deepstack_layers(checkpoint)
+        self.vision_start_token_id = checkpoint.config.vision_start_token_id
+        self.vision_end_token_id = checkpoint.config.vision_end_token_id
 
-    def _prepare_video(self, number: int, url: str) -> PreparedImage:
-        raise InputError(f"video {number}: video input is not served for Qwen3-VL yet (its "
-                         "frames need timestamps in the prompt); send images")
+    def _prepare_video(self, number: int, url: str) -> Expansion:
+        """``<t seconds><|vision_start|>`` frame group ``<|vision_end|>``, for each temporal
+        patch (``Qwen3VLProcessor.replace_video_token``)."""
+        video = self._load_video(number, url)
+        _, h, w = video.grid_thw
+        patches = h * w
+        expansion: Expansion = []
+        for index, seconds in enumerate(video.timestamps):
+            pixels = video.pixel_values[index * patches:(index + 1) * patches]
+            timestamp = self.tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False)
+            expansion += [
+                [*timestamp, self.vision_start_token_id],
+                PreparedImage(pixel_values=pixels, grid_thw=(1, h, w),
+                              content_hash=pixel_hash(pixels, (1, h, w)),
+                              num_tokens=patches // self.merge_size**2,
+                              placeholder_id=self.video_token_id),
+                [self.vision_end_token_id]]
+        return expansion
 
     def _vision_forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         output = self.vision_tower(pixel_values, grid_thw=grids)

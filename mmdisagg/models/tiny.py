@@ -3,7 +3,7 @@ offline.
 
 Everything a real checkpoint folder has, made locally in seconds: a byte-level BPE tokenizer
 trained on a built-in paragraph (with Qwen's special tokens and a Qwen-style chat template),
-the family's PIL image processor and a video processor config with small pixel limits, a config,
+the family's PIL image processor and video processor config with small pixel limits, a config,
 and random weights. The same seed writes the same files. ``initializer_range`` is large (0.2) so
 that greedy output stays varied and position bugs change it.
 """
@@ -94,7 +94,8 @@ BPE_VOCAB_SIZE = 1024
 PATCH_SIZES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 MIN_TOKENS, MAX_TOKENS = 4, 64
 MIN_PIXELS = 28 * 28 * MIN_TOKENS
-# Video frames (Qwen2-VL, Qwen2.5-VL) are smaller still: 16 tokens per temporal patch at most.
+# Video frames are smaller still. Qwen2-VL, Qwen2.5-VL: 16 tokens per temporal patch at most.
+# Qwen3-VL's budget is of the whole video (as in its released config): 16 frames of 16 tokens.
 VIDEO_PROCESSOR = {
     "video_processor_type": "Qwen2VLVideoProcessor",
     "size": {"shortest_edge": MIN_PIXELS, "longest_edge": 28 * 28 * 16},
@@ -103,6 +104,11 @@ VIDEO_PROCESSOR = {
     "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
     "do_convert_rgb": True, "resample": 3, "do_sample_frames": True, "fps": 2.0,
     "min_frames": 4, "max_frames": 768, "cap_pixels_per_frame": False,
+}
+QWEN3_VIDEO_PROCESSOR = VIDEO_PROCESSOR | {
+    "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+    "size": {"shortest_edge": 32 * 32 * MIN_TOKENS, "longest_edge": 32 * 32 * 16 * 16},
+    "patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "max_video_tokens": 768,
 }
 
 
@@ -152,10 +158,10 @@ def make_tiny_model(path: str | Path, family: str = "qwen2_vl", size: str = "tin
         hub_experts_layout(path / "model.safetensors")
     tokenizer.save_pretrained(path)
     build_image_processor(family).save_pretrained(path)
-    if not family.startswith("qwen3_vl"):  # Qwen3-VL video is not served yet
-        # NOTE: written by hand: transformers' video processor class needs torchvision to exist
-        (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR,
-                                                                        indent=2))
+    # NOTE: written by hand: transformers' video processor class needs torchvision to exist
+    video_processor = (QWEN3_VIDEO_PROCESSOR if family.startswith("qwen3_vl")
+                       else VIDEO_PROCESSOR)
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video_processor, indent=2))
     return path
 
 

@@ -1,14 +1,14 @@
 """Decode the videos of ``video_url`` parts with PyAV and turn them into vision-tower input
-exactly as transformers' Qwen2-VL video processor does, without torchvision.
+exactly as transformers' Qwen2-VL and Qwen3-VL video processors do, without torchvision.
 
 transformers' video processors need torchvision, which mmdisagg does not install (its CPU
 build of torch has no matching torchvision wheel, and a GPU host should pick its own torch).
 The processor's steps are small and all torch: sample frame indices (``sample_frames`` with
-an fps), resize (``smart_resize`` sizes, torchvision's bicubic resize, which on CPU is
-``interpolate`` on uint8 frames), rescale + normalize (fused the way transformers fuses them)
-and cut into patches. They are repeated here op for op, so the pixel values are bit-equal to
-the processor's: tests/models/test_videos.py checks that against transformers itself, run in a
-venv that has torchvision.
+an fps; each processor has its own rule), resize (``smart_resize`` sizes, torchvision's bicubic
+resize, which on CPU is ``interpolate`` on uint8 frames), rescale + normalize (fused the way
+transformers fuses them) and cut into patches. They are repeated here op for op, so the pixel
+values are bit-equal to the processor's: tests/models/test_videos.py checks that against
+transformers itself, run in a venv that has torchvision.
 
 Every refusal is an ``InputError`` a client can act on. A video's length, frame size and token
 count are checked from its header before any frame is decoded; only the sampled frames are
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,22 +38,34 @@ ACCEPTED = "mp4, webm, mov"
 # qwen-vl-utils' sampling rate, used when the checkpoint's video processor names none.
 DEFAULT_FPS = 2.0
 BICUBIC = 3  # PIL's resample number, the only one Qwen's video processors use
-# Qwen2VLVideoProcessor's defaults, for keys a checkpoint's config leaves out.
+QWEN2_VL, QWEN3_VL = "Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor"
+# Each video processor class's defaults, for keys a checkpoint's config leaves out.
 PROCESSOR_DEFAULTS = {
-    "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
-    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "rescale_factor": 1 / 255, "resample": BICUBIC, "min_frames": 4, "max_frames": 768,
-    "fps": None, "cap_pixels_per_frame": None, "max_video_tokens": 128000,
+    QWEN2_VL: {
+        "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "rescale_factor": 1 / 255, "resample": BICUBIC, "min_frames": 4, "max_frames": 768,
+        "fps": None, "cap_pixels_per_frame": None, "max_video_tokens": 128000,
+    },
+    QWEN3_VL: {  # NOTE: its size bounds the pixels of the whole video, not of one frame
+        "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "rescale_factor": 1 / 255, "resample": BICUBIC, "min_frames": 4, "max_frames": 768,
+        "fps": 2, "cap_pixels_per_frame": None, "max_video_tokens": 768,
+    },
 }
 
 
 @dataclass(frozen=True)
 class VideoRules:
     """The checkpoint's video processor configuration (``video_preprocessor_config.json``,
-    else ``preprocessor_config.json``, as transformers' ``AutoVideoProcessor`` reads it)."""
+    else ``preprocessor_config.json``, as transformers' ``AutoVideoProcessor`` reads it), and
+    which processor's rules apply (``processor``: its ``video_processor_type``)."""
 
+    processor: str
     min_pixels: int
     max_pixels: int
     patch_size: int
@@ -68,21 +81,27 @@ class VideoRules:
     max_video_tokens: int
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> VideoRules:
+    def from_checkpoint(cls, path: str | Path, processor: str = QWEN2_VL) -> VideoRules:
+        """``processor``: the family's video processor, unless the config names another."""
         folder = Path(path)
+        config: dict = {}
         for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
             if (folder / name).is_file():
-                config = PROCESSOR_DEFAULTS | json.loads((folder / name).read_text())
+                config = json.loads((folder / name).read_text())
                 break
-        else:
-            config = dict(PROCESSOR_DEFAULTS)
+        processor = config.get("video_processor_type", processor)
+        if processor not in PROCESSOR_DEFAULTS:
+            raise ValueError(f"{path}: video processor {processor} is not supported (supported: "
+                             f"{', '.join(PROCESSOR_DEFAULTS)})")
+        config = PROCESSOR_DEFAULTS[processor] | config
         size = dict(config["size"])
         size["shortest_edge"] = config.get("min_pixels") or size["shortest_edge"]
         size["longest_edge"] = config.get("max_pixels") or size["longest_edge"]
         if config["resample"] != BICUBIC:
             raise ValueError(f"{path}: video resample {config['resample']} is not supported "
                              "(Qwen's video processors resize bicubic)")
-        return cls(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
+        return cls(processor=processor, min_pixels=size["shortest_edge"],
+                   max_pixels=size["longest_edge"],
                    patch_size=config["patch_size"],
                    temporal_patch_size=config["temporal_patch_size"],
                    merge_size=config["merge_size"], image_mean=tuple(config["image_mean"]),
@@ -112,6 +131,7 @@ class LoadedVideo:
     pixel_values: torch.Tensor  # [patches, channels * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]
     seconds_per_grid: float  # seconds one temporal patch spans (Qwen2.5-VL's second_per_grid_ts)
+    timestamps: list[float]  # each temporal patch's time in seconds (Qwen3-VL's prompt text)
 
 
 def load_video(url: str, settings: ImageSettings, rules: VideoRules,
@@ -143,7 +163,8 @@ def load_video(url: str, settings: ImageSettings, rules: VideoRules,
         frames = _decode(container, stream, header, indices, (height, width))
     sampled_fps = len(indices) / header.total_frames * header.fps
     return LoadedVideo(pixel_values=patches(frames, rules), grid_thw=grid,
-                       seconds_per_grid=rules.temporal_patch_size / sampled_fps)
+                       seconds_per_grid=rules.temporal_patch_size / sampled_fps,
+                       timestamps=timestamps(indices, header.fps, rules.temporal_patch_size))
 
 
 def _check_header(container: av.container.InputContainer, stream: av.video.VideoStream,
@@ -186,35 +207,77 @@ def _count_frames(container: av.container.InputContainer, stream: av.video.Video
 
 
 def sample_frames(header: VideoHeader, rules: VideoRules, max_frames: int) -> torch.Tensor:
-    """Indices of the frames to keep: ``Qwen2VLVideoProcessor.sample_frames`` with ``fps``
-    (``rules.fps`` frames per second, at least ``min_frames``, at most ``max_frames``, a
-    multiple of the temporal patch)."""
+    """Indices of the frames to keep: the processor's ``sample_frames`` with ``fps``
+    (``rules.fps`` frames per second, at least ``min_frames``, at most ``max_frames``).
+    Qwen2-VL's takes a multiple of the temporal patch, evenly stepped from the first frame;
+    Qwen3-VL's any count, spread from the first frame to the last (its patches repeat the last
+    frame)."""
     step = rules.temporal_patch_size
     total = header.total_frames
+    if rules.processor == QWEN3_VL:
+        count = int(total / header.fps * rules.fps)
+        count = min(max(count, rules.min_frames), min(rules.max_frames, max_frames), total)
+        return torch.from_numpy(np.linspace(0, total - 1, count).round().astype(np.int64))
     most = math.floor(min(min(rules.max_frames, max_frames), total) / step) * step
     wanted = total / header.fps * rules.fps
     count = math.floor(min(max(wanted, rules.min_frames), most, total) / step) * step
     return torch.arange(0, total, total / count).int()
 
 
+def timestamps(indices: torch.Tensor, fps: float, step: int) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's times, the last
+    patch padded with the last frame (``Qwen3VLProcessor._calculate_timestamps``)."""
+    frames = indices.tolist()
+    frames += frames[-1:] * (-len(frames) % step)
+    times = [frame / fps for frame in frames]
+    return [(times[start] + times[start + step - 1]) / 2 for start in range(0, len(times), step)]
+
+
 def frame_size(height: int, width: int, num_frames: int, rules: VideoRules) -> tuple[int, int]:
-    """Resized (height, width): ``Qwen2VLVideoProcessor.resize``'s, pixel cap included."""
+    """Resized (height, width): the processor's ``resize``, pixel cap included. Qwen2-VL's
+    bounds the pixels of one frame; Qwen3-VL's those of all frames (padded to whole temporal
+    patches), and first scales up frames narrower than one merged patch."""
+    if rules.processor == QWEN3_VL:
+        return _qwen3_frame_size(height, width, num_frames, rules)
     factor = rules.patch_size * rules.merge_size
     max_pixels = rules.max_pixels
     if rules.cap_pixels_per_frame:
         total_pixels = int(rules.max_video_tokens * factor * factor * 0.9)
         max_pixels = max(min(max_pixels, total_pixels * rules.temporal_patch_size // num_frames),
                          int(rules.min_pixels * 1.05))
+    return _smart_resize(height, width, 1, 1, factor, rules.min_pixels, max_pixels)
+
+
+def _qwen3_frame_size(height: int, width: int, num_frames: int, rules: VideoRules
+                      ) -> tuple[int, int]:
+    factor = rules.patch_size * rules.merge_size
+    max_pixels = rules.max_pixels
+    if rules.cap_pixels_per_frame:
+        per_frame = max(min(rules.max_video_tokens * factor * factor,
+                            rules.max_pixels // num_frames), int(rules.min_pixels * 1.05))
+        max_pixels = per_frame * num_frames
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    step = rules.temporal_patch_size
+    return _smart_resize(height, width, num_frames, round(num_frames / step) * step, factor,
+                         rules.min_pixels, max_pixels)
+
+
+def _smart_resize(height: int, width: int, num_frames: int, budget_frames: int, factor: int,
+                  min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The nearest multiples of ``factor`` whose ``budget_frames`` frames' pixels lie in
+    [min_pixels, max_pixels], keeping the aspect ratio (``smart_resize``)."""
     if max(height, width) / min(height, width) > 200:
         raise InputError(f"the video's aspect ratio {width}x{height} is beyond 200:1")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    if budget_frames * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < rules.min_pixels:
-        beta = math.sqrt(rules.min_pixels / (height * width))
+    elif budget_frames * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar

@@ -38,7 +38,6 @@ from mmdisagg.models.tiny import make_tiny_model
 torch.set_num_threads(1)
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL refuses videos for now
 
 
 @dataclass
@@ -252,9 +251,11 @@ def _all_frames(data: bytes) -> tuple[np.ndarray, float]:
 
 def transformers_inputs(checkpoints: dict[str, Path],
                         cases: dict[str, tuple[list[dict[str, Any]], int]],
-                        folder: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+                        folder: Path, families: tuple[str, ...] = FAMILIES
+                        ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """(family, case) -> what transformers' own processor (its video processor included) makes
-    of the case's messages, frames sampled at most ``max_video_frames`` (the case's int).
+    of the case's messages, frames sampled at most ``max_video_frames`` (the case's int), for
+    each of ``families``.
 
     transformers' video processors need torchvision, which this venv lacks: the processor runs
     in the peer venv (torch 2.14.1 + torchvision, created on first use by
@@ -262,7 +263,7 @@ def transformers_inputs(checkpoints: dict[str, Path],
     one run for all cases, and hands its tensors back in files."""
     python = ensure_peer_venv(DEFAULT_PATH).parent / "python"
     jobs = []
-    for family in VIDEO_FAMILIES:
+    for family in families:
         for number, (messages, max_frames) in enumerate(cases.values()):
             tag = f"{family}-{number}"
             images = []
@@ -284,7 +285,7 @@ def transformers_inputs(checkpoints: dict[str, Path],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return {(family, name): load_file(folder / f"{family}-{number}.safetensors")
-            for family in VIDEO_FAMILIES for number, name in enumerate(cases)}
+            for family in families for number, name in enumerate(cases)}
 
 
 def generate_on(tiny: TinyModel, inputs: dict[str, torch.Tensor], max_new_tokens: int

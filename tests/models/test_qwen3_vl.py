@@ -22,13 +22,16 @@ from tests.models.fixtures import (
     assert_same_tokens,
     encode,
     generate_greedy,
+    generate_on,
     image_part,
     paged_engine,
     reference_inputs,
     run_engine,
     split_greedy,
     text_part,
+    transformers_inputs,
     user,
+    video_part,
 )
 
 ONE_IMAGE = user(image_part(112, 84, seed=1), text_part("Describe the image."))
@@ -54,6 +57,9 @@ def test_checkpoint_has_the_released_layout(qwen3: TinyModel) -> None:
     assert config["text_config"]["rope_parameters"]["mrope_interleaved"] is True
     processor = json.loads((qwen3.path / "preprocessor_config.json").read_text())
     assert processor["patch_size"] == 16 and processor["image_mean"] == [0.5] * 3
+    video = json.loads((qwen3.path / "video_preprocessor_config.json").read_text())
+    assert (video["video_processor_type"], video["patch_size"], video["image_mean"]) == (
+        "Qwen3VLVideoProcessor", 16, [0.5] * 3)
     assert qwen3.encoder.deepstack_layers == qwen3.language.deepstack_layers == 2
 
 
@@ -203,3 +209,14 @@ def test_moe_batch_through_the_engine_matches_generate(moe: TinyModel) -> None:
     generated = run_engine(paged_engine(moe.language, max_prefill_tokens=16), reqs)
     for name, messages in cases.items():
         assert_same_tokens(generated[name], generate_greedy(moe, messages, 12))
+
+
+@pytest.mark.timeout(900)  # the first run may create the peer venv
+def test_moe_video_matches_generate_fed_by_transformers_processor(moe: TinyModel,
+                                                                 tmp_path) -> None:
+    messages = user(text_part("Here:"), video_part(8, 64, 48, fps=4, seed=9),
+                    text_part("What happens?"))
+    reference = transformers_inputs({"qwen3_vl_moe": moe.path}, {"video": (messages, 64)},
+                                    tmp_path, families=("qwen3_vl_moe",))["qwen3_vl_moe", "video"]
+    assert moe.encoder.prepare(messages).token_ids.tolist() == reference["input_ids"][0].tolist()
+    assert split_greedy(moe, encode(moe, messages), 12) == generate_on(moe, reference, 12)

@@ -20,14 +20,16 @@ import pytest
 import torch
 
 from mmdisagg.config import ImageSettings
+from mmdisagg.core import HASH_BLOCK_TOKENS
 from mmdisagg.encode.image_cache import ImageCache
-from mmdisagg.models.base import EncoderHalf
+from mmdisagg.models import videos
+from mmdisagg.models.base import EncoderHalf, pixel_hash
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.videos import VideoRules, load_video
+from mmdisagg.models.videos import QWEN2_VL, QWEN3_VL, VideoRules, frame_size, load_video
 from tests.models.fixtures import (
-    VIDEO_FAMILIES,
     TinyModel,
     data_url,
+    encode,
     generate_on,
     image_part,
     png_bytes,
@@ -64,17 +66,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
-def tiny(request: pytest.FixtureRequest, tiny_models: dict[str, TinyModel]) -> TinyModel:
-    """The families that take videos (this module's tests run once for each)."""
-    return tiny_models[request.param]
-
-
-def test_qwen3_vl_refuses_videos_readably(tiny_models: dict[str, TinyModel]) -> None:
-    with pytest.raises(InputError, match="video 1: video input is not served for Qwen3-VL"):
-        tiny_models["qwen3_vl"].encoder.prepare(CASES["short video"].messages)
-
-
 @pytest.fixture(scope="module")
 def references(tiny_checkpoints: dict[str, Path], tmp_path_factory) -> dict[tuple, dict]:
     """(family, case) -> the tensors transformers' processor makes of it."""
@@ -91,6 +82,16 @@ def _encoder(tiny: TinyModel, case: Case) -> EncoderHalf:
         tiny.path, image_settings=replace(DEFAULTS, max_video_frames=case.max_video_frames))
 
 
+def visual_grids(tiny: TinyModel, reference: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The processor's video grids as mmdisagg holds them: whole, or (Qwen3-VL) one of t = 1
+    per temporal patch, as its ``get_rope_index`` splits them."""
+    grids = reference["video_grid_thw"]
+    if tiny.family.startswith("qwen3_vl"):
+        grids = grids.repeat_interleave(grids[:, 0], dim=0)
+        grids[:, 0] = 1
+    return grids.tolist()
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_prepare_matches_transformers_video_processor(tiny: TinyModel, references,
                                                       name: str) -> None:
@@ -101,7 +102,7 @@ def test_prepare_matches_transformers_video_processor(tiny: TinyModel, reference
     images = [v for v in prepared.images if v.placeholder_id == tiny.encoder.image_token_id]
     assert torch.equal(torch.cat([video.pixel_values for video in videos]),
                        reference["pixel_values_videos"])
-    assert [list(video.grid_thw) for video in videos] == reference["video_grid_thw"].tolist()
+    assert [list(video.grid_thw) for video in videos] == visual_grids(tiny, reference)
     if images:
         assert torch.equal(torch.cat([image.pixel_values for image in images]),
                            reference["pixel_values"])
@@ -131,12 +132,97 @@ def test_negative_control_untimed_video_positions_change_tokens(tiny_models, ref
     assert split_greedy(tiny, prompt, NEW_TOKENS) != expected
 
 
+# -- Qwen3-VL: a video is a run of frame groups, each after its timestamp text ---------------
+
+def test_qwen3_vl_video_positions_equal_get_rope_index(tiny_models, references) -> None:
+    qwen3 = tiny_models["qwen3_vl"]
+    for name in ("short video", "video and image"):
+        inputs = references["qwen3_vl", name]
+        ids = inputs["input_ids"]
+        kinds = ((ids == qwen3.encoder.image_token_id).long()
+                 + 2 * (ids == qwen3.encoder.video_token_id).long())
+        positions, delta = qwen3.reference.model.get_rope_index(
+            ids, kinds, inputs.get("image_grid_thw"), inputs["video_grid_thw"].clone())
+        prompt = encode(qwen3, CASES[name].messages)
+        assert prompt.positions.T.tolist() == positions[:, 0].tolist()
+        assert prompt.mrope_delta == int(delta)
+
+
+@pytest.mark.parametrize("change", ["timestamps all zero", "video deepstack zeroed"])
+def test_negative_control_qwen3_vl_video_needs_timestamps_and_deepstack(
+        tiny_models, references, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    qwen3 = tiny_models["qwen3_vl"]
+    messages = CASES["short video"].messages
+    expected = generate_on(qwen3, references["qwen3_vl", "short video"], NEW_TOKENS)
+    assert split_greedy(qwen3, encode(qwen3, messages), NEW_TOKENS) == expected
+    if change == "timestamps all zero":
+        monkeypatch.setattr(videos, "timestamps", lambda indices, fps, step: [0.0] * (
+            -(-len(indices) // step)))
+        prompt = encode(qwen3, messages)
+    else:
+        prompt = encode(qwen3, messages)
+        prompt.deepstack = torch.zeros_like(prompt.deepstack)
+    assert split_greedy(qwen3, prompt, NEW_TOKENS) != expected
+
+
+def test_qwen3_vl_video_spans_hashes_and_cached_prefix(tiny_models) -> None:
+    """One span per frame group, keyed by its own pixels, between its timestamp text and
+    <|vision_end|>; a change to one group's pixels changes the prefix cache's block hashes
+    from that group's first block on; a cached prefix holding the first group skips only it."""
+    encoder = tiny_models["qwen3_vl"].encoder
+    prepared = encoder.prepare(CASES["long video, sampled sparsely"].messages)
+    spans = prepared.image_spans()
+    ids = prepared.token_ids.tolist()
+    assert len(spans) == len(prepared.images) >= 3
+    for span, group in zip(spans, prepared.images, strict=True):
+        assert group.grid_thw[0] == 1
+        assert set(ids[span.start:span.end]) == {encoder.video_token_id}
+        assert (ids[span.start - 1], ids[span.end]) == (encoder.vision_start_token_id,
+                                                       encoder.vision_end_token_id)
+        assert span.key == pixel_hash(group.pixel_values, group.grid_thw)
+    assert len({span.key for span in spans}) == len(spans)
+    hashes = prepared.block_hashes()
+    changed = prepared.images[2]
+    changed.pixel_values = changed.pixel_values.flip(0)
+    changed.content_hash = pixel_hash(changed.pixel_values, changed.grid_thw)
+    first_changed = next(block for block, (a, b) in enumerate(
+        zip(hashes, prepared.block_hashes(), strict=True)) if a != b)
+    assert first_changed == spans[2].start // HASH_BLOCK_TOKENS
+
+    prepared = encoder.prepare(CASES["short video"].messages)
+    whole = encoder.encode([prepared])[0]
+    first = prepared.image_spans()[0]
+    calls: list[int] = []
+    hook = encoder.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        cached = encoder.encode([prepared], cached_tokens=[first.end])[0]
+    finally:
+        hook.remove()
+    assert sum(calls) == sum(group.pixel_values.shape[0] for group in prepared.images[1:])
+    assert torch.equal(cached.embeddings[first.end:], whole.embeddings[first.end:])
+    assert torch.equal(cached.deepstack[:, first.end - first.start:],
+                       whole.deepstack[:, first.end - first.start:])
+
+
+def test_qwen3_vl_pixel_budget_is_of_the_whole_video_and_refuses_extreme_aspects() -> None:
+    """Qwen3VLVideoProcessor's defaults (16-px patches, 128..768 tokens' pixels for all frames
+    together): 2 frames of 448x448 fit, 16 are shrunk; a strip too thin for one merged patch
+    is scaled up first, and past 200:1 refused readably."""
+    rules = VideoRules.from_checkpoint(Path("/nonexistent"), QWEN3_VL)
+    assert (rules.patch_size, rules.max_pixels) == (16, 768 * 32 * 32)
+    assert frame_size(448, 448, 2, rules) == (448, 448)
+    assert frame_size(448, 448, 16, rules) == (192, 192)
+    with pytest.raises(InputError, match="aspect ratio 8000x32 is beyond 200:1"):
+        frame_size(8, 2000, 4, rules)
+
+
 def _refused(url: str, settings: ImageSettings = DEFAULTS, max_tokens: int = 4096
              ) -> InputError:
-    rules = VideoRules(min_pixels=3136, max_pixels=12544, patch_size=14, temporal_patch_size=2,
-                       merge_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-                       rescale_factor=1 / 255, fps=2.0, min_frames=4, max_frames=768,
-                       cap_pixels_per_frame=False, max_video_tokens=128000)
+    rules = VideoRules(processor=QWEN2_VL, min_pixels=3136, max_pixels=12544, patch_size=14,
+                       temporal_patch_size=2, merge_size=2, image_mean=(0.5,) * 3,
+                       image_std=(0.5,) * 3, rescale_factor=1 / 255, fps=2.0, min_frames=4,
+                       max_frames=768, cap_pixels_per_frame=False, max_video_tokens=128000)
     with pytest.raises(InputError) as caught:
         load_video(url, settings, rules, max_tokens)
     return caught.value
@@ -178,10 +264,11 @@ def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, refer
     patches, and the tokens still equal generate()'s."""
     name = "video and image"
     prepared = tiny.encoder.prepare(CASES[name].messages)
-    video = next(v for v in prepared.images if v.placeholder_id == tiny.encoder.video_token_id)
+    videos = [v for v in prepared.images if v.placeholder_id == tiny.encoder.video_token_id]
     image = next(v for v in prepared.images if v.placeholder_id == tiny.encoder.image_token_id)
-    t, h, w = video.grid_thw
-    assert t >= 2
+    _, h, w = videos[0].grid_thw
+    patches = sum(video.pixel_values.shape[0] for video in videos)
+    assert patches >= 2 * h * w
     calls: list[int] = []
     hook = tiny.encoder.vision_tower.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
@@ -189,7 +276,7 @@ def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, refer
         prompt = tiny.encoder.encode([prepared], max_patches=h * w)[0]
     finally:
         hook.remove()
-    assert max(calls) <= h * w < sum(calls) == t * h * w + image.pixel_values.shape[0]
+    assert max(calls) <= h * w < sum(calls) == patches + image.pixel_values.shape[0]
     assert split_greedy(tiny, prompt, NEW_TOKENS) == generate_on(
         tiny, references[tiny.family, name], NEW_TOKENS)
 
@@ -197,7 +284,8 @@ def test_a_long_video_is_cut_into_bounded_vision_forwards(tiny: TinyModel, refer
 def test_a_repeated_video_hits_the_image_cache(tiny: TinyModel) -> None:
     cache = ImageCache(max_bytes=10**8)
     messages = CASES["short video"].messages
-    first = tiny.encoder.encode([tiny.encoder.prepare(messages)], cache)[0]
+    first_prepared = tiny.encoder.prepare(messages)
+    first = tiny.encoder.encode([first_prepared], cache)[0]
     calls: list[int] = []
     hook = tiny.encoder.vision_tower.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
@@ -205,7 +293,7 @@ def test_a_repeated_video_hits_the_image_cache(tiny: TinyModel) -> None:
         again = tiny.encoder.encode([tiny.encoder.prepare(messages)], cache)[0]
     finally:
         hook.remove()
-    assert calls == [] and cache.hits == 1
+    assert calls == [] and cache.hits == len(first_prepared.images)  # Qwen3-VL: per frame group
     assert torch.equal(again.embeddings, first.embeddings)
 
 

@@ -7,9 +7,11 @@ torchvision (the peer venv of mmdisagg/bench/peer_venv.py), never in mmdisagg's 
 "videos": [{"frames": npy path, "fps", "max_frames"}]}``; ``text`` is the chat-templated
 prompt with one placeholder per image and video, the frames are every frame of the video
 decoded (``[T, H, W, 3]`` uint8). For each case OUT_DIR/<name>.safetensors gets the
-processor's output: input ids with the placeholders expanded, pixel values, grids and, for
-Qwen2.5-VL, ``second_per_grid_ts``. Frames are sampled by the processor (``do_sample_frames``
-with the checkpoint's fps), as mmdisagg claims to do.
+processor's output: input ids with the placeholders expanded (Qwen3-VL: with its timestamps),
+pixel values, grids and, for Qwen2.5-VL, ``second_per_grid_ts``. Frames are sampled by the
+processor (``do_sample_frames`` with the checkpoint's fps), as mmdisagg claims to do;
+``max_frames`` is the processor's (Qwen3-VL's ``sample_frames`` reads only its own, so it is
+set there).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from transformers import (
     AutoVideoProcessor,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
+    Qwen3VLProcessor,
 )
 from transformers.video_utils import VideoMetadata
 
-PROCESSORS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
+PROCESSORS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor,
+              "qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor}
 
 
 def run(case: dict, out_dir: Path) -> None:
@@ -50,6 +54,8 @@ def run(case: dict, out_dir: Path) -> None:
                                       duration=len(frames) / video["fps"]))
     max_frames = {video["max_frames"] for video in case["videos"]}
     kwargs = {"max_frames": max_frames.pop()} if max_frames else {}
+    if kwargs and case["family"].startswith("qwen3_vl"):
+        video_processor.max_frames = min(video_processor.max_frames, kwargs["max_frames"])
     outputs = processor(text=[case["text"]], images=images or None, videos=videos or None,
                         video_metadata=metadata or None, do_sample_frames=True,
                         fps=video_processor.fps, return_tensors="pt", **kwargs)

@@ -1,7 +1,8 @@
 """Qwen3-VL end to end over each data plane: deepstack features travel from the encode server
 to the language server (across window boundaries: 16-token blocks, first windows of 2 blocks,
-one block per window after that) and the answers equal the unsplit model's generate(). The
-bytes moved are a text token's for each token plus the deepstack rows of each image token."""
+one block per window after that) and the answers equal the unsplit model's generate() (for
+videos: fed by transformers' own processor). The bytes moved are a text token's for each token
+plus the deepstack rows of each image or video token (a video's timestamps are text)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ import asyncio
 import pytest
 from cluster import Cluster, metrics, wait_pools_free
 
+from mmdisagg.config import ImageSettings
 from mmdisagg.pool.layout import PoolLayout
-from tests.models.fixtures import assert_same_tokens, generate_greedy, image_part, text_part, user
+from tests.models.fixtures import (
+    assert_same_tokens,
+    generate_greedy,
+    generate_on,
+    image_part,
+    text_part,
+    transformers_inputs,
+    user,
+    video_part,
+)
 from tests.transfer.backends import BACKENDS
 
 MAX_TOKENS = 10
@@ -23,6 +34,12 @@ CASES = {
     "image in the middle": user(text_part("Here is a picture of the lake:"),
                                 image_part(96, 96, seed=24), text_part("What colour is it?")),
     "text only": user(text_part("Tell me a story about a cat and a boat, please.")),
+}
+VIDEO_CASES = {
+    "short video": user(video_part(8, 64, 48, fps=4, seed=27),
+                        text_part("What happens in the video?")),
+    "video and image": user(text_part("Compare"), video_part(8, 64, 48, fps=4, seed=25),
+                            text_part("with"), image_part(64, 64, seed=26), text_part("now.")),
 }
 
 
@@ -40,9 +57,44 @@ def expected(tiny_models):
             for case, messages in CASES.items()}
 
 
+@pytest.fixture(scope="module")
+def video_expected(tiny_checkpoints, tiny_models, tmp_path_factory):
+    references = transformers_inputs(
+        tiny_checkpoints, {case: (messages, ImageSettings().max_video_frames)
+                           for case, messages in VIDEO_CASES.items()},
+        tmp_path_factory.mktemp("video-reference"), families=("qwen3_vl",))
+    return {case: generate_on(tiny_models["qwen3_vl"], references["qwen3_vl", case], MAX_TOKENS)
+            for case in VIDEO_CASES}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_request_equals_generate(cluster, expected, case):
     assert asyncio.run(cluster.token_ids([CASES[case]], MAX_TOKENS))[0] == expected[case].tokens
+
+
+@pytest.mark.timeout(900)  # the first run may create the peer venv
+@pytest.mark.parametrize("case", list(VIDEO_CASES))
+def test_video_request_equals_generate_and_moves_the_expected_bytes(cluster, video_expected,
+                                                                   tiny_models, case):
+    language = cluster.child("language-0").url
+    before = metrics(language)
+    assert asyncio.run(cluster.token_ids([VIDEO_CASES[case]], MAX_TOKENS))[0] == (
+        video_expected[case])
+    after = metrics(language)
+    assert after["mmdisagg_transfer_resumes_total"] > before["mmdisagg_transfer_resumes_total"]
+    assert moved_bytes(tiny_models["qwen3_vl"].encoder, [VIDEO_CASES[case]]) == (
+        after["mmdisagg_transfer_bytes_total"] - before["mmdisagg_transfer_bytes_total"])
+    assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
+
+
+def moved_bytes(encoder, prompts: list) -> int:
+    """What the prompts' transfers carry: every token's embedding row, and the deepstack rows
+    of the image and video tokens only."""
+    layout = PoolLayout(1, BLOCK, encoder.hidden_size, "float32", encoder.deepstack_layers)
+    prepared = [encoder.prepare(messages) for messages in prompts]
+    tokens = sum(prompt.total_tokens for prompt in prepared)
+    visual = sum(image.num_tokens for prompt in prepared for image in prompt.images)
+    return tokens * layout.token_bytes + visual * layout.deepstack_bytes
 
 
 def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, expected,
@@ -59,10 +111,6 @@ def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, 
         assert_same_tokens(tokens, expected[case])
     after = metrics(language)
     assert after["mmdisagg_transfer_resumes_total"] > before["mmdisagg_transfer_resumes_total"]
-    layout = PoolLayout(1, BLOCK, encoder.hidden_size, "float32", encoder.deepstack_layers)
-    prepared = [encoder.prepare(CASES[case]) for case in cases]
-    tokens = sum(prompt.total_tokens for prompt in prepared)
-    visual = sum(image.num_tokens for prompt in prepared for image in prompt.images)
     moved = after["mmdisagg_transfer_bytes_total"] - before["mmdisagg_transfer_bytes_total"]
-    assert moved == tokens * layout.token_bytes + visual * layout.deepstack_bytes
+    assert moved == moved_bytes(encoder, [CASES[case] for case in cases])
     assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
