@@ -108,6 +108,11 @@ class EncodedPrompt:
         """Tokens of the whole prompt, the cached ones included."""
         return self.first_token + self.total_tokens
 
+    def whole_token_ids(self) -> list[int]:
+        """The whole prompt's token ids, those of a cached prefix included."""
+        cached = self.prefix.token_ids if self.prefix is not None else []
+        return cached + self.token_ids.tolist()
+
     def hashes_with(self, generated: Sequence[int]) -> list[bytes]:
         """``block_hashes`` of this prompt followed by ``generated``: what a later prompt that
         repeats both (a chat's next turn) hashes to, so that the KV of generated tokens is
@@ -159,6 +164,9 @@ class PrefixHit:
 
     tokens: int
     blocks: list[int]
+    # The prefix's token ids (the KV alone does not say them): a repetition penalty counts the
+    # whole prompt's, the cached part too.
+    token_ids: list[int] = field(default_factory=list)
 
 
 class PrefixCache(Protocol):

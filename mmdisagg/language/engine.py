@@ -176,7 +176,7 @@ class Engine:
         for req, count in prefill:
             req.num_computed += count
             if req.num_computed - count < req.prompt_tokens <= req.num_computed:
-                self.blocks.index(req, req.prompt.block_hashes)
+                self.blocks.index(req, req.prompt.block_hashes, req.prompt.whole_token_ids())
         sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
         return failed + [self._emit(req, token, logprob) for req, token, logprob in zip(
             sampled, sampled_tokens.tokens, sampled_tokens.logprobs, strict=True)]
@@ -285,7 +285,8 @@ class Engine:
         a chat's next turn repeats them after this prompt."""
         if self.blocks.prefix_caching:
             generated = req.output_ids[: req.num_computed - req.prompt_tokens]
-            self.blocks.index(req, req.prompt.hashes_with(generated))
+            self.blocks.index(req, req.prompt.hashes_with(generated),
+                              req.prompt.whole_token_ids() + generated)
 
     def _fail(self, req: Req, error: str, running: bool = True) -> StepOutput:
         log.error("request %s failed: %s", req.request_id, error)

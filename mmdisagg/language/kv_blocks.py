@@ -60,6 +60,7 @@ class KVBlockManager:
         self._allocations: dict[int, Allocation] = {}
         self._index: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
+        self._token_ids: dict[int, list[int]] = {}  # of each indexed block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
 
     @property
@@ -144,7 +145,8 @@ class KVBlockManager:
                 self._refs[block] = self._refs.get(block, 0) + 1
                 self._evictable.pop(block, None)
             self._pinned += len(blocks)
-        return PrefixHit(len(blocks) * self.block_size, blocks)
+            token_ids = [token for block in blocks for token in self._token_ids[block]]
+        return PrefixHit(len(blocks) * self.block_size, blocks, token_ids)
 
     def release(self, hit: PrefixHit) -> None:
         """Unpin a ``match`` that no request took."""
@@ -158,7 +160,7 @@ class KVBlockManager:
             for block in hit.blocks:
                 self._refs[block] += 1
             self._pinned += len(hit.blocks)
-        return PrefixHit(hit.tokens, list(hit.blocks))
+        return PrefixHit(hit.tokens, list(hit.blocks), hit.token_ids)
 
     def adopt(self, req: Req, hit: PrefixHit) -> None:
         """``req`` starts with ``hit``'s blocks (their pins become its references)."""
@@ -168,17 +170,19 @@ class KVBlockManager:
         req.pinned_blocks = len(hit.blocks)
         req.num_computed = hit.tokens
 
-    def index(self, req: Req, hashes: Sequence[bytes]) -> None:
-        """Index the whole blocks ``req`` has computed of the prompt these ``hashes`` are of;
-        a key already indexed keeps its block."""
+    def index(self, req: Req, hashes: Sequence[bytes], token_ids: Sequence[int]) -> None:
+        """Index the whole blocks ``req`` has computed of the tokens ``token_ids`` (from the
+        prompt's first) whose ``hashes`` these are; a key already indexed keeps its block."""
         if not self.prefix_caching:
             return
+        size = self.block_size
         with self._lock:
-            keys = self._keys(hashes, req.num_computed // self.block_size)
-            for key, block in zip(keys, req.block_table, strict=False):
+            keys = self._keys(hashes, min(req.num_computed, len(token_ids)) // size)
+            for number, (key, block) in enumerate(zip(keys, req.block_table, strict=False)):
                 if key not in self._index and block not in self._key_of:
                     self._index[key] = block
                     self._key_of[block] = key
+                    self._token_ids[block] = list(token_ids[number * size:(number + 1) * size])
 
     def _keys(self, hashes: Sequence[bytes], num_blocks: int) -> list[bytes]:
         """The key of each of the first ``num_blocks`` KV blocks: the hash ending with it."""
@@ -202,6 +206,7 @@ class KVBlockManager:
     def _evict(self) -> None:
         block, _ = self._evictable.popitem(last=False)
         del self._index[self._key_of.pop(block)]
+        del self._token_ids[block]
         self.allocator.free(self._allocations.pop(block))
 
     def stats(self) -> KVStats:

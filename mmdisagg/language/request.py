@@ -85,7 +85,7 @@ class Req:
     def prompt_vocab(self) -> list[int]:
         """The distinct token ids of the prompt (image placeholders included), found once."""
         if self._prompt_vocab is None:
-            self._prompt_vocab = (self.prompt.token_ids.unique().tolist()
+            self._prompt_vocab = (sorted(set(self.prompt.whole_token_ids()))
                                   if self.prompt is not None else [])
         return self._prompt_vocab
 

@@ -200,13 +200,14 @@ def test_blocks_are_found_pinned_and_evicted_oldest_first() -> None:
     first, second = owner("a"), owner("b")
     assert blocks.allocate(first, 16 * 4) and blocks.allocate(second, 16 * 2)
     first.num_computed, second.num_computed = 16 * 4, 16 * 2
-    blocks.index(first, keys("A", "B", "C", "D"))
-    blocks.index(second, keys("E", "F"))
+    blocks.index(first, keys("A", "B", "C", "D"), list(range(64)))
+    blocks.index(second, keys("E", "F"), list(range(100, 132)))
     blocks.free(second)
     blocks.free(first)
     assert blocks.stats().cached_blocks == 6 and blocks.stats().used_blocks == 0
     hit = blocks.match(keys("A", "B", "C", "D", "X"), max_tokens=1000)
     assert hit.tokens == 64 and blocks.stats().cached_blocks == 2  # A-D pinned; E, F not
+    assert hit.token_ids == list(range(64))  # what the prefix's tokens were
     assert blocks.match(keys("E"), 1000) is None  # pins are capped at a quarter: 4 blocks
     taker = owner("t")
     assert blocks.allocate(taker, 16 * 12)  # 12 blocks: the 10 free, then E's and F's
@@ -226,7 +227,8 @@ def test_a_referenced_block_is_never_taken() -> None:
     holder = owner()
     assert blocks.allocate(holder, 64)
     holder.num_computed = 64
-    blocks.index(holder, keys("a", "A", "b", "B"))  # a 32-token block: the second hash is its key
+    # 32-token blocks: each one's key is the second of its two hashes
+    blocks.index(holder, keys("a", "A", "b", "B"), list(range(64)))
     hit = blocks.match(keys("a", "A", "b", "B"), 64)
     assert hit is not None and hit.tokens == 64
     blocks.free(holder)  # still pinned by the hit
