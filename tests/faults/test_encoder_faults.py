@@ -38,23 +38,28 @@ def retries(cluster: FaultCluster) -> float:
                                     'role="router"}')
 
 
-def serves_again(cluster: FaultCluster, name: str, tries: int = 40) -> None:
+def serves_again(cluster: FaultCluster, name: str, within: float = 120) -> None:
     """``name`` completes transfers again: ask (text) until it has served two more rooms.
 
     NOTE: first its vision forward must end (one that was running when it stopped goes on for
-    a request already aborted): until then it reports that load, and the router, which picks
-    by load, sends sequential requests to the other encoder."""
+    a request already aborted) and its stale rooms' pool blocks come free: until then it
+    reports that load (or fewer free blocks, the tie-break), and the router, which picks by
+    load, sends sequential requests to the other encoder; it learns the new load at its next
+    health check, so requests go on until then, not for a fixed count."""
     wait_until(lambda: all(cluster.queue(name, queue) == 0
-                           for queue in ("waiting", "admitted", "encoding", "sending")), 120,
-               f"{name} idle (its vision forward over, its stale rooms failed)")
+                           for queue in ("waiting", "admitted", "encoding", "sending"))
+               and cluster.used_blocks(name) == 0, 120,
+               f"{name} idle (its vision forward over, its stale rooms failed, its pool free)")
     client = cluster.client()
     before = cluster.rooms(name, "succeeded")
-    for i in range(tries):
-        client.chat.completions.create(model="tiny-model", messages=user(text_part(f"n{i}")),
+    deadline, sent = time.monotonic() + within, 0
+    while time.monotonic() < deadline:
+        client.chat.completions.create(model="tiny-model", messages=user(text_part(f"n{sent}")),
                                        max_tokens=2, temperature=0)
+        sent += 1
         if cluster.rooms(name, "succeeded") >= before + 2:
             return
-    raise AssertionError(f"{name} served no transfer in {tries} requests")
+    raise AssertionError(f"{name} served no transfer in {sent} requests over {within:g}s")
 
 
 def run_with_fault(cluster: FaultCluster, inject) -> tuple[str | int, float]:
