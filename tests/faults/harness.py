@@ -116,7 +116,7 @@ async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int 
               chunks: list[object] | None = None) -> str | int:
     """'ok', the HTTP status of a clean failure, 'stream-error' (an error event in a stream)
     or 'connection-error'; a request that hangs fails the test. A stream's chunks are appended
-    to ``chunks`` as they arrive (for a test that waits on them)."""
+    to ``chunks`` as they arrive, each with its arrival time (for a test that waits on them)."""
     async def run() -> str | int:
         try:
             if not stream:
@@ -130,7 +130,7 @@ async def ask(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int 
                     model="tiny-model", messages=messages, max_tokens=max_tokens,
                     temperature=0, stream=True, extra_body={"ignore_eos": True}):
                 if chunks is not None:
-                    chunks.append(chunk)
+                    chunks.append((time.monotonic(), chunk))
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
             assert finish == "length"
