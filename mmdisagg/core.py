@@ -149,12 +149,19 @@ class EncodedPrompt:
         """This whole prompt without the ``prefix`` a language server holds."""
         if prefix is None:
             return self
-        if self.deepstack is not None:
-            raise ValueError("prompts with deepstack features are not prefix-cached")
-        rows = slice(prefix.tokens, None)
-        return EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
-                             self.mrope_delta, prefix=prefix, first_token=prefix.tokens,
+        return self.from_token(prefix.tokens, prefix)
+
+    def from_token(self, first: int, prefix: PrefixHit | None = None) -> EncodedPrompt:
+        """The tensors from token ``first`` on (the deepstack rows of its visual tokens too)."""
+        rows = slice(first - self.first_token, None)
+        part = EncodedPrompt(self.embeddings[rows], self.token_ids[rows], self.positions[rows],
+                             self.mrope_delta, prefix=prefix, first_token=first,
                              block_hashes=self.block_hashes, tail_images=self.tail_images)
+        if self.deepstack is not None:
+            before = int(self.visual_mask[:rows.start].sum())
+            part.visual_mask = self.visual_mask[rows]
+            part.deepstack = self.deepstack[:, before:]
+        return part
 
 
 @dataclass(eq=False)

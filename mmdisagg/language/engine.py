@@ -112,11 +112,8 @@ class Engine:
     @classmethod
     def build(cls, half: LanguageHalf, settings: EngineSettings, max_running: int) -> Engine:
         """An engine with a KV cache sized by ``settings`` (see ``kv_memory``)."""
-        prefix_cache = settings.prefix_cache and not half.deepstack_layers
-        if settings.prefix_cache and not prefix_cache:
-            log.warning("prefix cache off: this model's deepstack features are not cached yet")
         return cls(half, build_kv_cache(half, settings), settings, max_running,
-                   prefix_cache=prefix_cache)
+                   prefix_cache=settings.prefix_cache)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -200,19 +200,13 @@ class EmbeddingPool:
         """Write a whole prompt (from ``first_token`` on: the receiver holds the rest),
         deepstack rows included; return its visual runs (what the sender needs to send those
         rows)."""
-        if first_token:
-            if prompt.deepstack is not None:
-                raise ValueError("prompts with deepstack features are not prefix-cached")
-            rows = slice(first_token, None)
-            self.write(allocation, first_token, prompt.embeddings[rows], prompt.token_ids[rows],
-                       prompt.positions[rows])
-            return []
-        self.write(allocation, 0, prompt.embeddings, prompt.token_ids, prompt.positions)
-        runs = prompt.visual_runs()
+        part = prompt.from_token(first_token) if first_token else prompt
+        self.write(allocation, first_token, part.embeddings, part.token_ids, part.positions)
+        runs = part.visual_runs()
         if runs:
-            self.arrays.write_deepstack(allocation.blocks, 0, runs,
-                                        prompt.deepstack.transpose(0, 1))
-        return runs
+            self.arrays.write_deepstack(allocation.blocks, first_token, runs,
+                                        part.deepstack.transpose(0, 1))
+        return [(first_token + first, count) for first, count in runs]
 
     def read(self, allocation: Allocation, num_tokens: int, start_token: int = 0) -> Gathered:
         return self.arrays.read(allocation.blocks, num_tokens, start_token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from mmdisagg.config import EngineSettings
 from mmdisagg.core import EncodedPrompt, PrefixHit, SamplingParams, block_hashes
@@ -75,8 +76,6 @@ def test_later_turns_of_a_chat_match_generate(tiny: TinyModel, cached: bool) -> 
 def test_hashes_continue_over_generated_tokens(tiny: TinyModel) -> None:
     """What the language side hashes for a prompt and its answer is what the encoder hashes
     for a prompt that repeats both, whether or not a cached prefix was sent."""
-    if tiny.language.deepstack_layers:
-        pytest.skip("a deepstack model's language server runs with the prefix cache off")
     messages = user(image_part(112, 112, seed=44))
     prepared = tiny.encoder.prepare(messages)
     prompt = encoded(tiny, messages)
@@ -96,8 +95,6 @@ def test_a_next_turn_finds_the_answer_too(tiny: TinyModel, repeats: bool) -> Non
     1's prompt as far as its re-tokenized answer equals the generated tokens (whole KV
     blocks; a random model's answer often re-tokenizes otherwise: a shorter hit, never a
     wrong one), and still matches generate()."""
-    if tiny.language.deepstack_layers:
-        pytest.skip("a deepstack model's language server runs with the prefix cache off")
     server = engine(tiny)
     turn = user(image_part(112, 112, seed=43))  # the image reaches into the last hash block
     prompt = encoded(tiny, turn)
@@ -159,8 +156,6 @@ def test_eviction_under_a_small_cache_keeps_answers_correct(tiny: TinyModel) -> 
 def test_a_prefix_found_at_announce_is_never_sent_and_still_matches(tiny: TinyModel) -> None:
     """The transfer layer's path: the hit is pinned before the prompt arrives, and the prompt
     comes without the rows it covers."""
-    if tiny.language.deepstack_layers:
-        pytest.skip("a deepstack model's language server runs with the prefix cache off")
     server = engine(tiny)
     turn = user(image_part(112, 84, seed=71), text_part("What is it?"))
     tokens = answer(tiny, server, turn)
@@ -172,6 +167,37 @@ def test_a_prefix_found_at_announce_is_never_sent_and_still_matches(tiny: TinyMo
     assert sent.total_tokens == whole.total_tokens - hit.tokens
     out = run_engine(server, [Req("r", SamplingParams(max_tokens=MAX_TOKENS), sent)])["r"]
     assert_same_tokens(out, generate_greedy(tiny, turn, MAX_TOKENS))
+
+
+@pytest.mark.parametrize("found", ["at-announce", "at-admission"])
+def test_a_hit_that_ends_inside_an_image_matches_generate(tiny: TinyModel, found: str) -> None:
+    """A prompt sent again whose image reaches into its last KV block: the hit (short of the
+    last token) ends inside the image, so the rest of the image's rows come with the suffix,
+    their deepstack rows too (Qwen3-VL), and the answer is still generate()'s."""
+    server = engine(tiny)
+    messages = user(image_part(448, 448, seed=73))
+    prepared = tiny.encoder.prepare(messages)
+    (span,) = prepared.image_spans()
+    expected = generate_greedy(tiny, messages, MAX_TOKENS)
+    assert_same_tokens(answer(tiny, server, messages), expected)
+    whole = encoded(tiny, messages)
+    if found == "at-announce":
+        hit = server.blocks.match(whole.block_hashes, whole.total_tokens - 1)
+        assert hit is not None and span.start < hit.tokens < span.end, (hit, span)
+        out = run_engine(server, [Req("r", SamplingParams(max_tokens=MAX_TOKENS),
+                                      whole.after(hit))])["r"]
+    else:
+        before = server.prefix_hit_tokens
+        out = run_engine(server, [Req("r", SamplingParams(max_tokens=MAX_TOKENS), whole)])["r"]
+        assert span.start < server.prefix_hit_tokens - before < span.end
+    assert_same_tokens(out, expected)
+    if tiny.language.deepstack_layers:  # negative control: the suffix's deepstack rows count
+        whole = encoded(tiny, messages)
+        hit = server.blocks.match(whole.block_hashes, whole.total_tokens - 1)
+        sent = whole.after(hit)
+        sent.deepstack = torch.zeros_like(sent.deepstack)
+        out = run_engine(server, [Req("z", SamplingParams(max_tokens=MAX_TOKENS), sent)])["z"]
+        assert out != expected
 
 
 def test_requests_sharing_a_prefix_at_once(tiny: TinyModel) -> None:

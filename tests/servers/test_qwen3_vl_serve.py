@@ -45,8 +45,20 @@ VIDEO_CASES = {
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def cluster(request, tiny_checkpoints):
+    # the whole path: these tests repeat prompts and count the bytes of whole prompts; the
+    # prefix cache's path has its own cluster below
     cluster = Cluster(tiny_checkpoints["qwen3_vl"], transfer_backend=request.param,
-                      block_size=BLOCK, default_blocks=2, window_blocks=1, torch_threads=1)
+                      block_size=BLOCK, default_blocks=2, window_blocks=1, torch_threads=1,
+                      prefix_cache=False)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def cached_cluster(request, tiny_checkpoints):
+    cluster = Cluster(tiny_checkpoints["qwen3_vl"], transfer_backend=request.param,
+                      block_size=BLOCK, default_blocks=2, window_blocks=1, torch_threads=1,
+                      image_cache_bytes=0)
     yield cluster
     cluster.close()
 
@@ -114,3 +126,44 @@ def test_concurrent_batch_equals_generate_and_moves_the_expected_bytes(cluster, 
     moved = after["mmdisagg_transfer_bytes_total"] - before["mmdisagg_transfer_bytes_total"]
     assert moved == moved_bytes(encoder, [CASES[case] for case in cases])
     assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
+
+
+def test_a_prompt_sent_again_hits_inside_its_image(cached_cluster, tiny_models):
+    """The prefix cache with deepstack features, over each plane: the same image-only prompt
+    twice. The second's hit (whole KV blocks, short of the last token) ends inside the image,
+    so the encoder runs the vision tower again and sends the rest of the image's tokens with
+    their deepstack rows, and nothing before; then a next turn hits past the image. Every
+    answer equals generate()."""
+    tiny = tiny_models["qwen3_vl"]
+    layout = PoolLayout(1, BLOCK, tiny.encoder.hidden_size, "float32",
+                        tiny.encoder.deepstack_layers)
+
+    def ask(messages) -> tuple[list[int], dict[str, float]]:
+        """The answer, and what it moved: hit tokens, bytes received, images encoded."""
+        servers = [cached_cluster.child(name).url for name in ("language-0", "encode-0")]
+        before = [metrics(url) for url in servers]
+        tokens = asyncio.run(cached_cluster.token_ids([messages], MAX_TOKENS))[0]
+        after = [metrics(url) for url in servers]
+        return tokens, {key: after[at][name] - before[at][name] for key, at, name in (
+            ("hit", 0, "mmdisagg_prefix_cache_hit_tokens_total"),
+            ("bytes", 0, "mmdisagg_transfer_bytes_total"),
+            ("images", 1, "mmdisagg_vision_images_total"))}
+
+    turn = user(image_part(224, 224, seed=28))
+    prepared = tiny.encoder.prepare(turn)
+    (span,) = prepared.image_spans()
+    hit = (prepared.total_tokens - 1) // BLOCK * BLOCK
+    assert span.start < hit < span.end
+    expected = generate_greedy(tiny, turn, MAX_TOKENS).tokens
+    assert ask(turn)[0] == expected
+    tokens, moved = ask(turn)
+    assert tokens == expected
+    assert moved == {"hit": hit, "images": 1,
+                     "bytes": (prepared.total_tokens - hit) * layout.token_bytes
+                     + (span.end - hit) * layout.deepstack_bytes}
+    turn = [*turn, {"role": "assistant", "content": tiny.language.tokenizer.decode(
+        expected, skip_special_tokens=True)}, {"role": "user", "content": "Why?"}]
+    tokens, moved = ask(turn)
+    assert tokens == generate_greedy(tiny, turn, MAX_TOKENS).tokens
+    assert moved["hit"] >= span.end and moved["images"] == 0
+    assert wait_pools_free(cached_cluster) == {"encode-0": 0, "language-0": 0}

@@ -72,9 +72,8 @@ def test_how_much_is_skipped(pair, total, held, cached):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deepstack_rows_of_the_suffix_land_where_its_tokens_do(backend):
-    """A pool with deepstack rows (Qwen3-VL; its language server keeps the prefix cache off
-    for now): after a hit inside a pool block, the visual runs of the first chunk count from
-    its first token, and each token's rows land with it."""
+    """A pool with deepstack rows (Qwen3-VL): after a hit inside a pool block, the visual runs
+    of the first chunk count from its first token, and each token's rows land with it."""
     sender = Peer("sender", backend, layout(64, deepstack_layers=3))
     receiver = Peer("receiver", backend, layout(64, deepstack_layers=3), prefix_cache=True)
     try:
