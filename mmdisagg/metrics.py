@@ -31,14 +31,18 @@ def outcome_metrics(role: str, outcomes: Mapping[str, int]) -> Iterator[Metric]:
     yield family
 
 
-def server_metrics(health: Mapping[str, tuple[int, int]]) -> Iterator[Metric]:
-    """The router's view of its servers: how many of each role answer health checks."""
+def server_metrics(health: Mapping[str, tuple[int, int]],
+                   in_flight: Mapping[str, int]) -> Iterator[Metric]:
+    """The router's view of its servers: how many of each role answer health checks, and
+    what each holds of this router's requests."""
     family = GaugeMetricFamily("mmdisagg_router_servers", "Servers by role and health",
                                labels=["role", "state"])
     for role, (healthy, total) in sorted(health.items()):
         family.add_metric([role, "healthy"], healthy)
         family.add_metric([role, "unhealthy"], total - healthy)
     yield family
+    yield by_label(GaugeMetricFamily, "mmdisagg_router_in_flight",
+                   "Requests sent to each server and not answered yet", "server", in_flight)
 
 
 def by_label(kind: type[Metric], name: str, doc: str, label: str,

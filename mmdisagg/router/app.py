@@ -75,6 +75,9 @@ class Backend(Protocol):
     def server_health(self) -> dict[str, tuple[int, int]]:
         """Role -> (healthy servers, servers) as this backend last saw them."""
 
+    def in_flight(self) -> dict[str, int]:
+        """Server URL -> requests sent to it that it has not answered yet."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -147,7 +150,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
 
     def collect():
         yield from outcome_metrics("router", outcomes + backend.outcomes)
-        yield from server_metrics(backend.server_health())
+        yield from server_metrics(backend.server_health(), backend.in_flight())
 
     registry.register(StatsCollector(collect))
     started = int(time.time())

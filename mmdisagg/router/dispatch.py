@@ -189,6 +189,10 @@ class Dispatcher:
         return {group.role: (sum(s.healthy for s in group.servers), len(group.servers))
                 for group in (self.encoders, self.languages)}
 
+    def in_flight(self) -> dict[str, int]:
+        return {server.url: server.in_flight
+                for group in (self.encoders, self.languages) for server in group.servers}
+
     async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[TokenEvent]:
         """Token events of one request; ApiError before the first one if it cannot run."""

@@ -134,6 +134,9 @@ class ColocatedBackend:
     def server_health(self) -> dict[str, tuple[int, int]]:
         return {}
 
+    def in_flight(self) -> dict[str, int]:
+        return {}
+
     async def start(self) -> None:
         pass
 

@@ -36,7 +36,7 @@ def test_encoder_killed_mid_run(tiny_checkpoints):
             client = cluster.async_client()
             in_flight = [asyncio.create_task(ask(client, user(
                 image_part(112, 112, seed=i), text_part(f"Picture {i}?")))) for i in range(40)]
-            assert await asyncio.to_thread(wait_until, lambda: held(cluster, "encode-0") >= 1, 60)
+            await asyncio.to_thread(stop_holding, cluster, victim, in_flight)
             victim.process.send_signal(signal.SIGKILL)
             started = time.monotonic()
             first = await asyncio.gather(*in_flight)
@@ -57,6 +57,21 @@ def test_encoder_killed_mid_run(tiny_checkpoints):
         assert wait_pools_free(cluster) == {"encode-1": 0, "language-0": 0}
     finally:
         cluster.close()
+
+
+def stop_holding(cluster: Cluster, victim, requests: list[asyncio.Task]) -> None:
+    """SIGSTOP ``victim`` (an encode server) while the router has requests on it that it has
+    not answered: frozen, it answers none of them, so killing it next leaves them to be
+    retried. NOTE: what it holds is read before it stops, and on a busy machine it may
+    finish those meanwhile: then it runs again until it holds more."""
+    for _ in range(100):
+        assert wait_until(lambda: held(cluster, "encode-0") >= 1, 60), "encode-0 got no work"
+        victim.process.send_signal(signal.SIGSTOP)
+        if metrics(cluster.url)[f'mmdisagg_router_in_flight{{server="{victim.url}"}}'] >= 1:
+            return
+        victim.process.send_signal(signal.SIGCONT)
+        assert not all(request.done() for request in requests), "encode-0 was never caught busy"
+    raise AssertionError("encode-0 was never caught holding a request")
 
 
 def held(cluster: Cluster, name: str) -> float:
