@@ -173,7 +173,7 @@ class Engine:
         for req, count in prefill:
             req.num_computed += count
             if req.num_computed - count < req.prompt_tokens <= req.num_computed:
-                self.blocks.index(req, req.prompt.block_hashes, req.prompt.whole_token_ids())
+                self._index_prompt(req)
         sampled = [*decode, *(req for req, count in prefill if req.num_computed == req.num_tokens)]
         return failed + [self._emit(req, token, logprob) for req, token, logprob in zip(
             sampled, sampled_tokens.tokens, sampled_tokens.logprobs, strict=True)]
@@ -276,6 +276,11 @@ class Engine:
             self._release(req)
             req.finish_reason = finish_reason
         return StepOutput(req, token, finish_reason, logprob=logprob)
+
+    def _index_prompt(self, req: Req) -> None:
+        """Keep the KV of ``req``'s prompt, once it is computed."""
+        if self.blocks.prefix_caching:
+            self.blocks.index(req, req.prompt.block_hashes, req.prompt.whole_token_ids())
 
     def _index_generated(self, req: Req) -> None:
         """Keep the KV of the tokens ``req`` generated (all but the last, which has none):

@@ -200,7 +200,7 @@ class EmbeddingPool:
         """Write a whole prompt (from ``first_token`` on: the receiver holds the rest),
         deepstack rows included; return its visual runs (what the sender needs to send those
         rows)."""
-        part = prompt.from_token(first_token) if first_token else prompt
+        part = prompt.from_token(first_token)
         self.write(allocation, first_token, part.embeddings, part.token_ids, part.positions)
         runs = part.visual_runs()
         if runs:

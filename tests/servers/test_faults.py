@@ -65,7 +65,7 @@ def stop_holding(cluster: Cluster, victim, requests: list[asyncio.Task]) -> None
     retried. NOTE: what it holds is read before it stops, and on a busy machine it may
     finish those meanwhile: then it runs again until it holds more."""
     for _ in range(100):
-        assert wait_until(lambda: held(cluster, "encode-0") >= 1, 60), "encode-0 got no work"
+        assert wait_until(lambda: held(cluster, victim.name) >= 1, 60), "encode-0 got no work"
         victim.process.send_signal(signal.SIGSTOP)
         if metrics(cluster.url)[f'mmdisagg_router_in_flight{{server="{victim.url}"}}'] >= 1:
             return
