@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
@@ -149,7 +150,7 @@ def role_app(server: RoleServer, token: str) -> FastAPI:
     async def health() -> dict:
         if not server.alive:
             raise ApiError(503, f"{server.role} scheduler stopped")
-        return {"status": "ok"}
+        return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/info")
     async def info() -> dict:

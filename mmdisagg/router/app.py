@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -196,8 +197,9 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         if not backend.healthy:
             return error_response(503, "not every role has a healthy server")
         degraded = any(up < total for up, total in servers.values())
-        return JSONResponse({"status": "degraded" if degraded else "ok", "servers": {
-            role: {"healthy": up, "configured": total} for role, (up, total) in servers.items()}})
+        return JSONResponse({"status": "degraded" if degraded else "ok", "pid": os.getpid(),
+                             "servers": {role: {"healthy": up, "configured": total}
+                                         for role, (up, total) in servers.items()}})
 
     def identified(handler):
         """The route around ``handler(request, request_id)``: the id is the client's

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import ctypes
 import http.client
+import json
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -119,10 +120,11 @@ def die_with(parent: int) -> Callable[[], None] | None:
     return hook
 
 
-def free_port(host: str) -> int:
-    """A free port below the kernel's ephemeral range: ports bound "to any" (ZeroMQ, data
-    planes) and outgoing connections come from that range, so they cannot take it between
-    now and the moment its server binds it."""
+def free_port(host: str, taken: Collection[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range, and not one of ``taken``: ports bound
+    "to any" (ZeroMQ, data planes) and outgoing connections come from that range, so they
+    cannot take it between now and the moment its server binds it; ``taken`` holds the ports
+    already handed out for servers that have not bound them yet."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             ephemeral_low = int(f.read().split()[0])
@@ -130,6 +132,8 @@ def free_port(host: str) -> int:
         ephemeral_low = 32768
     low = max(1024, ephemeral_low - 12000)
     for candidate in random.sample(range(low, ephemeral_low), ephemeral_low - low):
+        if candidate in taken:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind((host, candidate))
@@ -156,6 +160,7 @@ class Launcher:
         self.settings = settings
         self.children: list[Child] = []
         self.host = settings.network.host
+        self.ports = {settings.port}  # handed out; a router binds its own only at the end
         self.env = {**os.environ, "MMDISAGG_AUTH_TOKEN": settings.network.auth_token,
                     "MMDISAGG_API_KEY": settings.api_key}
 
@@ -167,17 +172,22 @@ class Launcher:
         self.children.append(child)
         return child
 
+    def port(self) -> int:
+        port = free_port(self.host, self.ports)
+        self.ports.add(port)
+        return port
+
     def start(self) -> str:
         """Every child started and answering (dead ones started again meanwhile); the
         router's URL."""
         settings = self.settings
         flags = {cls: to_args(settings, cls, exclude=("port",)) for cls in
                  (EncodeServerSettings, LanguageServerSettings, RouterSettings)}
-        encoders = [self.spawn(f"encode-{i}", "encode", free_port(self.host),
-                               ["--bootstrap-port", str(free_port(self.host)),
+        encoders = [self.spawn(f"encode-{i}", "encode", self.port(),
+                               ["--bootstrap-port", str(self.port()),
                                 *flags[EncodeServerSettings]], with_fast_copies(self.env))
                     for i in range(settings.encoders)]
-        languages = [self.spawn(f"language-{i}", "language", free_port(self.host),
+        languages = [self.spawn(f"language-{i}", "language", self.port(),
                                 flags[LanguageServerSettings])
                      for i in range(settings.language_servers)]
         self.wait_healthy(encoders + languages, self.supervise)
@@ -195,7 +205,7 @@ class Launcher:
         for child in self.children:
             code = child.process.poll()
             if code is None:
-                if not child.up and answers_health(child.url + "/health"):
+                if not child.up and answers_health(child.url + "/health", child.process.pid):
                     child.up = True
                     if child.strikes:
                         say(f"{child.name} (pid {child.process.pid}) is back")
@@ -246,7 +256,8 @@ class Launcher:
         while waiting:
             watch()
             waiting = [c for c in waiting if not (c.process.poll() is None
-                                                  and answers_health(c.url + "/health"))]
+                                                  and answers_health(c.url + "/health",
+                                                                     c.process.pid))]
             if waiting and time.monotonic() > deadline:
                 raise ServiceFailed(f"{', '.join(c.name for c in waiting)} did not come up "
                                     f"within {self.settings.startup_timeout:g}s")
@@ -279,12 +290,19 @@ def say(message: str) -> None:
     print(f"mmdisagg serve: {message}", file=sys.stderr, flush=True)
 
 
-def answers_health(url: str) -> bool:
-    """True when ``url`` answers 200 now (a server that is up and ready)."""
+def answers_health(url: str, pid: int | None = None) -> bool:
+    """True when ``url`` answers 200 now (a server that is up and ready) and, given ``pid``,
+    the answer comes from that process: a server already on the port must not pass for a
+    child still starting (which will then fail to bind it)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (OSError, http.client.HTTPException):
+            if response.status != 200:
+                return False
+            if pid is None:
+                return True
+            body = json.loads(response.read())
+            return isinstance(body, dict) and body.get("pid") == pid
+    except (OSError, http.client.HTTPException, ValueError):
         return False
 
 

@@ -8,12 +8,15 @@ gets no new requests."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -345,3 +348,57 @@ def test_server_crashing_at_start_up_stops_serve(tiny_checkpoints, tmp_path):
     assert re.search(r"(encode|language)-0\| .*(Error|error)", text), text[-3000:]
 
 
+
+
+class Impostor(http.server.BaseHTTPRequestHandler):
+    """Another server, already on the port serve is told to use: healthy, but not the
+    router."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok", "pid": 1}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_port_another_server_answers_on_is_not_taken_for_the_router(tiny_checkpoints):
+    """The router cannot bind a port that another healthy server holds: serve must see its
+    router die, not take the other server's /health for the router's and report it up."""
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    port = impostor.server_address[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmdisagg.cli", "serve", "--model-path",
+         str(tiny_checkpoints["qwen2_vl"]), "--port", str(port), "--restart-limit", "2",
+         "--torch-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    SPAWNED.add(process.pid)
+    try:
+        output, _ = process.communicate(timeout=180)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = output.decode(errors="replace")
+    assert process.returncode == 1, text[-3000:]
+    assert "OpenAI API at" not in text, text[-3000:]
+    assert re.search(r"router \(pid \d+\) exited with code \d+, 2 times", text), text[-3000:]
+    assert "address already in use" in text.lower(), text[-3000:]
+
+
+def test_ports_handed_out_are_never_handed_out_again():
+    """Ports picked for children that have not bound them yet are skipped: with every other
+    port of the range taken, the one left is the answer."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    low = max(1024, ephemeral_low - 12000)
+    left = free_port("127.0.0.1")
+    taken = set(range(low, ephemeral_low)) - {left}
+    assert free_port("127.0.0.1", taken) == left
