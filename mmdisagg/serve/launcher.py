@@ -160,7 +160,10 @@ class Launcher:
         self.settings = settings
         self.children: list[Child] = []
         self.host = settings.network.host
-        self.ports = {settings.port}  # handed out; a router binds its own only at the end
+        # handed out, or set: a router binds its port only at the end, data planes theirs
+        # when a transfer first needs them
+        self.ports = {settings.port, settings.transfer.data_port,
+                      settings.transfer.control_port} - {0}
         self.env = {**os.environ, "MMDISAGG_AUTH_TOKEN": settings.network.auth_token,
                     "MMDISAGG_API_KEY": settings.api_key}
 
