@@ -160,8 +160,7 @@ class Launcher:
         self.settings = settings
         self.children: list[Child] = []
         self.host = settings.network.host
-        # handed out, or set: a router binds its port only at the end, data planes theirs
-        # when a transfer first needs them
+        # handed out or set, but maybe not bound yet (the router binds its own last of all)
         self.ports = {settings.port, settings.transfer.data_port,
                       settings.transfer.control_port} - {0}
         self.env = {**os.environ, "MMDISAGG_AUTH_TOKEN": settings.network.auth_token,
