@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException
@@ -139,11 +139,15 @@ def role_app(server: RoleServer, token: str) -> FastAPI:
     app = FastAPI(title=f"mmdisagg {server.role} server")
     install_error_handlers(app)
     add_metrics_route(app, server.registry)
+    aborts = Counter("mmdisagg_abort_requests", "Aborts this server was asked for: the router "
+                     "sends one for each request it gives up on (client gone, a failure)",
+                     registry=server.registry)
 
     @app.post("/abort")
     async def abort(request: Request) -> dict:
         check_bearer(request, token)
         server.abort(decode_body(await request.body(), AbortRequest).room)
+        aborts.inc()
         return {}
 
     @app.get("/health")

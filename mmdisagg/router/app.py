@@ -250,6 +250,7 @@ def build_app(backend: Backend, *, api_key: str, default_max_tokens: int,
         except ApiError:
             outcomes["failed"] += 1
             raise
+        await events.aclose()
         finished(result[-1])
         return JSONResponse(reply.whole(result))
 
@@ -330,6 +331,7 @@ async def _sse(reply: ChatReply | TextReply, first: TokenEvent,
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
         outcomes["aborted"] += 1
         raise
+    await events.aclose()
     finished(event)
     if include_usage:
         yield line(reply.usage_chunk(finals))

@@ -207,9 +207,10 @@ class Dispatcher:
                     raise
                 raise ApiError(503, f"{exc.message} to retry on; last failure: {last}") from None
             try:
-                async for event in self._attempt(encoder, language, prompt, params,
-                                                 request_id):
-                    yield event
+                async with contextlib.aclosing(self._attempt(
+                        encoder, language, prompt, params, request_id)) as events:
+                    async for event in events:
+                        yield event
                 return
             except (EncoderFailed, LanguageFailed) as exc:
                 failed, counter = ((encoder, "encoder_retries") if isinstance(exc, EncoderFailed)
@@ -251,10 +252,12 @@ class Dispatcher:
                         if event.type == TRANSFER_FAILED:
                             await self._blame_transfer(encoder, room, encoding, event)
                         raise ApiError(event.status, event.message)
-                    yield event
                     choices_left -= event.finish_reason is not None
-                    if not choices_left:
-                        finished = True
+                    # NOTE: before the yield: a caller that has every choice's last event
+                    # closes this generator there, and that is no reason to abort the room
+                    finished = not choices_left
+                    yield event
+                    if finished:
                         return
                     next_event = asyncio.ensure_future(anext(events))
         finally:
