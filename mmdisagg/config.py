@@ -360,6 +360,10 @@ class ImageSettings:
     image_cache_bytes: int = knob(
         256 * 1024 * 1024, "bytes of vision embeddings the encode server keeps in its LRU image "
         "cache; 0 = no cache", check=non_negative)
+    prepared_image_cache_bytes: int = knob(
+        256 * 1024 * 1024, "bytes of processed pixels the encode server keeps, by the image's "
+        "bytes, so that an image sent again (each turn of a chat) is not decoded and "
+        "preprocessed again; 0 = no cache", check=non_negative)
 
 
 # generation_config.json fields that become sampling defaults (vLLM's list).

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mmdisagg.core import EncodedPrompt, LoopThread, RecentRooms
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedImage, PreparedPrompt
+from mmdisagg.models.image_cache import ImageCache
 from mmdisagg.pool.allocator import Allocation
 from mmdisagg.transfer.protocol import Poll
 from mmdisagg.transfer.sender import EmbeddingSender, SenderManager

@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mmdisagg.config import EncodeServerSettings, add_arguments, load
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import EncodeScheduler
 from mmdisagg.httpapp import ApiError, StatsCollector, check_bearer, decode_body, role_app, serve
 from mmdisagg.messages import EncodeRequest, EncodeResult, ErrorEvent, ServerInfo
@@ -31,6 +30,7 @@ from mmdisagg.metrics import (
 )
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.image_cache import ImageCache
 from mmdisagg.pool.layout import PoolLayout, dtype_name
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.sender import SenderManager
@@ -80,6 +80,14 @@ class EncodeServer:
         yield from transfer_metrics(self.manager.stats)
         yield CounterMetricFamily("mmdisagg_vision_images", "Images run through the vision tower",
                                   value=self.half.images_encoded)
+        prepared = self.half.prepared_images
+        if prepared is not None:
+            yield by_label(CounterMetricFamily, "mmdisagg_prepared_image_cache",
+                           "Lookups of processed images by their bytes", "result",
+                           {"hit": prepared.hits, "miss": prepared.misses})
+            yield GaugeMetricFamily("mmdisagg_prepared_image_cache_bytes",
+                                    "Bytes held by the processed-image cache",
+                                    value=prepared.bytes_used)
         if self.cache is not None:
             yield by_label(CounterMetricFamily, "mmdisagg_image_cache", "Image-cache lookups",
                            "result", {"hit": self.cache.hits, "miss": self.cache.misses})

@@ -22,6 +22,7 @@ import torch
 
 from mmdisagg.config import ImageSettings
 from mmdisagg.core import EncodedPrompt, ImageSpan, PromptInput, block_hashes, tail_images
+from mmdisagg.models.image_cache import ImageCache
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 
 # model_type in config.json -> module with ``ENCODER_HALF`` and ``LANGUAGE_HALF`` classes.
@@ -56,6 +57,10 @@ class PreparedImage:
     num_tokens: int  # placeholder tokens it fills in the prompt (patches / merge_size**2)
     placeholder_id: int  # the token it fills: the image or the video placeholder
     time_step: float = 1.0  # M-RoPE time position per temporal patch (Qwen2.5-VL videos: more)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixel_values.nbytes
 
 
 @dataclass(eq=False)
@@ -165,8 +170,9 @@ class EncoderHalf(ABC):
 
     Attributes: ``hidden_size`` and ``dtype`` of the embeddings it produces, the ``device`` it
     runs on, ``tokenizer``, ``deepstack_layers``: how many deepstack rows each visual token
-    of an ``EncodedPrompt`` has (0: the model has none), and ``images_encoded``: images run
-    through the vision tower so far.
+    of an ``EncodedPrompt`` has (0: the model has none), ``images_encoded``: images run
+    through the vision tower so far, and ``prepared_images``: processed images by their bytes
+    (``--prepared-image-cache-bytes``; None: off).
     """
 
     deepstack_layers: int = 0
@@ -175,6 +181,7 @@ class EncoderHalf(ABC):
     device: torch.device
     tokenizer: Any
     images_encoded: int = 0
+    prepared_images: ImageCache[PreparedImage] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,

@@ -29,8 +29,12 @@ TOO_LARGE = 413
 
 def load_image(url: str, settings: ImageSettings) -> Image.Image:
     """The image at ``url``, fetched, checked and decoded to RGB."""
-    return decode_image(fetch_media(url, settings, Media("image", settings.max_image_bytes)),
-                        settings)
+    return decode_image(fetch_image(url, settings), settings)
+
+
+def fetch_image(url: str, settings: ImageSettings) -> bytes:
+    """The encoded bytes of the image at ``url``, within the size limit."""
+    return fetch_media(url, settings, Media("image", settings.max_image_bytes))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ rows and one for the prefill chunks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from mmdisagg.models.base import (
     pixel_hash,
 )
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.images import load_image
+from mmdisagg.models.image_cache import ImageCache
+from mmdisagg.models.images import decode_image, fetch_image
 from mmdisagg.models.kv_cache import KVLayout, PagedKVCache
 from mmdisagg.models.positions import mrope_positions
 from mmdisagg.models.prompts import ChatPrompt, ImageRef, parse_messages
@@ -179,6 +181,10 @@ class QwenVLEncoderHalf(EncoderHalf):
         self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
         self.merge_size = config.vision_config.spatial_merge_size
         self.image_settings = image_settings
+        cache_bytes = image_settings.prepared_image_cache_bytes
+        # NOTE: shared by the threads that prepare requests; entries are never modified
+        self.prepared_images: ImageCache[PreparedImage] | None = (
+            ImageCache(cache_bytes) if cache_bytes else None)
         self.max_model_len = max_model_len
         self.max_text_bytes = max_model_len * longest_token_bytes(self.tokenizer) * TEXT_SLACK
         self._loaded_weights = loaded_weights
@@ -286,17 +292,25 @@ class QwenVLEncoderHalf(EncoderHalf):
         budget = ({"size": {"shortest_edge": smallest, "longest_edge": smallest}}
                   if ref.detail == "low" else {})
         try:
-            image = load_image(ref.url, self.image_settings)
+            data = fetch_image(ref.url, self.image_settings)
+            key = f"{ref.detail == 'low'}/{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+            known = self.prepared_images.get(key) if self.prepared_images is not None else None
+            if known is not None:
+                return known
+            image = decode_image(data, self.image_settings)
             features = self.image_processor(images=[image], return_tensors="pt", **budget)
         except InputError as exc:
             raise InputError(f"image {number}: {exc.message}", exc.status) from None
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
             raise InputError(f"image {number}: {exc}") from None
         grid = tuple(int(size) for size in features["image_grid_thw"][0])
-        return PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
-                             content_hash=pixel_hash(features["pixel_values"], grid),
-                             num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
-                             placeholder_id=self.image_token_id)
+        prepared = PreparedImage(pixel_values=features["pixel_values"], grid_thw=grid,
+                                 content_hash=pixel_hash(features["pixel_values"], grid),
+                                 num_tokens=grid[0] * grid[1] * grid[2] // self.merge_size**2,
+                                 placeholder_id=self.image_token_id)
+        if self.prepared_images is not None:
+            self.prepared_images.put(key, prepared)
+        return prepared
 
     def _load_video(self, number: int, url: str) -> LoadedVideo:
         try:

@@ -15,7 +15,6 @@ from fastapi.concurrency import run_in_threadpool
 
 from mmdisagg.config import LanguageServerSettings, ServeSettings
 from mmdisagg.core import PrefixHit, PromptInput, SamplingParams
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.httpapp import ApiError
 from mmdisagg.language.engine import Engine
@@ -27,6 +26,7 @@ from mmdisagg.messages import ErrorEvent, TokenEvent
 from mmdisagg.models.base import EncoderHalf, LanguageHalf
 from mmdisagg.models.errors import InputError
 from mmdisagg.models.generation_config import sampling_defaults
+from mmdisagg.models.image_cache import ImageCache
 
 
 class LocalEncodeSource:

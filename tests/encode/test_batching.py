@@ -7,9 +7,9 @@ from collections import deque
 
 import torch
 
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.encode.scheduler import take_batches
 from mmdisagg.models.base import PreparedImage, PreparedPrompt
+from mmdisagg.models.image_cache import ImageCache
 
 
 def prompt(*patches: int, tag: str = "") -> PreparedPrompt:

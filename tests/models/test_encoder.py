@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmdisagg.core import HASH_BLOCK_TOKENS
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.image_cache import ImageCache
 from tests.models.fixtures import TinyModel, image_part, text_part, user
 
 CAT = image_part(84, 84, seed=21)
@@ -62,6 +62,28 @@ def test_cache_hit_skips_the_vision_tower(tiny: TinyModel, vision_calls: list[in
                        first.embeddings[image_rows])
     tiny.encoder.encode([tiny.encoder.prepare(user(CAT, DOG))], cache)
     assert vision_calls[-1] == tiny.encoder.prepare(user(DOG)).images[0].pixel_values.shape[0]
+
+
+def test_an_image_sent_again_is_not_decoded_again(tiny: TinyModel) -> None:
+    """The encoder half keeps processed images by their bytes: the same bytes again (each
+    turn of a chat resends them) give the same processed image without decoding; other
+    bytes, or the same at another detail, are processed anew."""
+    prepared = tiny.encoder.prepared_images
+    assert prepared is not None  # on by default
+    cat = image_part(84, 84, seed=31)
+    first = tiny.encoder.prepare(user(cat, text_part("one")))
+    hits, misses = prepared.hits, prepared.misses
+    again = tiny.encoder.prepare(user(text_part("two"), cat))
+    assert (prepared.hits, prepared.misses) == (hits + 1, misses)
+    assert again.images[0] is first.images[0]
+    low = {**cat, "image_url": {**cat["image_url"], "detail": "low"}}
+    small = tiny.encoder.prepare(user(low)).images[0]
+    other = tiny.encoder.prepare(user(image_part(84, 84, seed=32))).images[0]
+    assert (prepared.hits, prepared.misses) == (hits + 1, misses + 2)
+    assert small.num_tokens < first.images[0].num_tokens
+    assert other.content_hash != first.images[0].content_hash
+    assert prepared.bytes_used == sum(entry.nbytes for entry in prepared._entries.values())
+    assert prepared.bytes_used <= prepared.max_bytes
 
 
 @pytest.mark.parametrize("messages, message", [

@@ -21,10 +21,10 @@ import torch
 
 from mmdisagg.config import ImageSettings
 from mmdisagg.core import HASH_BLOCK_TOKENS
-from mmdisagg.encode.image_cache import ImageCache
 from mmdisagg.models import videos
 from mmdisagg.models.base import EncoderHalf, pixel_hash
 from mmdisagg.models.errors import InputError
+from mmdisagg.models.image_cache import ImageCache
 from mmdisagg.models.videos import QWEN2_VL, QWEN3_VL, VideoRules, frame_size, load_video
 from tests.models.fixtures import (
     TinyModel,

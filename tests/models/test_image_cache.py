@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmdisagg.encode.image_cache import ImageCache
+from mmdisagg.models.image_cache import ImageCache
 
 
 def features(rows: int) -> torch.Tensor:

@@ -1,15 +1,24 @@
-"""Vision features of recently seen images, so a repeated image skips the vision tower."""
+"""Recently seen images, so that a repeated one skips work: its vision features (the encode
+server's image cache, keyed by the pixels' hash: no vision forward) and its processed pixels
+(the encoder half's, keyed by the image's bytes: no decoding and preprocessing)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Generic, Protocol, TypeVar
 
-import torch
+
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
 
 
-class ImageCache:
-    """LRU map from an image's content hash to its vision features, bounded in bytes.
+V = TypeVar("V", bound=Sized)
+
+
+class ImageCache(Generic[V]):
+    """LRU map from a key to a value of ``nbytes`` bytes, bounded in bytes.
 
     ``put`` evicts least recently used entries until the new total fits ``max_bytes``; an entry
     larger than the whole bound is not kept. ``get`` counts as a use. Safe to share between
@@ -21,7 +30,7 @@ class ImageCache:
         self.bytes_used = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -30,7 +39,7 @@ class ImageCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> V | None:
         with self._lock:
             value = self._entries.get(key)
             if value is None:
@@ -40,7 +49,7 @@ class ImageCache:
             self.hits += 1
             return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
+    def put(self, key: str, value: V) -> None:
         size = value.nbytes
         with self._lock:
             self._remove(key)
