@@ -42,9 +42,9 @@ def big_image_checkpoint(tiny_checkpoints, tmp_path_factory) -> Path:
 
 FAULT_KNOBS = dict(
     encoders=2, language_servers=1, transfer_backend="tcp", torch_threads=1,
-    max_model_len=MAX_MODEL_LEN, image_cache_bytes=0, window_blocks=8,
-    heartbeat_interval=0.5, heartbeat_timeout=3.0, transfer_timeout=10.0,
-    prefix_cache=False)  # the faults hit vision work and transfers a cache hit would skip
+    max_model_len=MAX_MODEL_LEN, image_cache_bytes=0, prepared_image_cache_bytes=0,
+    window_blocks=8, heartbeat_interval=0.5, heartbeat_timeout=3.0, transfer_timeout=10.0,
+    prefix_cache=False)  # the faults hit the work (decoding, vision, transfer) a hit would skip
 
 
 @pytest.fixture(scope="package")
