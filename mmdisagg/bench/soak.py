@@ -49,15 +49,16 @@ from mmdisagg.serve.launcher import Launcher, free_port, tiny_model
 from mmdisagg.serve.probe import wait_pools_free
 
 PROGRESS_EVERY_S = 10.0
-# Short failure-detection times, so that a fault's window (and a soak) stays short. An image
-# cache small enough to fill during warm-up (the tiny model's features are ~32 kB an image):
-# the default 256 MiB would fill for the whole run and read as a leak, and a full cache also
-# exercises eviction. The same for the KV cache, whose prefix cache keeps what it may: a
-# 4 GiB one would be touched page by page for the whole run.
+# Short failure-detection times, so that a fault's window (and a soak) stays short. Image
+# caches small enough to fill during warm-up (the tiny model's features are ~32 kB an image,
+# its processed pixels ~300 kB): the default 256 MiB each would fill for the whole run and
+# read as a leak, and a full cache also exercises eviction. The same for the KV cache, whose
+# prefix cache keeps what it may: a 4 GiB one would be touched page by page for the whole run.
 CLUSTER_KNOBS = dict(encoders=2, language_servers=2, transfer_backend="tcp", torch_threads=1,
                      log_level="warning", heartbeat_interval=0.5, heartbeat_timeout=3.0,
                      transfer_timeout=10.0, startup_timeout=180.0,
-                     image_cache_bytes=8 * 1024 * 1024, kv_cache_memory="32MiB")
+                     image_cache_bytes=8 * 1024 * 1024,
+                     prepared_image_cache_bytes=8 * 1024 * 1024, kv_cache_memory="32MiB")
 HEALTH_CHECKS_S = 4.0  # two of the router's health checks (every 2 s)
 
 
