@@ -27,11 +27,6 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 TOO_LARGE = 413
 
 
-def load_image(url: str, settings: ImageSettings) -> Image.Image:
-    """The image at ``url``, fetched, checked and decoded to RGB."""
-    return decode_image(fetch_image(url, settings), settings)
-
-
 def fetch_image(url: str, settings: ImageSettings) -> bytes:
     """The encoded bytes of the image at ``url``, within the size limit."""
     return fetch_media(url, settings, Media("image", settings.max_image_bytes))

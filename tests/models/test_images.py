@@ -21,10 +21,15 @@ from PIL import Image
 from mmdisagg.config import ImageSettings
 from mmdisagg.models.base import EncoderHalf
 from mmdisagg.models.errors import InputError
-from mmdisagg.models.images import load_image
+from mmdisagg.models.images import decode_image, fetch_image
 from tests.models.fixtures import TinyModel, data_url, png_bytes, text_part, user
 
 PNG = png_bytes(64, 48, seed=7)
+
+
+def load_image(url: str, settings: ImageSettings) -> Image.Image:
+    """What the encoder half does with an image URL: fetch, check, decode."""
+    return decode_image(fetch_image(url, settings), settings)
 
 
 def with_size(png: bytes, width: int, height: int) -> bytes:
