@@ -3,9 +3,12 @@
 
 A receiver offers windows of its pool: ``init`` the first (before the length is known), then,
 as soon as the sender announces the length, the rest at once (so a long prompt costs no round
-trip), each as large as free blocks allow. Filled windows stay in the pool until ``take``
+trip), each as large as free blocks allow. A window fills in one chunk or, when the sender
+has its rows in stages, in several, in order. Filled windows stay in the pool until ``take``
 gathers them, unless blocks run short: then the receiver copies its filled windows out
-("spills") and offers the freed blocks again. Progress is ``sent_tokens``, never block ids.
+("spills") and offers the freed blocks again. A language server that prefills while the
+prompt arrives takes the prompt early and calls ``landed`` each step: what landed is copied
+out as it lands. Progress is ``sent_tokens``, never block ids.
 
 NOTE: after a failure, blocks the sender may still be writing into (one-sided writes) are
 quarantined until the sender confirms with an ``Abort`` of its own, dies, or the transfer
@@ -62,6 +65,7 @@ class OfferedWindow:
     allocation: Allocation | None  # None once spilled
     skipped: int = 0  # rows at its start a prefix-cache hit holds: never written
     filled: int = 0  # tokens written, after the skipped rows
+    copied: int = 0  # of those, copied out of the pool (``staged``)
     landing: bool = False
     visual_runs: tuple[tuple[int, int], ...] = ()  # of the filled tokens, from the first
 
@@ -74,6 +78,10 @@ class OfferedWindow:
     def end(self) -> int:
         return (self.start + self.allocation.allocated_tokens if self.allocation
                 else self.first + self.filled)
+
+    def whole(self, total_tokens: int) -> bool:
+        """Every token it will take has landed."""
+        return self.filled > 0 and self.first + self.filled == min(total_tokens, self.end)
 
 
 class EmbeddingReceiver(RoomTransfer):
@@ -93,6 +101,7 @@ class EmbeddingReceiver(RoomTransfer):
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
+        self.taken: EncodedPrompt | None = None  # taken early: over ``staged``
         # window's first token -> its visual runs (from that token) and their deepstack rows
         self.deepstack: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
         self.created = self.waiting_since = self.last_progress = time.monotonic()
@@ -111,8 +120,15 @@ class EmbeddingReceiver(RoomTransfer):
 
     def take(self) -> EncodedPrompt:
         """Once ``Success``: the prompt after its cached prefix (``prefix``, pinned: the caller
-        owns it now), gathered out of the pool; frees every block."""
+        owns it now), gathered out of the pool; frees every block. Called earlier (once rows
+        landed, in a pool without deepstack rows), the same prompt whose rows fill in as
+        ``landed`` copies them; its tensors are the ones a later ``take`` returns."""
         return self._manager._take(self)
+
+    def landed(self) -> int:
+        """After an early ``take``: copy out what landed since, freeing the blocks of every
+        window that is whole; the tokens the prompt has rows for (from token 0)."""
+        return self._manager._landed_rows(self)
 
 
 @dataclass
@@ -237,8 +253,11 @@ class ReceiverManager(TransferManager):
     def _take(self, receiver: EmbeddingReceiver) -> EncodedPrompt:
         with self._lock:
             if receiver.state != Poll.Success:
-                raise RuntimeError(f"room {receiver.room} is {receiver.state.name}, not Success"
-                                   + (f": {receiver.failure}" if receiver.failure else ""))
+                if receiver.state != Poll.Transferring or self.pool.layout.deepstack_layers:
+                    raise RuntimeError(
+                        f"room {receiver.room} is {receiver.state.name}, not Success"
+                        + (f": {receiver.failure}" if receiver.failure else ""))
+                return self._take_early(receiver)
             windows = [w for w in receiver.windows if w.allocation is not None]
             receiver.windows = []
             self._receivers.pop(receiver.room, None)
@@ -250,14 +269,46 @@ class ReceiverManager(TransferManager):
             for window in windows:
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
-        prompt = EncodedPrompt(out.embeddings, out.token_ids.long(), out.positions.long(),
-                               receiver.mrope_delta, prefix=prefix,
-                               first_token=receiver.first_token,
-                               block_hashes=receiver.block_hashes,
-                               tail_images=receiver.tail_images)
+        prompt = receiver.taken or self._prompt(receiver, out, prefix)
         if self.pool.layout.deepstack_layers:
             self._attach_deepstack(receiver, prompt)
         return prompt
+
+    def _take_early(self, receiver: EmbeddingReceiver) -> EncodedPrompt:
+        """Under the lock: the prompt over the buffer its rows are copied into as they land.
+        The caller owns the prefix-cache pin from now on."""
+        if receiver.taken is None:
+            receiver.staged = receiver.staged or self._new_buffer(receiver)
+            prefix, receiver.prefix = receiver.prefix, None
+            receiver.taken = self._prompt(receiver, receiver.staged, prefix)
+        return receiver.taken
+
+    @staticmethod
+    def _prompt(receiver: EmbeddingReceiver, out: Gathered,
+                prefix: PrefixHit | None) -> EncodedPrompt:
+        return EncodedPrompt(out.embeddings, out.token_ids, out.positions,
+                             receiver.mrope_delta, prefix=prefix,
+                             first_token=receiver.first_token,
+                             block_hashes=receiver.block_hashes,
+                             tail_images=receiver.tail_images)
+
+    def _landed_rows(self, receiver: EmbeddingReceiver) -> int:
+        with self._lock:
+            if receiver.taken is None or receiver.state not in (Poll.Transferring,
+                                                                  Poll.Success):
+                return receiver.first_token
+            freed = False
+            for window in receiver.windows:
+                if window.allocation is None or window.copied == window.filled:
+                    continue
+                self._copy_out(receiver, window, receiver.staged)
+                if window.whole(receiver.total_tokens):
+                    self.pool.allocator.free(window.allocation)
+                    window.allocation = None
+                    freed = True
+            if freed:
+                self._retry_pending()
+            return receiver.sent_tokens
 
     def _attach_deepstack(self, receiver: EmbeddingReceiver, prompt: EncodedPrompt) -> None:
         """The visual mask and ``[layers, visual tokens, hidden]`` rows, in token order."""
@@ -439,43 +490,51 @@ class ReceiverManager(TransferManager):
         room = receiver.room
         if receiver.state in TERMINAL:
             raise ChunkRefused(f"chunk for room {room}, which is {receiver.state.name}")
-        row = chunk_row(notice, self.pool.layout.block_size)
+        block_size = self.pool.layout.block_size
         window = self._window_of(receiver, notice)
-        if window is None or window.allocation is None:
+        if window is None:
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} is outside "
                                "every offered window")
-        if window.filled or window.landing:
+        if window.landing or (window.filled and notice.start_token < window.first
+                              + window.filled):
             raise ChunkRefused(f"duplicate chunk at token {notice.start_token} of room {room}")
         if notice.start_token != receiver.sent_tokens:
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room} out of "
                                f"order (next is {receiver.sent_tokens})")
         total = receiver.total_tokens or notice.total_tokens
-        expected = min(total, window.end) - notice.start_token
-        if expected <= 0 or notice.total_tokens != total or notice.num_tokens != expected:
+        room_left = min(total, window.end) - notice.start_token
+        if (room_left <= 0 or notice.total_tokens != total
+                or not 0 < notice.num_tokens <= room_left):
             raise ChunkRefused(f"chunk of {notice.num_tokens}/{notice.total_tokens} tokens for "
-                               f"room {room}; its window takes {expected} of {total}")
-        problem = runs_problem(notice.visual_runs, expected)
+                               f"room {room}; its window takes at most {room_left} of {total}")
+        problem = runs_problem(notice.visual_runs, notice.num_tokens)
         if problem is None and notice.visual_runs and not self.pool.layout.deepstack_layers:
             problem = "visual runs for a pool without deepstack rows"
         if problem:
             raise ChunkRefused(f"chunk at token {notice.start_token} of room {room}: {problem}")
         if blocks is not None:
-            used = window.allocation.blocks[: self.pool.allocator.blocks_for(row + expected)]
+            first = (notice.start_token - window.start) // block_size
+            row = chunk_row(notice, block_size)
+            used = window.allocation.blocks[
+                first: first + self.pool.allocator.blocks_for(row + notice.num_tokens)]
             if list(blocks) != list(used):
                 raise ChunkRefused(f"chunk for room {room} aims at blocks {list(blocks)[:16]}, "
                                    f"its window has {list(used)[:16]}")
         return window
 
-    def _window_of(self, receiver: EmbeddingReceiver, notice: ChunkDone) -> OfferedWindow | None:
-        """The window a chunk lands in: the one that starts on its first token's block."""
-        start = notice.start_token - chunk_row(notice, self.pool.layout.block_size)
-        return next((w for w in receiver.windows if w.start == start), None)
+    @staticmethod
+    def _window_of(receiver: EmbeddingReceiver, notice: ChunkDone) -> OfferedWindow | None:
+        """The window a chunk lands in: the one that holds its first token."""
+        return next((w for w in receiver.windows if w.allocation is not None
+                     and w.start <= notice.start_token < w.end), None)
 
     def _landed(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                 notice: ChunkDone) -> None:
-        window.skipped = notice.start_token - window.start
-        window.filled = notice.num_tokens
-        window.visual_runs = notice.visual_runs
+        if not window.filled:
+            window.skipped = notice.start_token - window.start
+        at = notice.start_token - window.first
+        window.visual_runs += tuple((at + first, count) for first, count in notice.visual_runs)
+        window.filled += notice.num_tokens
         receiver.total_tokens = notice.total_tokens
         receiver.mrope_delta = notice.mrope_delta
         receiver.sent_tokens = notice.start_token + notice.num_tokens
@@ -498,7 +557,8 @@ class ReceiverManager(TransferManager):
 
     def _spill(self, receiver: EmbeddingReceiver) -> None:
         """Copy this room's filled windows out of the pool and free their blocks."""
-        filled = [w for w in receiver.windows if w.allocation is not None and w.filled]
+        filled = [w for w in receiver.windows
+                  if w.allocation is not None and w.whole(receiver.total_tokens)]
         if not filled:
             return
         if receiver.staged is None:
@@ -514,19 +574,24 @@ class ReceiverManager(TransferManager):
         self.stats.spills += 1
 
     def _new_buffer(self, receiver: EmbeddingReceiver) -> Gathered:
-        """Room for the tokens sent (after the cached prefix)."""
+        """Room for the tokens sent (after the cached prefix), ids and positions as the
+        language half takes them."""
         total = receiver.total_tokens - receiver.first_token
         return Gathered(
             torch.empty(total, self.pool.layout.hidden_size, dtype=self.pool.layout.torch_dtype),
-            torch.empty(total, dtype=torch.int32), torch.empty(total, 3, dtype=torch.int32))
+            torch.empty(total, dtype=torch.long), torch.empty(total, 3, dtype=torch.long))
 
     def _copy_out(self, receiver: EmbeddingReceiver, window: OfferedWindow,
                   out: Gathered) -> None:
-        start = window.first - receiver.first_token
-        span = slice(start, start + window.filled)
+        """The window's rows not copied yet, deepstack rows with its first copy (a pool with
+        deepstack rows copies whole windows only)."""
+        start = window.first - receiver.first_token + window.copied
+        count = window.filled - window.copied
+        span = slice(start, start + count)
         blocks = window.allocation.blocks
-        self.pool.arrays.read(blocks, window.filled, window.skipped, out=Gathered(
+        self.pool.arrays.read(blocks, count, window.skipped + window.copied, out=Gathered(
             out.embeddings[span], out.token_ids[span], out.positions[span]))
+        window.copied = window.filled
         if window.visual_runs:
             receiver.deepstack[window.first] = (window.visual_runs,
                                                 self.pool.arrays.read_deepstack(
@@ -543,7 +608,7 @@ class ReceiverManager(TransferManager):
         self._receivers.pop(receiver.room, None)
         self._pending.pop(receiver.room, None)
         self._finished(receiver.room)
-        receiver.staged = None
+        receiver.staged = receiver.taken = None
         receiver.deepstack = {}
         if receiver.peer is not None:
             receiver.peer.rooms.discard(receiver.room)
@@ -572,7 +637,7 @@ class ReceiverManager(TransferManager):
             if window.allocation is not None:
                 self.pool.allocator.free(window.allocation)
         receiver.windows = []
-        receiver.staged = None
+        receiver.staged = receiver.taken = None
         receiver.deepstack = {}
         self._retry_pending()
 

@@ -2,10 +2,12 @@
 (one per request room).
 
 The encode server writes a prompt's embeddings into blocks of its own pool and hands the
-allocation to ``send``. The sender then fills the receiver's windows in order, as they are
-offered, one chunk per window, and frees its blocks once the receiver confirms (``Received``)
-or the room fails. Windows may arrive before the encode request does: they wait, bounded by
-the bootstrap timeout.
+allocation to ``send``, perhaps before every row is written (``ready``: a prompt whose images
+are encoded in stages), then says how far it got (``extend``). The sender fills the receiver's
+windows in order, as they are offered and as rows are ready: a chunk per window, or several
+when rows come in stages, so that the language side can start on the first ones. It frees its
+blocks once the receiver confirms (``Received``) or the room fails. Windows may arrive before
+the encode request does: they wait, bounded by the bootstrap timeout.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class EmbeddingSender(RoomTransfer):
         # written before. Sending starts at the first token it lacks.
         self.cached_tokens: int | None = None
         self.sent_tokens = 0
+        self.ready_tokens = 0  # rows written in ``source`` (from token 0)
         self.mrope_delta = 0
         self.visual_runs: Runs = ()
         self.peer: Peer | None = None
@@ -73,11 +76,18 @@ class EmbeddingSender(RoomTransfer):
         say which of them it already holds (``cached_tokens``)."""
         self._manager._announce(self, total_tokens, block_hashes or [], tail_images or [])
 
-    def send(self, source: Allocation, mrope_delta: int, visual_runs: Runs = ()) -> None:
+    def send(self, source: Allocation, mrope_delta: int, visual_runs: Runs = (),
+             ready: int | None = None) -> None:
         """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0),
-        with the deepstack rows of the tokens in ``visual_runs``. Non-blocking; the sender owns
-        ``source`` from now on and frees it on every path."""
-        self._manager._send(self, source, mrope_delta, visual_runs)
+        with the deepstack rows of the tokens in ``visual_runs``: its first ``ready`` tokens
+        (default: all) now, the rest as ``extend`` says they are written. Non-blocking; the
+        sender owns ``source`` from now on and frees it on every path."""
+        self._manager._send(self, source, mrope_delta, visual_runs, ready)
+
+    def extend(self, ready: int, visual_runs: Runs = ()) -> None:
+        """The first ``ready`` tokens of ``source`` are written now, deepstack rows of the
+        tokens in ``visual_runs`` (those since the last call) included."""
+        self._manager._extend(self, ready, visual_runs)
 
     def abort(self, reason: str = "aborted by the encode server") -> None:
         self._manager._abort(self, reason)
@@ -106,8 +116,11 @@ class _PeerWriter:
         self._thread = threading.Thread(target=self._run, name=f"writer-{peer.id}", daemon=True)
         self._thread.start()
 
-    def submit(self, sender: EmbeddingSender, window: Window, notice: ChunkDone) -> None:
-        self._jobs.put((sender, window, notice))
+    def submit(self, sender: EmbeddingSender, window: Window, blocks: list[int],
+               notice: ChunkDone) -> None:
+        """Write ``notice``'s tokens into ``blocks``: the window's, from the one its first
+        token lands in."""
+        self._jobs.put((sender, window, blocks, notice))
 
     def stop(self, wait: bool = False) -> None:
         """Finish queued writes, then close the link (``wait``: and join the thread)."""
@@ -117,7 +130,7 @@ class _PeerWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            sender, window, notice = job
+            sender, window, blocks, notice = job
             started = time.perf_counter()
             error = None
             try:
@@ -126,8 +139,7 @@ class _PeerWriter:
                 elif self._manager.stalled():
                     error = "this encode server stalled; its peers may have given up on it"
                 else:
-                    self.link.write(sender.source.blocks, notice.start_token, window.blocks,
-                                    notice)
+                    self.link.write(sender.source.blocks, notice.start_token, blocks, notice)
             except PlaneError as exc:
                 error = str(exc)
             except Exception as exc:  # a bug must fail the room, never kill the writer
@@ -372,7 +384,7 @@ class SenderManager(TransferManager):
         self._pump(sender)
 
     def _send(self, sender: EmbeddingSender, source: Allocation, mrope_delta: int,
-              visual_runs: Runs) -> None:
+              visual_runs: Runs, ready: int | None) -> None:
         with self._lock:
             if sender.source is not None:
                 raise ValueError(f"room {sender.room} was already sent")
@@ -386,12 +398,30 @@ class SenderManager(TransferManager):
                                  f"{sender.room} has {sender.total_tokens}")
             if visual_runs and not self.pool.layout.deepstack_layers:
                 raise ValueError(f"room {sender.room} has deepstack rows; this pool has none")
+            ready = sender.total_tokens if ready is None else ready
+            if not 0 <= ready <= sender.total_tokens:
+                raise ValueError(f"{ready} tokens ready of room {sender.room}'s "
+                                 f"{sender.total_tokens}")
             sender.source = source
+            sender.ready_tokens = ready
             sender.mrope_delta = mrope_delta
-            sender.visual_runs = visual_runs
+            sender.visual_runs = tuple(visual_runs)
             sender.last_progress = time.monotonic()
             if sender.peer is not None:
                 sender.state = Poll.Transferring
+            self._pump(sender)
+
+    def _extend(self, sender: EmbeddingSender, ready: int, visual_runs: Runs) -> None:
+        with self._lock:
+            if sender.source is None:
+                raise ValueError(f"room {sender.room} was not sent yet")
+            if not sender.ready_tokens <= ready <= sender.total_tokens:
+                raise ValueError(f"{ready} tokens ready of room {sender.room}'s "
+                                 f"{sender.total_tokens}, after {sender.ready_tokens}")
+            if sender.state in (Poll.Success, Poll.Failed):
+                return
+            sender.ready_tokens = ready
+            sender.visual_runs += tuple(visual_runs)
             self._pump(sender)
 
     def _abort(self, sender: EmbeddingSender, reason: str) -> None:
@@ -402,24 +432,32 @@ class SenderManager(TransferManager):
     # -- progress -------------------------------------------------------------------------
 
     def _pump(self, sender: EmbeddingSender) -> None:
-        """Start writing the next window if the data and that window are both there."""
+        """Start writing the next chunk if its rows and its window are both there: the ready
+        rows of the window that holds the next token."""
         if (sender.state in (Poll.Success, Poll.Failed) or sender.writing
                 or sender.source is None or sender.peer is None or sender.cached_tokens is None):
             return
         start = sender.sent_tokens
-        window = sender.windows.get(self._window_start(start))
-        if window is None or start >= sender.total_tokens:
+        window = next((w for w in sender.windows.values()
+                       if w.start_token <= start < w.start_token + w.allocated_tokens), None)
+        if window is None:
+            return
+        window_end = min(sender.total_tokens, window.start_token + window.allocated_tokens)
+        num_tokens = min(window_end, sender.ready_tokens) - start
+        if num_tokens <= 0:
             return
         writer = self._writers.get(sender.peer.id)
         if writer is None:
             return self._fail(sender, f"no data link to receiver {sender.peer.id}", notify=False)
-        num_tokens = min(sender.total_tokens, window.start_token + window.allocated_tokens) - start
-        # NOTE: an in-band plane's notice can reach the receiver, which may then reuse these
-        # blocks, before this thread hears the write returned. Claims guard windows not yet
-        # written; writes to one receiver are serialized, so releasing here is as safe.
-        self._unclaim(sender, [window])
+        if start + num_tokens == window_end:
+            # NOTE: an in-band plane's notice can reach the receiver, which may then reuse
+            # these blocks, before this thread hears the write returned. Claims guard windows
+            # not yet written; writes to one receiver are serialized, so releasing at the
+            # window's last chunk is as safe.
+            self._unclaim(sender, [window])
         sender.writing = True
-        writer.submit(sender, window, ChunkDone(
+        first_block = (start - window.start_token) // self.pool.layout.block_size
+        writer.submit(sender, window, window.blocks[first_block:], ChunkDone(
             sender.room, start, num_tokens, sender.total_tokens, sender.mrope_delta,
             tuple(runs_within(sender.visual_runs, start, num_tokens))))
 
@@ -429,8 +467,10 @@ class SenderManager(TransferManager):
         with self._lock:
             sender.writing = False
             if error is None:
-                del sender.windows[window.start_token]
                 sender.sent_tokens += notice.num_tokens
+                if sender.sent_tokens >= min(sender.total_tokens,
+                                             window.start_token + window.allocated_tokens):
+                    del sender.windows[window.start_token]
                 sender.last_progress = time.monotonic()
                 self.stats.chunks += 1
                 self.stats.bytes += self.pool.layout.chunk_bytes(notice.num_tokens,

@@ -18,7 +18,7 @@ import torch
 
 from mmdisagg.config import NetworkSettings, TransferSettings
 from mmdisagg.core import HASH_BLOCK_TOKENS, EncodedPrompt, PrefixHit, block_hashes
-from mmdisagg.pool.layout import PoolLayout
+from mmdisagg.pool.layout import PoolLayout, runs_within
 from mmdisagg.pool.pool import EmbeddingPool
 from mmdisagg.transfer.planes import plane_class
 from mmdisagg.transfer.protocol import Poll
@@ -102,6 +102,10 @@ class SendTask:
             "delay", 0.0)
         self.sent = False
         self.bound = False
+        # "stages": the rows are ready in that many steps, each after the last was sent
+        self.stage_ends = [self.total * (i + 1) // cmd.get("stages", 1)
+                           for i in range(cmd.get("stages", 1))]
+        self.runs: list[tuple[int, int]] = []
 
     def step(self) -> bool:
         pool = self.manager.pool
@@ -112,9 +116,15 @@ class SendTask:
             source = pool.allocator.alloc(self.total)
             if source is not None:
                 prompt = make_prompt(self.room, self.total, pool.layout)
-                runs = pool.write_prompt(source, prompt)
-                self.sender.send(source, prompt.mrope_delta, runs)
+                self.runs = pool.write_prompt(source, prompt)
+                self.sender.send(source, prompt.mrope_delta, self._runs_before(
+                    self.stage_ends[0]), ready=self.stage_ends[0])
                 self.sent = True
+        ready = self.sender.ready_tokens
+        if self.sent and ready < self.total and self.sender.sent_tokens >= ready:
+            end = next(end for end in self.stage_ends if end > ready)
+            self.sender.extend(end, [(ready + first, count) for first, count in runs_within(
+                self.runs, ready, end - ready)])
         kill_after = self.cmd.get("kill_after_tokens")
         if kill_after is not None and self.sender.sent_tokens >= kill_after:
             emit({"event": "killing", "room": self.room, "sent": self.sender.sent_tokens})
@@ -126,6 +136,10 @@ class SendTask:
         return False
 
 
+    def _runs_before(self, end: int) -> list[tuple[int, int]]:
+        return runs_within(self.runs, 0, end)
+
+
 class RecvTask:
     def __init__(self, manager: ReceiverManager, cmd: dict) -> None:
         self.manager, self.cmd = manager, cmd
@@ -133,6 +147,11 @@ class RecvTask:
         self.receiver = manager.create_receiver(self.room, cmd["encoder"])
         self.inited = False
         self.reported_transferring = False
+        # "early": take the prompt at its first chunk and follow it as rows land, checking
+        # every landed row against the room's prompt each time
+        self.early: EncodedPrompt | None = None
+        self.landed_seen: list[int] = []
+        self.partial_exact = True
 
     def step(self) -> bool:
         if not self.inited:
@@ -141,6 +160,8 @@ class RecvTask:
                 self.receiver.init(allocation)
                 self.inited = True
         state = self.receiver.poll()
+        if self.cmd.get("early") and state in (Poll.Transferring, Poll.Success):
+            self._follow()
         if state == Poll.Transferring and not self.reported_transferring:
             self.reported_transferring = True
             emit({"event": "transferring", "room": self.room})
@@ -158,8 +179,26 @@ class RecvTask:
             return True
         return False
 
+    def _follow(self) -> None:
+        if self.early is None:
+            self.early = self.receiver.take()
+        landed = self.receiver.landed()
+        if self.landed_seen and landed == self.landed_seen[-1]:
+            return
+        self.landed_seen.append(landed)
+        first = self.early.first_token
+        expected = make_prompt(self.room, self.receiver.total_tokens, self.manager.pool.layout)
+        rows = slice(0, landed - first)
+        self.partial_exact &= (
+            torch.equal(self.early.embeddings[rows], expected.embeddings[first:landed])
+            and torch.equal(self.early.token_ids[rows], expected.token_ids[first:landed])
+            and torch.equal(self.early.positions[rows], expected.positions[first:landed]))
+
     def finish(self) -> None:
         got = self.receiver.take()
+        early = {} if self.early is None else {
+            "same_object": got is self.early, "landed_seen": self.landed_seen,
+            "partial_exact": self.partial_exact}
         expected = make_prompt(self.room, got.prompt_tokens, self.manager.pool.layout)
         skip = got.first_token  # the rows before it were never sent: the receiver held them
         if skip:
@@ -174,7 +213,7 @@ class RecvTask:
             self.manager.prefix_cache.release(got.prefix)
         emit({"event": "done", "room": self.room, "state": "Success", "exact": exact,
               "total": got.prompt_tokens, "cached": got.cached_tokens, "first": skip,
-              "expected_total": self.cmd.get("total")})
+              "expected_total": self.cmd.get("total"), **early})
 
 
 def main() -> None:

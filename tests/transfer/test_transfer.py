@@ -150,6 +150,42 @@ def test_text_prompt_moves_the_same_bytes_with_or_without_deepstack_rows(start, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_ready_in_stages_fill_windows_in_several_chunks(start, backend):
+    """A sender whose rows are ready in 5 stages of 400 tokens sends each as it is ready, so a
+    window takes several chunks (stages end at 400 and 800 inside the first 1024-token window,
+    1200 and 1600 inside the second). A receiver that takes the prompt at its first chunk sees
+    exact rows each time it looks, and the prompt it took early is the one it finally gets."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64, default_blocks=8)
+    receiver.command(op="recv", room=41, encoder=sender.bootstrap, total=2000, early=True)
+    sender.command(op="send", room=41, total=2000, stages=5)
+    receiver.command(op="recv", room=42, encoder=sender.bootstrap, total=700)
+    sender.command(op="send", room=42, total=700, stages=3)
+    received = receiver.done([41, 42])
+    assert_exact(received, {41: 2000, 42: 700})
+    early = received[41]
+    assert early["same_object"] and early["partial_exact"], early
+    assert early["landed_seen"][-1] == 2000 and early["landed_seen"] == sorted(
+        early["landed_seen"]), early
+    stats = receiver.stats()
+    assert stats["chunks"] == 6 + 3 and stats["windows"] == 3, stats
+    assert receiver.wait_pool_full()["live"] == 0 and sender.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepstack_rows_ready_in_stages(start, backend):
+    """Stages cut visual runs; each chunk carries the deepstack rows of its own tokens."""
+    sender = start("sender", backend, 64, deepstack_layers=3)
+    receiver = start("receiver", backend, 64, default_blocks=2, deepstack_layers=3)
+    rooms = {room: 1500 for room in (61, 63, 65)}
+    for room, total in rooms.items():
+        receiver.command(op="recv", room=room, encoder=sender.bootstrap, total=total)
+        sender.command(op="send", room=room, total=total, stages=4)
+    assert_exact(receiver.done(rooms), rooms)
+    assert receiver.stats()["chunks"] > 2 * len(rooms)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deepstack_layout_mismatch_is_refused(start, backend):
     sender = start("sender", backend, 64, deepstack_layers=3)
     receiver = start("receiver", backend, 64)
