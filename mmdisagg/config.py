@@ -452,6 +452,10 @@ class EngineSettings:
     gpu_memory_utilization: float = knob(
         0.9, "CUDA: fraction of the device's memory for weights, activations and the KV cache "
              "(sized by a dry run at start); 0 = use --kv-cache-memory", check=fraction)
+    prefill_while_arriving: bool = knob(
+        True, "a language server prefills a prompt's first rows while the rest are still on "
+        "their way (an encode server sends each vision forward's rows as it ends); "
+        "--no-prefill-while-arriving waits for the whole prompt (Qwen3-VL always does)")
     prefix_cache: bool = knob(
         True, "keep the KV of prompts' whole blocks to reuse for later prompts that start the "
         "same way (a cached prefix is neither encoded, sent nor prefilled again); "
@@ -489,8 +493,9 @@ class ProcessSettings:
 class EncodingSettings:
     max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
     max_encode_patches: int = knob(
-        16384, "most image patches in one vision forward (a larger image still goes alone); "
-               "bounds how long text prompts and the next step wait behind it")
+        4096, "most image patches in one vision forward (a larger image still goes alone): a "
+              "prompt with more takes several, each forward's rows sent (and prefilled) while "
+              "the next runs; bounds how long text prompts and the next step wait behind it")
     max_queued_encodes: int = knob(1024, "requests an encode server holds (preparing, waiting "
                                          "for a window, encoding, sending) beyond which new "
                                          "ones get 503")

@@ -85,6 +85,9 @@ def kv_metrics(engine: Engine) -> Iterator[Metric]:
                               value=engine.prefix_hit_tokens)
     yield GaugeMetricFamily("mmdisagg_kv_block_size", "Tokens per KV-cache block",
                             value=engine.blocks.block_size)
+    yield CounterMetricFamily("mmdisagg_prefill_while_arriving_tokens",
+                              "Prompt tokens prefilled while the rest of their prompt was still "
+                              "on its way", value=engine.prefilled_while_arriving)
     yield CounterMetricFamily("mmdisagg_kv_preemptions",
                               "Requests preempted (KV freed, recomputed later)",
                               value=engine.preemptions)

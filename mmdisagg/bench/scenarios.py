@@ -23,8 +23,11 @@ SYSTEMS = {s.name: s for s in (
            ("--default-blocks", "16")),
     System("disagg-1+1-no-prefix-cache", "1 + 1 with --no-prefix-cache",
            ("--no-prefix-cache",)),
+    System("disagg-1+1-prefill-after-arrival", "1 + 1 with --no-prefill-while-arriving: "
+           "prefill starts once the whole prompt landed", ("--no-prefill-while-arriving",)),
 )}
 PREFIX = ("disagg-1+1", "disagg-1+1-no-prefix-cache")
+ARRIVAL = ("disagg-1+1", "disagg-1+1-prefill-after-arrival")
 MAIN = ("disagg-1+1", "disagg-2+1", "colocated", "transformers-serve")
 RATES = (1.0, 2.0, 4.0, 8.0)
 
@@ -87,6 +90,14 @@ def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
     found.append(Scenario("cold", "concurrency 1, one 448x448 image, single turn: what the "
                           "prefix cache costs when nothing hits", PREFIX,
                           ((image_requests(20, "cold", 800), closed[1]),), "cold"))
+    # NOTE: 8 x 484 image tokens and the question: ~4,030 of the checkpoint's 4,096 tokens
+    found.append(Scenario("many-images", "concurrency 1, eight 616x616 images (~4,030-token "
+                          "prompts, 4 vision forwards), 8 output tokens: prefill as the prompt "
+                          "arrives vs once it all landed", ARRIVAL,
+                          ((Workload(num_requests=n(8), images=(8, 8),
+                                     image_sizes=((616, 616),), prompt_words=30, max_tokens=8,
+                                     group="many-images", seed=900), closed[1]),),
+                          "many-images"))
     for step, rate in enumerate(RATES):
         found.append(Scenario(
             f"rate {rate:g}/s", f"open loop, Poisson at {rate:g} requests/s, one 448x448 image",

@@ -3,9 +3,11 @@
 A request arrives prepared (tokenized, images processed), its sender created and its length
 already announced, so the language server offers every window while the vision tower works.
 It is admitted once the language server offered it a window and its whole prompt fits in this
-server's pool; the images of all admitted
-requests go through the vision tower in one forward; each prompt's embeddings are written
-into its blocks and handed to its sender; it is answered when the language server confirms
+server's pool. Vision forwards take the next images of admitted requests, in prompt order, up
+to ``max_patches``: a prompt with more images takes several. After each forward, the rows of
+every prompt up to its first image not encoded yet are written into its blocks and handed to
+its sender, so the language server receives (and prefills) a long prompt's first part while
+the vision tower works on the rest. A request is answered when the language server confirms
 every token arrived, or the transfer failed.
 """
 
@@ -15,10 +17,12 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
-from mmdisagg.core import EncodedPrompt, LoopThread, RecentRooms
+import torch
+
+from mmdisagg.core import LoopThread, RecentRooms
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedImage, PreparedPrompt
 from mmdisagg.models.image_cache import ImageCache
@@ -66,8 +70,11 @@ class EncodeJob:
     prepared: PreparedPrompt
     sender: EmbeddingSender
     reply: Callable[[EncodeResult | ErrorEvent], None]  # called once, from the loop thread
-    allocation: Allocation | None = None
+    allocation: Allocation | None = None  # ours until every row is written (then its sender's)
     replied: bool = False
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # of its images, so far
+    stage: list[PreparedImage] = field(default_factory=list)  # its images in this forward
+    written: int | None = None  # tokens whose rows are in its blocks; None: nothing sent yet
 
     @property
     def cached_tokens(self) -> int:
@@ -77,6 +84,29 @@ class EncodeJob:
     @property
     def images_needed(self) -> list[PreparedImage]:
         return self.prepared.images_after(self.cached_tokens)
+
+    def next_stage(self, max_patches: int) -> list[PreparedImage]:
+        """Its next images not encoded yet, in prompt order: one vision forward's worth (at
+        least one)."""
+        stage, patches = [], 0
+        for image in self.images_needed:
+            if image.content_hash in self.features:
+                continue
+            size = image.pixel_values.shape[0]
+            if stage and max_patches and patches + size > max_patches:
+                break
+            stage.append(image)
+            patches += size
+        return stage
+
+    def ready_tokens(self) -> int:
+        """Tokens whose rows can be written: those before its first image not encoded yet."""
+        cached = self.cached_tokens
+        return min((start for image, start in zip(self.prepared.images,
+                                                   self.prepared.image_starts, strict=True)
+                    if start + image.num_tokens > cached
+                    and image.content_hash not in self.features),
+                   default=self.prepared.total_tokens)
 
     def answer(self, outcome: EncodeResult | ErrorEvent) -> None:
         self.replied = True
@@ -189,17 +219,19 @@ class EncodeScheduler(LoopThread):
             self.admitted.append(job)
 
     def _encode(self) -> None:
-        """Prompts that need no vision forward are encoded here at once; vision forwards run
-        one at a time on the vision thread (torch releases the GIL), so that this loop keeps
-        admitting, answering text prompts and sending while a burst of large images is
-        encoded."""
+        """Stages that need no vision forward (no images, or all cached) are done here at
+        once; vision forwards run one at a time on the vision thread (torch releases the GIL),
+        so that this loop keeps admitting, answering text prompts and sending while a burst of
+        large images is encoded."""
         if self._vision_run is not None and self._vision_run.done():
             batch, self.encoding = self.encoding, []
             run, self._vision_run = self._vision_run, None
             self._encoded(batch, run.result())
-        quick, vision = take_batches(self.admitted, lambda job: job.images_needed, self.cache,
-                                     self.max_batch if self._vision_run is None else 0,
-                                     self.max_patches)
+        quick, vision = take_batches(self.admitted, lambda job: job.next_stage(self.max_patches),
+                                     self.cache, self.max_batch if self._vision_run is None
+                                     else 0, self.max_patches)
+        for job in [*quick, *vision]:
+            job.stage = job.next_stage(self.max_patches)
         if quick:
             self._encoded(quick, self._forward(quick))
         if vision:
@@ -207,31 +239,58 @@ class EncodeScheduler(LoopThread):
             self._vision_run = self._vision.submit(self._forward, vision)
             self._vision_run.add_done_callback(lambda _: self.wake())
 
-    def _forward(self, batch: list[EncodeJob]) -> list[EncodedPrompt] | Exception:
+    def _forward(self, batch: list[EncodeJob]) -> dict[str, torch.Tensor] | Exception:
         try:
-            return self.half.encode([job.prepared for job in batch], self.cache,
-                                    self.max_patches, [job.cached_tokens for job in batch])
+            return self.half.image_features([image for job in batch for image in job.stage],
+                                            self.cache, self.max_patches)
         except Exception as exc:  # a model failure fails these requests, not the server
             log.exception("encoding failed for rooms %s", [job.room for job in batch])
             return exc
 
-    def _encoded(self, batch: list[EncodeJob], result: list[EncodedPrompt] | Exception) -> None:
-        """``batch`` in the order it was encoded; a job aborted meanwhile is already
-        answered."""
-        for i, job in enumerate(batch):
+    def _encoded(self, batch: list[EncodeJob],
+                 result: dict[str, torch.Tensor] | Exception) -> None:
+        """A stage of each job of ``batch`` is encoded: write and send what is ready. A job
+        with images left goes back to the head of the queue; a job aborted meanwhile is
+        already answered."""
+        unfinished = []
+        for job in batch:
             if job.replied:
                 continue
             if isinstance(result, Exception):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
-            prompt = result[i]
-            visual_runs = self.pool.write_prompt(job.allocation, prompt, job.cached_tokens)
-            allocation, job.allocation = job.allocation, None
-            # the sender owns the blocks now
-            job.sender.send(allocation, prompt.mrope_delta, visual_runs)
-            self.sending.append(job)
+            if job.sender.poll() == Poll.Failed:
+                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
+                continue
+            job.features.update((image.content_hash, result[image.content_hash])
+                                for image in job.stage)
+            job.stage = []
+            self._write(job)
+            (self.sending if job.allocation is None else unfinished).append(job)
+        self.admitted.extendleft(reversed(unfinished))
+
+    def _write(self, job: EncodeJob) -> None:
+        """Write the rows that are ready since the last stage into ``job``'s blocks and tell
+        its sender; once every row is written, the blocks are the sender's."""
+        first = job.cached_tokens if job.written is None else job.written
+        ready = job.ready_tokens()
+        encoded = [image for image in job.images_needed if image.content_hash in job.features]
+        prompt = self.half.merge(job.prepared, encoded, job.features)
+        runs = self.pool.write_prompt(job.allocation, prompt, first, ready)
+        if job.written is None:
+            job.sender.send(job.allocation, prompt.mrope_delta, runs, ready=ready)
+        else:
+            job.sender.extend(ready, runs)
+        job.written = ready
+        if ready == job.prepared.total_tokens:
+            job.allocation = None
+            job.features = {}
 
     def _reply(self) -> None:
+        for job in [job for job in self.admitted if job.written is not None]:
+            if job.sender.poll() == Poll.Failed:  # between stages
+                self.admitted.remove(job)
+                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
         for job in list(self.sending):
             state = job.sender.poll()
             if state == Poll.Success:

@@ -3,7 +3,8 @@ recompute, one forward pass per step.
 
 Requests wait in ``waiting`` until the KV blocks for their known tokens plus one are free,
 then run. Each ``step`` feeds one token to every decoding request and the next prompt tokens
-(at most ``max_prefill_tokens`` in all) to those still prefilling, in one forward pass, and
+(at most ``max_prefill_tokens`` in all; only rows that are here, when a prompt is still
+arriving) to those still prefilling, in one forward pass, and
 samples where a sequence reached its last token. When a decoding request needs a new block
 and none is free, the most recently admitted request is preempted: its blocks are freed and
 it goes back to the front of ``waiting``, to be recomputed from its prompt and the tokens it
@@ -105,6 +106,8 @@ class Engine:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.preemptions = 0
+        self.stepped_tokens = 0  # by the last step: 0 when nothing it runs had rows ready
+        self.prefilled_while_arriving = 0  # prompt tokens, before the rest of theirs landed
         self.prefix_query_tokens = self.prefix_hit_tokens = 0  # of prompts at first admission
         # NOTE: a sequence never outgrows the cache: it ends ("length") before it would.
         self.max_len = min(half.max_model_len, self.blocks.max_sequence_tokens)
@@ -122,8 +125,8 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def add(self, req: Req) -> None:
-        """A request whose whole prompt is here; it waits for KV blocks. ``InputError`` if it
-        can never run."""
+        """A request whose prompt is here, or arriving (``landed_tokens``: prefill goes as far
+        as its rows); it waits for KV blocks. ``InputError`` if it can never run."""
         check_params(req.params, self.half.vocab_size)
         problem = self.length_problem(req.prompt_tokens)
         if problem is not None:
@@ -165,12 +168,15 @@ class Engine:
         decode = self._grow_decoding(failed)
         decode = decode[:self.runner.fitting(decode)]
         prefill = self._schedule_prefill(failed)
+        self.stepped_tokens = len(decode) + sum(count for _, count in prefill)
         if not decode and not prefill:
             return failed
         sampled_tokens = self.runner.run(decode, prefill)
         for req in decode:
             req.num_computed += 1
         for req, count in prefill:
+            if req.landed_tokens is not None:
+                self.prefilled_while_arriving += count
             req.num_computed += count
             if req.num_computed - count < req.prompt_tokens <= req.num_computed:
                 self._index_prompt(req)
@@ -210,8 +216,8 @@ class Engine:
                            self.blocks.block_size)
         prefill = []
         for req in self.running:
-            if not self._decoding(req):
-                count = area.take(req.num_computed, req.num_pending)
+            if not self._decoding(req) and req.num_ready:  # (0: its next rows are on the way)
+                count = area.take(req.num_computed, req.num_ready)
                 if count == 0:
                     return prefill
                 prefill.append((req, count))
@@ -242,7 +248,8 @@ class Engine:
                 self.prefix_hit_tokens += req.num_computed
             req.status = ReqStatus.RUNNING
             self.running.append(req)
-            prefill.append((req, area.take(req.num_computed, req.num_pending)))
+            if req.num_ready:
+                prefill.append((req, area.take(req.num_computed, req.num_ready)))
         return prefill
 
     def _find_prefix(self, req: Req) -> None:

@@ -60,6 +60,7 @@ class Req:
     seed: int = 0  # the sampler's; drawn at random when params.seed is None
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    landed_tokens: int | None = None  # while its prompt is still arriving: tokens it has
     block_table: list[int] = field(default_factory=list)
     pinned_blocks: int = 0  # of block_table: a prefix-cache hit it holds while not running
     preemptions: int = 0
@@ -94,7 +95,7 @@ class Req:
         output, seed and grammar state."""
         return Req(f"{self.request_id}/{index}", self.params, self.prompt, self.emit,
                    self.room, self.encoder, grammar=self.grammar, index=index,
-                   arrived=self.arrived, loop=self.loop)
+                   arrived=self.arrived, loop=self.loop, landed_tokens=self.landed_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -105,6 +106,14 @@ class Req:
     def num_pending(self) -> int:
         """Tokens whose keys and values are not yet in the cache."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def num_ready(self) -> int:
+        """Pending tokens that can be computed now: all, unless the prompt is still arriving
+        (then those whose rows landed)."""
+        if self.landed_tokens is None:
+            return self.num_pending
+        return max(0, min(self.num_pending, self.landed_tokens - self.num_computed))
 
     def pending_embeddings(self, count: int, embed: Callable[[torch.Tensor], torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,11 @@ schedules and runs) -> reply (handed to the output thread, which detokenizes and
 
 Requests go prealloc -> transfer -> waiting -> running. Where their prompts come from is the
 ``PromptSource``: ``TransferSource`` (the language server: a first window of ``alloc_default``
-blocks as soon as blocks are free, then receive) or, for ``serve --colocated``, a source that
-runs an encoder half in this same loop. A request without free blocks waits in prealloc; it is
-never dropped. Running requests decode together, new ones joining between steps.
+blocks as soon as blocks are free, then receive; a prompt joins the engine at its first rows
+and is prefilled as far as its rows landed, while the rest arrive) or, for ``serve
+--colocated``, a source that runs an encoder half in this same loop. A request without free
+blocks waits in prealloc; it is never dropped. Running requests decode together, new ones
+joining between steps.
 """
 
 from __future__ import annotations
@@ -47,22 +49,28 @@ class PromptSource(Protocol):
     def add(self, request: Req) -> None: ...
 
     def ready(self, limit: int) -> list[Ready]:
-        """Requests whose prompt is here (at most ``limit`` of them; the others stay where
-        they are, holding their embedding-pool blocks) or failed, since the last call."""
+        """Requests whose prompt is here or arriving (at most ``limit`` of them; the others
+        stay where they are, holding their embedding-pool blocks), or failed, since the last
+        call. A request whose prompt was arriving when it came out fails here too; the
+        ``landed_tokens`` of each of its choices is kept up to date, None once all landed."""
 
-    def abort(self, request: Req) -> bool:
-        """Drop ``request`` if it is still here; False if it is not."""
+    def abort(self, request: Req) -> None:
+        """Drop ``request`` if it is still here."""
 
     def queues(self) -> dict[str, int]: ...
 
 
 class TransferSource:
-    """Prompts received from encode servers: prealloc -> transfer."""
+    """Prompts received from encode servers: prealloc -> transfer (-> arriving: in the engine,
+    the rest of the prompt still on its way)."""
 
-    def __init__(self, manager: ReceiverManager) -> None:
+    def __init__(self, manager: ReceiverManager, early: bool = True) -> None:
         self.manager = manager
+        # NOTE: deepstack rows (Qwen3-VL) are put in token order once every row landed
+        self.early = early and not manager.pool.layout.deepstack_layers
         self.prealloc: deque[Req] = deque()
         self.transfer: list[Req] = []
+        self.arriving: list[Req] = []
 
     def attach(self, prefix_cache: KVBlockManager | None) -> None:
         """The receivers look announced prompts up in it, to be sent only what it lacks."""
@@ -89,13 +97,32 @@ class TransferSource:
             self.transfer.append(self.prealloc.popleft())
         for request in list(self.transfer):
             state = request.receiver.poll()
-            if state == Poll.Success and limit > 0:
-                self.transfer.remove(request)
-                done.append((request, request.receiver.take()))
-                limit -= 1
-            elif state == Poll.Failed:
+            if state == Poll.Failed:
                 self.transfer.remove(request)
                 done.append((request, self._failure(request.receiver)))
+            elif limit > 0 and (state == Poll.Success
+                                or (self.early and state == Poll.Transferring)):
+                self.transfer.remove(request)
+                try:
+                    done.append((request, request.receiver.take()))
+                except RuntimeError:  # it failed since polled
+                    done.append((request, self._failure(request.receiver)))
+                    continue
+                self.arriving.append(request)
+                limit -= 1
+        for request in list(self.arriving):
+            receiver = request.receiver
+            if receiver.poll() == Poll.Failed:
+                self.arriving.remove(request)
+                done.append((request, self._failure(receiver)))
+                continue
+            landed: int | None = receiver.landed()
+            if receiver.poll() == Poll.Success:
+                receiver.take()  # the rest of its rows; frees its last blocks
+                self.arriving.remove(request)
+                landed = None
+            for choice in request.choices or [request]:
+                choice.landed_tokens = landed
         return done
 
     @staticmethod
@@ -104,13 +131,11 @@ class TransferSource:
             return ErrorEvent(receiver.failure, 400, "invalid_request_error")
         return ErrorEvent(f"transfer failed: {receiver.failure}", 503, TRANSFER_FAILED)
 
-    def abort(self, request: Req) -> bool:
-        for queue in (self.prealloc, self.transfer):
+    def abort(self, request: Req) -> None:
+        for queue in (self.prealloc, self.transfer, self.arriving):
             if request in queue:
                 queue.remove(request)
                 request.receiver.abort()
-                return True
-        return False
 
     def queues(self) -> dict[str, int]:
         return {"prealloc": len(self.prealloc), "transfer": len(self.transfer)}
@@ -174,7 +199,7 @@ class LanguageScheduler(LoopThread):
         self._receive()
         self._collect()
         self._reply(self._forward())
-        if self.engine.running:
+        if self.engine.running and self.engine.stepped_tokens:
             return 0.0
         return BUSY_WAIT_S if self._requests or self._inbox else IDLE_WAIT_S
 
@@ -201,9 +226,9 @@ class LanguageScheduler(LoopThread):
             request = self._requests.pop(self._aborts.popleft(), None)
             if request is None:
                 continue
-            if not self.source.abort(request):
-                for choice in request.choices or [request]:
-                    self.engine.abort(choice)
+            self.source.abort(request)
+            for choice in request.choices or [request]:
+                self.engine.abort(choice)
             request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
         while self._stops:
@@ -285,6 +310,8 @@ class LanguageScheduler(LoopThread):
             self.output.put(outputs)
 
     def _finish(self, request: Req, event: Event) -> None:
+        for choice in request.choices or [request]:  # (its prompt may have been arriving)
+            self.engine.abort(choice)
         self._requests.pop(request.room, None)
         request.status = ReqStatus.FINISHED
         self.outcomes["ok" if isinstance(event, TokenEvent) else "failed"] += 1

@@ -143,7 +143,8 @@ class LanguageServer:
         engine = Engine.build(half, settings.engine, settings.max_running_requests)
         self.manager = ReceiverManager(self.pool, settings.transfer, settings.network,
                                        check_length=engine.length_problem)
-        self.service = GenerationService(engine, TransferSource(self.manager), settings)
+        self.service = GenerationService(engine, TransferSource(
+            self.manager, settings.engine.prefill_while_arriving), settings)
         self.sampling_defaults = sampling_defaults(model.model_path, settings.generation)
         self.registry = self.service.registry
         self.registry.register(StatsCollector(self._metrics))

@@ -215,19 +215,36 @@ class EncoderHalf(ABC):
             return self.prepare_text(prompt.text)
         return self.prepare(prompt.messages, prompt.tools)
 
-    @abstractmethod
+    @torch.no_grad()
     def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
                max_patches: int = 0, cached_tokens: Sequence[int] | None = None
                ) -> list[EncodedPrompt]:
-        """Run the vision tower over every image and video in ``batch`` not found in ``cache``
-        (and store the new features there), in forwards of at most ``max_patches`` patches
-        (0: one forward; a video is cut between its temporal patches, an image larger than
-        the bound goes alone), merge the features into the token embeddings and compute each
-        prompt's M-RoPE positions and ``mrope_delta``.
+        """Run the vision tower over every image and video in ``batch`` (``image_features``)
+        and merge the features into each prompt (``merge``).
 
         ``cached_tokens[i]``: the language side holds prompt i's first tokens; images and
         videos wholly inside them skip the vision tower and their embedding rows are left
         zero (they are never used)."""
+        skips = cached_tokens or [0] * len(batch)
+        needed = [prompt.images_after(skip) for prompt, skip in zip(batch, skips, strict=True)]
+        features = self.image_features([image for images in needed for image in images],
+                                       cache, max_patches)
+        return [self.merge(prompt, images, features)
+                for prompt, images in zip(batch, needed, strict=True)]
+
+    @abstractmethod
+    def image_features(self, images: Sequence[PreparedImage], cache: ImageFeatureCache | None,
+                       max_patches: int) -> dict[str, torch.Tensor]:
+        """Vision features of every distinct image and video (by ``content_hash``): from
+        ``cache``, or from forwards of the vision tower of at most ``max_patches`` patches
+        (0: one forward; a video is cut between its temporal patches, an image larger than the
+        bound goes alone), stored in ``cache``."""
+
+    @abstractmethod
+    def merge(self, prompt: PreparedPrompt, encoded: Sequence[PreparedImage],
+              features: Mapping[str, torch.Tensor]) -> EncodedPrompt:
+        """The prompt's token embeddings with the features of its ``encoded`` images in place
+        (the rows of its other images left zero), its M-RoPE positions and ``mrope_delta``."""
 
     @property
     @abstractmethod

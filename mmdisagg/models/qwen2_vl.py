@@ -333,20 +333,8 @@ class QwenVLEncoderHalf(EncoderHalf):
                               placeholder_id=self.video_token_id, time_step=time_step)]
 
     @torch.no_grad()
-    def encode(self, batch: Sequence[PreparedPrompt], cache: ImageFeatureCache | None = None,
-               max_patches: int = 0, cached_tokens: Sequence[int] | None = None
-               ) -> list[EncodedPrompt]:
-        skips = cached_tokens or [0] * len(batch)
-        needed = [prompt.images_after(skip) for prompt, skip in zip(batch, skips, strict=True)]
-        features = self._image_features([image for images in needed for image in images], cache,
-                                        max_patches)
-        return [self._merge(prompt, images, features)
-                for prompt, images in zip(batch, needed, strict=True)]
-
-    def _image_features(self, images: Sequence[PreparedImage], cache: ImageFeatureCache | None,
-                        max_patches: int) -> dict[str, torch.Tensor]:
-        """Features of every distinct image and video: cached, or from vision forwards of at
-        most ``max_patches`` patches."""
+    def image_features(self, images: Sequence[PreparedImage], cache: ImageFeatureCache | None,
+                       max_patches: int) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedImage] = {}
         for image in images:
@@ -378,16 +366,15 @@ class QwenVLEncoderHalf(EncoderHalf):
         embedding, then (a subclass's) deepstack rows."""
         return self.vision_tower(pixel_values, grid_thw=grids).pooler_output[:, None]
 
-    def _merge(self, prompt: PreparedPrompt, needed: Sequence[PreparedImage],
-               features: dict[str, torch.Tensor]) -> EncodedPrompt:
-        """Token embeddings with the ``needed`` images' features in place; the rows of the
-        other images (inside a cached prefix) are left zero."""
+    @torch.no_grad()
+    def merge(self, prompt: PreparedPrompt, encoded: Sequence[PreparedImage],
+              features: Mapping[str, torch.Tensor]) -> EncodedPrompt:
         token_ids = prompt.token_ids.to(self.device)
         embeddings = self.embed_tokens(token_ids)
         visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
         width = (1 + self.deepstack_layers, self.hidden_size)
         visual_features = torch.cat([
-            features[image.content_hash] if image in needed
+            features[image.content_hash] if image in encoded
             else embeddings.new_zeros(image.num_tokens, *width) for image in prompt.images]
         ) if prompt.images else embeddings.new_empty(0, *width)
         embeddings[visual_rows] = visual_features[:, 0]

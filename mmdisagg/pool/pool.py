@@ -23,6 +23,7 @@ from mmdisagg.pool.layout import (
     PoolLayout,
     Runs,
     run_tokens,
+    runs_within,
     split_to_match,
 )
 from mmdisagg.pool.shm import SharedSegment
@@ -196,16 +197,19 @@ class EmbeddingPool:
         self.arrays.write(allocation.blocks, start_token, embeddings, token_ids, positions)
 
     def write_prompt(self, allocation: Allocation, prompt: EncodedPrompt,
-                     first_token: int = 0) -> list[tuple[int, int]]:
-        """Write a whole prompt (from ``first_token`` on: the receiver holds the rest),
-        deepstack rows included; return its visual runs (what the sender needs to send those
-        rows)."""
+                     first_token: int = 0, end_token: int | None = None
+                     ) -> list[tuple[int, int]]:
+        """Write a prompt's tokens from ``first_token`` (the receiver holds those before) to
+        ``end_token`` (default: its end), deepstack rows included; return their visual runs
+        (what the sender needs to send those rows)."""
         part = prompt.from_token(first_token)
-        self.write(allocation, first_token, part.embeddings, part.token_ids, part.positions)
-        runs = part.visual_runs()
+        count = (prompt.prompt_tokens if end_token is None else end_token) - first_token
+        self.write(allocation, first_token, part.embeddings[:count], part.token_ids[:count],
+                   part.positions[:count])
+        runs = runs_within(part.visual_runs(), 0, count)
         if runs:
             self.arrays.write_deepstack(allocation.blocks, first_token, runs,
-                                        part.deepstack.transpose(0, 1))
+                                        part.deepstack[:, :run_tokens(runs)].transpose(0, 1))
         return [(first_token + first, count) for first, count in runs]
 
     def read(self, allocation: Allocation, num_tokens: int, start_token: int = 0) -> Gathered:

@@ -86,12 +86,10 @@ class LocalEncodeSource:
                 done.append((request, prompt.after(self._hits.pop(request))))
         return done
 
-    def abort(self, request: Req) -> bool:
+    def abort(self, request: Req) -> None:
         if request in self.pending:
             self.pending.remove(request)
             self._release([request])
-            return True
-        return False
 
     def _release(self, requests: list[Req]) -> None:
         for request in requests:

@@ -101,7 +101,7 @@ class EmbeddingReceiver(RoomTransfer):
         self.sent_tokens = 0
         self.windows: list[OfferedWindow] = []
         self.staged: Gathered | None = None
-        self.taken: EncodedPrompt | None = None  # taken early: over ``staged``
+        self.taken: EncodedPrompt | None = None  # what ``take`` returns: over ``staged``
         # window's first token -> its visual runs (from that token) and their deepstack rows
         self.deepstack: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
         self.created = self.waiting_since = self.last_progress = time.monotonic()
@@ -261,7 +261,7 @@ class ReceiverManager(TransferManager):
             windows = [w for w in receiver.windows if w.allocation is not None]
             receiver.windows = []
             self._receivers.pop(receiver.room, None)
-        out = receiver.staged or self._new_buffer(receiver)
+        out = receiver.staged = receiver.staged or self._new_buffer(receiver)
         for window in windows:
             self._copy_out(receiver, window, out)
         prefix, receiver.prefix = receiver.prefix, None
@@ -269,10 +269,11 @@ class ReceiverManager(TransferManager):
             for window in windows:
                 self.pool.allocator.free(window.allocation)
             self._retry_pending()
-        prompt = receiver.taken or self._prompt(receiver, out, prefix)
-        if self.pool.layout.deepstack_layers:
-            self._attach_deepstack(receiver, prompt)
-        return prompt
+        if receiver.taken is None:  # NOTE: taken again, it is the same prompt
+            receiver.taken = self._prompt(receiver, out, prefix)
+            if self.pool.layout.deepstack_layers:
+                self._attach_deepstack(receiver, receiver.taken)
+        return receiver.taken
 
     def _take_early(self, receiver: EmbeddingReceiver) -> EncodedPrompt:
         """Under the lock: the prompt over the buffer its rows are copied into as they land.

@@ -80,8 +80,9 @@ class EmbeddingSender(RoomTransfer):
              ready: int | None = None) -> None:
         """Send the prompt held in ``source`` (blocks of this manager's pool, tokens from 0),
         with the deepstack rows of the tokens in ``visual_runs``: its first ``ready`` tokens
-        (default: all) now, the rest as ``extend`` says they are written. Non-blocking; the
-        sender owns ``source`` from now on and frees it on every path."""
+        (default: all) now, the rest as ``extend`` says they are written. Non-blocking. The
+        sender owns ``source`` once every row is ready, and frees it on every path; until
+        then the caller writes into it, and frees it itself if the room fails first."""
         self._manager._send(self, source, mrope_delta, visual_runs, ready)
 
     def extend(self, ready: int, visual_runs: Runs = ()) -> None:
@@ -388,9 +389,6 @@ class SenderManager(TransferManager):
         with self._lock:
             if sender.source is not None:
                 raise ValueError(f"room {sender.room} was already sent")
-            if sender.state in (Poll.Success, Poll.Failed):
-                self.pool.allocator.free(source)
-                return
             if sender.total_tokens is None:
                 raise ValueError(f"announce room {sender.room}'s length before sending it")
             if source.allocated_tokens < sender.total_tokens:
@@ -404,6 +402,8 @@ class SenderManager(TransferManager):
                                  f"{sender.total_tokens}")
             sender.source = source
             sender.ready_tokens = ready
+            if sender.state in (Poll.Success, Poll.Failed):
+                return self._free_source_after_release(sender)
             sender.mrope_delta = mrope_delta
             sender.visual_runs = tuple(visual_runs)
             sender.last_progress = time.monotonic()
@@ -413,14 +413,17 @@ class SenderManager(TransferManager):
 
     def _extend(self, sender: EmbeddingSender, ready: int, visual_runs: Runs) -> None:
         with self._lock:
+            if sender.state in (Poll.Success, Poll.Failed) and sender.released:
+                sender.ready_tokens = max(sender.ready_tokens, ready)
+                return self._free_source_after_release(sender)
             if sender.source is None:
                 raise ValueError(f"room {sender.room} was not sent yet")
             if not sender.ready_tokens <= ready <= sender.total_tokens:
                 raise ValueError(f"{ready} tokens ready of room {sender.room}'s "
                                  f"{sender.total_tokens}, after {sender.ready_tokens}")
-            if sender.state in (Poll.Success, Poll.Failed):
-                return
             sender.ready_tokens = ready
+            if sender.state in (Poll.Success, Poll.Failed):
+                return  # (its release, once its last write returns, frees ``source``)
             sender.visual_runs += tuple(visual_runs)
             self._pump(sender)
 
@@ -511,13 +514,20 @@ class SenderManager(TransferManager):
         sender.released = True
         if sender.notify_peer:
             self.control.send(sender.peer.endpoint, Abort(sender.room, sender.failure))
-        if sender.source is not None:
-            self.pool.allocator.free(sender.source)
+        self._free_source_after_release(sender)
         self._unclaim(sender, list(sender.windows.values()))
         if sender.peer is not None:
             sender.peer.rooms.discard(sender.room)
         self._senders.pop(sender.room, None)
         self._finished(sender.room)
+
+    def _free_source_after_release(self, sender: EmbeddingSender) -> None:
+        """Free a released room's ``source`` once it is the sender's (every row ready); before,
+        the encode server still writes into it and frees it itself."""
+        if (sender.released and sender.source is not None
+                and sender.ready_tokens == sender.total_tokens):
+            self.pool.allocator.free(sender.source)
+            sender.source = None
 
     # -- time -----------------------------------------------------------------------------
 

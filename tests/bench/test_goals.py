@@ -36,8 +36,11 @@ def test_goals_from_measured_ratios():
                         "disagg-1+1-no-prefix-cache": summary(0.9, 0.01)},
         "cold": {"disagg-1+1": summary(0.104, 0.01),
                  "disagg-1+1-no-prefix-cache": summary(0.1, 0.01)},
+        "many-images": {"disagg-1+1": summary(0.7, 0.01),
+                        "disagg-1+1-prefill-after-arrival": summary(1.0, 0.01)},
     }
-    latency, throughput, burst, resume, chat, chat_system, cold, video = evaluate(results)
+    (latency, throughput, burst, resume, chat, chat_system, cold, arrival,
+     video) = evaluate(results)
     assert latency.ratio == pytest.approx(1.05) and latency.met is True
     assert throughput.ratio == pytest.approx(0.32 / 0.12) and throughput.met is True
     assert burst.ratio == pytest.approx(2.0) and burst.met is False
@@ -46,6 +49,7 @@ def test_goals_from_measured_ratios():
     assert chat.ratio == pytest.approx(4.0) and chat.met is True
     assert chat_system.ratio == pytest.approx(9.0) and chat_system.met is False
     assert cold.ratio == pytest.approx(1.04) and cold.met is True
+    assert arrival.ratio == pytest.approx(0.7) and arrival.met is True
 
 
 def test_a_missing_system_is_not_measured_rather_than_failed():

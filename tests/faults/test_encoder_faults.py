@@ -151,3 +151,35 @@ def test_data_connection_cut_mid_chunk(fault_cluster):
     assert cut, "no encoder saw its transfer fail"
     assert cluster.sample("language-0", 'mmdisagg_transfer_rooms_total{outcome="failed"}') >= 1
     serves_again(cluster, cut[0])
+
+
+def test_a_prompt_is_prefilled_as_it_arrives_and_a_cut_before_its_end_leaks_nothing(
+        fault_cluster):
+    """Two big images take two vision forwards: the first image's rows go to the language
+    server, which prefills them while the second is encoded. The chunk that ends the prompt is
+    held until that prefill is seen, then cut: the language server drops the half-prefilled
+    request (its KV blocks and pool blocks come free, the fixture checks), and the router
+    retries it on the other encoder, where it is answered."""
+    cluster, proxy = fault_cluster
+    prefilled = lambda: cluster.sample(  # noqa: E731
+        "language-0", "mmdisagg_prefill_while_arriving_tokens_total")
+    failed, before = cluster.rooms("language-0", "failed"), prefilled()
+    proxy.arm("hold", "before", lambda notice: (
+        notice.start_token + notice.num_tokens == notice.total_tokens))
+
+    def inject() -> None:
+        wait_until(proxy.fired.is_set, 120, "the prompt's last chunk held")
+        wait_until(lambda: prefilled() > before, 60, "a prefill of the rows that landed")
+        proxy.cut_held()
+
+    async def scenario():
+        client = cluster.async_client()
+        request = asyncio.create_task(ask(client, user(
+            image(BIG, BIG, 1), image(BIG, BIG, 2), text_part("Compare the two pictures."))))
+        await asyncio.to_thread(inject)
+        outcome = await request
+        await client.close()
+        return outcome
+
+    assert asyncio.run(scenario()) == "ok"
+    assert cluster.rooms("language-0", "failed") > failed

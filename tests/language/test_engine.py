@@ -123,6 +123,42 @@ def test_requests_join_and_leave_between_steps(qwen2_vl: TinyModel) -> None:
     assert_idle(engine)
 
 
+def test_a_prompt_still_arriving_is_prefilled_as_far_as_its_rows_go(tiny: TinyModel) -> None:
+    """Rows land 7 tokens at a time, one step apart, while another request decodes: each step
+    prefills just what landed (a step with none ready computes nothing for it), the prompt's
+    first token comes only once all of it is computed, and both match generate()."""
+    engine = paged_engine(tiny.language)
+    arriving, decoding = req(tiny, "two images"), req(tiny, "one image")
+    total = arriving.prompt_tokens
+    arriving.landed_tokens = 0
+    engine.add(decoding)
+    engine.add(arriving)
+    outputs: dict[str, list[StepOutput]] = defaultdict(list)
+    computed: list[int] = []
+    while engine.has_work():
+        if arriving.landed_tokens is not None:
+            assert arriving.num_computed == arriving.landed_tokens  # caught up, never past
+            landed = arriving.landed_tokens + 7
+            arriving.landed_tokens = None if landed >= total else landed
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+        computed.append(arriving.num_computed)
+        if not outputs["two images"]:
+            assert arriving.num_computed < total or arriving.landed_tokens is None
+    assert computed[: math.ceil(total / 7) - 1] == [7 * (i + 1) for i in range(
+        math.ceil(total / 7) - 1)]
+    assert engine.prefilled_while_arriving == 7 * (math.ceil(total / 7) - 1)
+    for name in ("two images", "one image"):
+        assert_same_tokens(tokens(outputs[name]), generate_greedy(tiny, PROMPTS[name], 12))
+    idle = req(tiny, "text only")
+    idle.landed_tokens = 0
+    engine.add(idle)
+    engine.step()
+    assert engine.stepped_tokens == 0 and idle.num_computed == 0 and not idle.output_ids
+    engine.abort(idle)
+    assert_idle(engine)
+
+
 def test_prefill_budget_is_shared_by_the_step(qwen2_vl: TinyModel) -> None:
     engine = paged_engine(qwen2_vl.language, max_prefill_tokens=16)
     reqs = [req(qwen2_vl, name) for name in ("long text", "one image")]
