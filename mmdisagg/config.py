@@ -493,7 +493,7 @@ class ProcessSettings:
 class EncodingSettings:
     max_encode_batch: int = knob(16, "most requests whose images share one vision forward")
     max_encode_patches: int = knob(
-        4096, "most image patches in one vision forward (a larger image still goes alone): a "
+        2048, "most image patches in one vision forward (a larger image still goes alone): a "
               "prompt with more takes several, each forward's rows sent (and prefilled) while "
               "the next runs; bounds how long text prompts and the next step wait behind it")
     max_queued_encodes: int = knob(1024, "requests an encode server holds (preparing, waiting "

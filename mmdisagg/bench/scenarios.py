@@ -92,7 +92,7 @@ def scenarios(scale: float = 1.0, max_seconds: float = 300.0) -> list[Scenario]:
                           ((image_requests(20, "cold", 800), closed[1]),), "cold"))
     # NOTE: 8 x 484 image tokens and the question: ~4,030 of the checkpoint's 4,096 tokens
     found.append(Scenario("many-images", "concurrency 1, eight 616x616 images (~4,030-token "
-                          "prompts, 4 vision forwards), 8 output tokens: prefill as the prompt "
+                          "prompts, a vision forward each), 8 output tokens: prefill as the prompt "
                           "arrives vs once it all landed", ARRIVAL,
                           ((Workload(num_requests=n(8), images=(8, 8),
                                      image_sizes=((616, 616),), prompt_words=30, max_tokens=8,
