@@ -304,9 +304,9 @@ class EncodeScheduler(LoopThread):
     def _fail(self, job: EncodeJob, error: ErrorEvent, outcome: str = "failed") -> None:
         if job.replied:
             return
+        job.sender.abort(error.message)  # first: it stops reading the blocks freed next
         if job.allocation is not None:
             self.pool.allocator.free(job.allocation)
             job.allocation = None
-        job.sender.abort(error.message)
         self.outcomes[outcome] += 1
         job.answer(error)

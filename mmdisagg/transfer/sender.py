@@ -425,6 +425,7 @@ class SenderManager(TransferManager):
             if sender.state in (Poll.Success, Poll.Failed):
                 return  # (its release, once its last write returns, frees ``source``)
             sender.visual_runs += tuple(visual_runs)
+            sender.last_progress = time.monotonic()
             self._pump(sender)
 
     def _abort(self, sender: EmbeddingSender, reason: str) -> None:

@@ -102,7 +102,9 @@ class SendTask:
             "delay", 0.0)
         self.sent = False
         self.bound = False
-        # "stages": the rows are ready in that many steps, each after the last was sent
+        # "stages": the rows are ready in that many steps, each after the last was sent (with
+        # "hold_stages", never past the first); until the last, the source is ours to free
+        self.source = None
         self.stage_ends = [self.total * (i + 1) // cmd.get("stages", 1)
                            for i in range(cmd.get("stages", 1))]
         self.runs: list[tuple[int, int]] = []
@@ -113,7 +115,7 @@ class SendTask:
             self.bound = True  # a window of the receiver's is bound to this room
             emit({"event": "bound", "room": self.room})
         if not self.sent and time.monotonic() >= self.send_at:
-            source = pool.allocator.alloc(self.total)
+            self.source = source = pool.allocator.alloc(self.total)
             if source is not None:
                 prompt = make_prompt(self.room, self.total, pool.layout)
                 self.runs = pool.write_prompt(source, prompt)
@@ -121,7 +123,8 @@ class SendTask:
                     self.stage_ends[0]), ready=self.stage_ends[0])
                 self.sent = True
         ready = self.sender.ready_tokens
-        if self.sent and ready < self.total and self.sender.sent_tokens >= ready:
+        if (self.sent and ready < self.total and self.sender.sent_tokens >= ready
+                and not self.cmd.get("hold_stages")):
             end = next(end for end in self.stage_ends if end > ready)
             self.sender.extend(end, [(ready + first, count) for first, count in runs_within(
                 self.runs, ready, end - ready)])
@@ -130,6 +133,8 @@ class SendTask:
             emit({"event": "killing", "room": self.room, "sent": self.sender.sent_tokens})
             os.kill(os.getpid(), signal.SIGKILL)
         if self.sender.poll() in (Poll.Success, Poll.Failed):
+            if self.sent and self.sender.ready_tokens < self.total:
+                pool.allocator.free(self.source)
             emit({"event": "done", "room": self.room, "state": self.sender.poll().name,
                   "failure": self.sender.failure})
             return True

@@ -173,6 +173,20 @@ def test_rows_ready_in_stages_fill_windows_in_several_chunks(start, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_room_aborted_between_stages_leaves_its_source_to_the_encoder(start, backend):
+    """Only the first of 5 stages is ever ready; the receiver aborts once it landed. The
+    sender must not free the blocks the encoder still writes into: the encoder frees them (a
+    double free or a leak shows in the pool's check)."""
+    sender = start("sender", backend, 64)
+    receiver = start("receiver", backend, 64)
+    receiver.command(op="recv", room=47, encoder=sender.bootstrap, abort_after_tokens=400)
+    sender.command(op="send", room=47, total=2000, stages=5, hold_stages=True)
+    assert receiver.done([47])[47]["state"] == "Failed"
+    assert sender.done([47])[47]["state"] == "Failed"
+    assert sender.wait_pool_full()["live"] == 0 and receiver.wait_pool_full()["live"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deepstack_rows_ready_in_stages(start, backend):
     """Stages cut visual runs; each chunk carries the deepstack rows of its own tokens."""
     sender = start("sender", backend, 64, deepstack_layers=3)
