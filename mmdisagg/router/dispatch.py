@@ -54,15 +54,15 @@ class Server:
     healthy: bool = False
     info: ServerInfo | None = None
     in_flight: int = 0  # sent by this router and not answered yet
-    sent: int = 0  # ever sent by this router
-    sent_before_info: int = 0  # of those, sent before ``info`` was asked for
+    in_flight_at_info: int = 0  # of those, in flight when ``info`` was asked for
 
     @property
     def load(self) -> int:
-        """Requests the server reported, plus those this router sent it since (at most the
-        ones still in flight)."""
+        """Requests this router has on the server now, plus the others the server reported
+        (other routers'): a report counts this router's requests of that moment, which may
+        have been answered since."""
         reported = self.info.load if self.info is not None else 0
-        return reported + min(self.in_flight, self.sent - self.sent_before_info)
+        return max(0, reported - self.in_flight_at_info) + self.in_flight
 
     @property
     def rank(self) -> tuple[int, int, int]:
@@ -77,7 +77,6 @@ class Server:
     def hold(self) -> Iterator[None]:
         """One request sent to this server, until it answers."""
         self.in_flight += 1
-        self.sent += 1
         try:
             yield
         finally:
@@ -100,13 +99,13 @@ class ServerSet:
 
     async def check(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         async def one(server: Server) -> None:
-            sent = server.sent
+            in_flight = server.in_flight
             try:
                 response = await client.get(f"{server.url}/info", headers=headers,
                                             timeout=HEALTH_TIMEOUT_S)
                 response.raise_for_status()
                 server.info = msgspec.json.decode(response.content, type=ServerInfo)
-                server.sent_before_info = sent
+                server.in_flight_at_info = in_flight
                 if not server.healthy:
                     log.info("%s server %s is healthy", self.role, server.url)
                 server.healthy = True

@@ -1,5 +1,6 @@
-"""The router's choice of server: least load as the servers report it in /info plus what this
-router sent since, then most free blocks; an encoder's request counts until /encode answers."""
+"""The router's choice of server: least load (what this router has on it now, plus the other
+requests the server reported in /info), then most free blocks; an encoder's request counts
+until /encode answers."""
 
 from __future__ import annotations
 
@@ -39,9 +40,26 @@ def test_a_report_taken_after_sending_already_counts_those_requests():
     group = servers(0, 0)
     first, second = group.servers
     with first.hold():
-        first.sent_before_info = first.sent  # the next poll saw it: its report says load 1
+        first.in_flight_at_info = 1  # the next poll saw it: its report says load 1
         first.info = ServerInfo("encode", "m", 1)
         assert first.load == 1 and group.pick(set()) is second
+
+
+def test_requests_a_report_counted_no_longer_count_once_answered():
+    """A server reported 3 of this router's requests and 1 of another's; 2 of ours were
+    answered since: its load is 2, not the 4 of the stale report. Counting the report whole
+    made a frozen encoder (whose report predates its stuck requests) look less loaded than a
+    busy one, and get one request too many."""
+    group = servers(4, 3)
+    busy, other = group.servers
+    answered, still = contextlib.ExitStack(), contextlib.ExitStack()
+    with still:
+        with answered:
+            for stack in (answered, answered, still):
+                stack.enter_context(busy.hold())
+            busy.in_flight_at_info = 3  # the poll saw them
+            assert busy.load == 4
+        assert (busy.load, other.load) == (2, 3) and group.pick(set()) is busy
 
 
 def test_equal_load_prefers_more_free_blocks_and_skips_unhealthy_and_excluded():
