@@ -267,7 +267,7 @@ class Dispatcher:
                 if not encoding.done():
                     encoding.cancel()
                     self._spawn(self._abort(encoder, room))
-            self._spawn(self._close_events(events))
+            self._spawn(self._close_events(events, finished))
             # The encoder answers once it hears the prompt arrived, maybe after the last token.
             encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
 
@@ -353,8 +353,15 @@ class Dispatcher:
         return response.status_code < 400
 
     @staticmethod
-    async def _close_events(events: AsyncIterator[Event]) -> None:
+    async def _close_events(events: AsyncIterator[Event], finished: bool) -> None:
+        """End the language server's stream. A finished one is read to its end first (the
+        server ends it right after the last event), so that its connection goes back to the
+        pool: closed early, it is dropped, and the next request pays a new connection."""
         with contextlib.suppress(Exception):
+            if finished:
+                async with asyncio.timeout(ABORT_TIMEOUT_S):
+                    async for _ in events:
+                        pass
             await events.aclose()
 
     def _spawn(self, coroutine) -> None:

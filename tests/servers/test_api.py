@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import openai
+import psutil
 import pytest
 from cluster import Cluster, metrics, wait_pools_free
 
@@ -181,6 +182,25 @@ def test_bad_requests_get_status_and_message_and_leave_the_servers_clean(cluster
         assert words in message, (what, message)
     assert wait_pools_free(cluster) == {"encode-0": 0, "language-0": 0}
     assert complete(cluster.client(), user(text_part("still there?")), stream=False)[0]
+
+
+def test_the_router_keeps_its_connection_to_the_language_server(cluster):
+    """A finished stream is read to its end, so its connection goes back to the router's pool:
+    8 requests, streamed and not, leave no closed connection to the language server behind
+    (each would sit in TIME_WAIT for a minute; at a high request rate they exhaust ports)."""
+    if cluster.family != FAMILIES[0]:
+        pytest.skip("family-independent")
+    port = int(cluster.child("language-0").url.rsplit(":", 1)[1])
+
+    def closed() -> int:
+        """Connections to or from its port that one side closed (in TIME_WAIT)."""
+        return sum(1 for c in psutil.net_connections("tcp4") if c.status == psutil.CONN_TIME_WAIT
+                   and port in (c.laddr.port, c.raddr.port if c.raddr else None))
+
+    before = closed()
+    for number in range(8):
+        complete(cluster.client(), user(text_part(f"Count {number}")), stream=number % 2 == 0)
+    assert closed() - before <= 1
 
 
 def test_same_png_as_file_is_refused_by_default(cluster, tmp_path):
