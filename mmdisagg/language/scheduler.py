@@ -310,7 +310,8 @@ class LanguageScheduler(LoopThread):
             self.output.put(outputs)
 
     def _finish(self, request: Req, event: Event) -> None:
-        for choice in request.choices or [request]:  # (its prompt may have been arriving)
+        self.source.abort(request)  # (its prompt may still be arriving)
+        for choice in request.choices or [request]:
             self.engine.abort(choice)
         self._requests.pop(request.room, None)
         request.status = ReqStatus.FINISHED
