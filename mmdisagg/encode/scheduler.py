@@ -73,7 +73,7 @@ class EncodeJob:
     allocation: Allocation | None = None  # ours until every row is written (then its sender's)
     replied: bool = False
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # of its images, so far
-    stage: list[PreparedImage] = field(default_factory=list)  # its images in this forward
+    stage: list[PreparedImage] = field(default_factory=list)  # its next images (next_stage)
     written: int | None = None  # tokens whose rows are in its blocks; None: nothing sent yet
 
     @property
@@ -101,11 +101,8 @@ class EncodeJob:
 
     def ready_tokens(self) -> int:
         """Tokens whose rows can be written: those before its first image not encoded yet."""
-        cached = self.cached_tokens
-        return min((start for image, start in zip(self.prepared.images,
-                                                   self.prepared.image_starts, strict=True)
-                    if start + image.num_tokens > cached
-                    and image.content_hash not in self.features),
+        return min((span.start for span in self.prepared.image_spans()
+                    if span.end > self.cached_tokens and span.key not in self.features),
                    default=self.prepared.total_tokens)
 
     def answer(self, outcome: EncodeResult | ErrorEvent) -> None:
@@ -227,17 +224,20 @@ class EncodeScheduler(LoopThread):
             batch, self.encoding = self.encoding, []
             run, self._vision_run = self._vision_run, None
             self._encoded(batch, run.result())
-        quick, vision = take_batches(self.admitted, lambda job: job.next_stage(self.max_patches),
-                                     self.cache, self.max_batch if self._vision_run is None
-                                     else 0, self.max_patches)
-        for job in [*quick, *vision]:
-            job.stage = job.next_stage(self.max_patches)
+        quick, vision = take_batches(self.admitted, self._stage, self.cache,
+                                     self.max_batch if self._vision_run is None else 0,
+                                     self.max_patches)
         if quick:
             self._encoded(quick, self._forward(quick))
         if vision:
             self.encoding = list(vision)
             self._vision_run = self._vision.submit(self._forward, vision)
             self._vision_run.add_done_callback(lambda _: self.wake())
+
+    def _stage(self, job: EncodeJob) -> list[PreparedImage]:
+        """``job``'s next stage, kept for the forward it may be taken into."""
+        job.stage = job.next_stage(self.max_patches)
+        return job.stage
 
     def _forward(self, batch: list[EncodeJob]) -> dict[str, torch.Tensor] | Exception:
         try:
