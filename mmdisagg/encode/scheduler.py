@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import torch
 
-from mmdisagg.core import LoopThread, RecentRooms
+from mmdisagg.core import EncodedPrompt, LoopThread, RecentRooms
 from mmdisagg.messages import EncodeResult, ErrorEvent
 from mmdisagg.models.base import EncoderHalf, PreparedImage, PreparedPrompt
 from mmdisagg.models.image_cache import ImageCache
@@ -72,8 +72,9 @@ class EncodeJob:
     reply: Callable[[EncodeResult | ErrorEvent], None]  # called once, from the loop thread
     allocation: Allocation | None = None  # ours until every row is written (then its sender's)
     replied: bool = False
-    features: dict[str, torch.Tensor] = field(default_factory=dict)  # of its images, so far
+    encoded: set[str] = field(default_factory=set)  # its images' content hashes, so far
     stage: list[PreparedImage] = field(default_factory=list)  # its next images (next_stage)
+    merged: EncodedPrompt | None = None  # its embeddings so far (merged stage by stage)
     written: int | None = None  # tokens whose rows are in its blocks; None: nothing sent yet
 
     @property
@@ -90,7 +91,7 @@ class EncodeJob:
         least one)."""
         stage, patches = [], 0
         for image in self.images_needed:
-            if image.content_hash in self.features:
+            if image.content_hash in self.encoded:
                 continue
             size = image.pixel_values.shape[0]
             if stage and max_patches and patches + size > max_patches:
@@ -102,7 +103,7 @@ class EncodeJob:
     def ready_tokens(self) -> int:
         """Tokens whose rows can be written: those before its first image not encoded yet."""
         return min((span.start for span in self.prepared.image_spans()
-                    if span.end > self.cached_tokens and span.key not in self.features),
+                    if span.end > self.cached_tokens and span.key not in self.encoded),
                    default=self.prepared.total_tokens)
 
     def answer(self, outcome: EncodeResult | ErrorEvent) -> None:
@@ -262,20 +263,23 @@ class EncodeScheduler(LoopThread):
             if job.sender.poll() == Poll.Failed:
                 self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
                 continue
-            job.features.update((image.content_hash, result[image.content_hash])
-                                for image in job.stage)
-            job.stage = []
-            self._write(job)
+            self._write(job, result)
             (self.sending if job.allocation is None else unfinished).append(job)
         self.admitted.extendleft(reversed(unfinished))
 
-    def _write(self, job: EncodeJob) -> None:
-        """Write the rows that are ready since the last stage into ``job``'s blocks and tell
-        its sender; once every row is written, the blocks are the sender's."""
+    def _write(self, job: EncodeJob, features: dict[str, torch.Tensor]) -> None:
+        """Merge the features of ``job``'s stage just encoded, write the rows that are ready
+        since the last stage into its blocks and tell its sender; once every row is written,
+        the blocks are the sender's."""
+        new = {image.content_hash for image in job.stage}
+        job.encoded |= new
+        job.stage = []
         first = job.cached_tokens if job.written is None else job.written
         ready = job.ready_tokens()
-        encoded = [image for image in job.images_needed if image.content_hash in job.features]
-        prompt = self.half.merge(job.prepared, encoded, job.features)
+        # (an image found again later in the prompt was encoded with its first place)
+        prompt = job.merged = self.half.merge(
+            job.prepared, [image for image in job.images_needed if image.content_hash in new],
+            features, job.merged)
         runs = self.pool.write_prompt(job.allocation, prompt, first, ready)
         if job.written is None:
             job.sender.send(job.allocation, prompt.mrope_delta, runs, ready=ready)
@@ -284,7 +288,7 @@ class EncodeScheduler(LoopThread):
         job.written = ready
         if ready == job.prepared.total_tokens:
             job.allocation = None
-            job.features = {}
+            job.merged = None
 
     def _reply(self) -> None:
         for job in [job for job in self.admitted if job.written is not None]:

@@ -242,9 +242,12 @@ class EncoderHalf(ABC):
 
     @abstractmethod
     def merge(self, prompt: PreparedPrompt, encoded: Sequence[PreparedImage],
-              features: Mapping[str, torch.Tensor]) -> EncodedPrompt:
+              features: Mapping[str, torch.Tensor], into: EncodedPrompt | None = None
+              ) -> EncodedPrompt:
         """The prompt's token embeddings with the features of its ``encoded`` images in place
-        (the rows of its other images left zero), its M-RoPE positions and ``mrope_delta``."""
+        (the rows of its other images left zero), its M-RoPE positions and ``mrope_delta``.
+        ``into``, an earlier merge of this prompt, gets just the ``encoded`` images' rows: a
+        prompt encoded in stages embeds its text and computes its positions once."""
 
     @property
     @abstractmethod

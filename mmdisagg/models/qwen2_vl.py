@@ -368,23 +368,30 @@ class QwenVLEncoderHalf(EncoderHalf):
 
     @torch.no_grad()
     def merge(self, prompt: PreparedPrompt, encoded: Sequence[PreparedImage],
-              features: Mapping[str, torch.Tensor]) -> EncodedPrompt:
-        token_ids = prompt.token_ids.to(self.device)
-        embeddings = self.embed_tokens(token_ids)
-        visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
-        width = (1 + self.deepstack_layers, self.hidden_size)
-        visual_features = torch.cat([
-            features[image.content_hash] if image in encoded
-            else embeddings.new_zeros(image.num_tokens, *width) for image in prompt.images]
-        ) if prompt.images else embeddings.new_empty(0, *width)
-        embeddings[visual_rows] = visual_features[:, 0]
-        positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
-                                                 self.merge_size)
-        encoded = EncodedPrompt(embeddings, token_ids, positions.to(self.device), mrope_delta)
-        if self.deepstack_layers:
-            encoded.deepstack = visual_features[:, 1:].transpose(0, 1)
-            encoded.visual_mask = visual_rows
-        return encoded
+              features: Mapping[str, torch.Tensor], into: EncodedPrompt | None = None
+              ) -> EncodedPrompt:
+        if into is None:
+            token_ids = prompt.token_ids.to(self.device)
+            positions, mrope_delta = mrope_positions(prompt.token_ids, prompt.images,
+                                                     self.merge_size)
+            into = EncodedPrompt(self.embed_tokens(token_ids), token_ids,
+                                 positions.to(self.device), mrope_delta)
+            visual_rows = (token_ids == self.image_token_id) | (token_ids == self.video_token_id)
+            into.embeddings[visual_rows] = 0
+            if self.deepstack_layers:
+                into.visual_mask = visual_rows
+                into.deepstack = into.embeddings.new_zeros(
+                    self.deepstack_layers, int(visual_rows.sum()), self.hidden_size)
+        visual = 0  # the image's first row among the prompt's visual tokens (deepstack rows)
+        for image, start in zip(prompt.images, prompt.image_starts, strict=True):
+            if image in encoded:
+                rows = features[image.content_hash]
+                count = image.num_tokens
+                into.embeddings[start:start + count] = rows[:, 0]
+                if self.deepstack_layers:
+                    into.deepstack[:, visual:visual + count] = rows[:, 1:].transpose(0, 1)
+            visual += image.num_tokens
+        return into
 
 
 @dataclass(frozen=True)

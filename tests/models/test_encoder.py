@@ -146,6 +146,28 @@ def test_images_inside_a_cached_prefix_skip_the_vision_tower(tiny: TinyModel,
     assert vision_calls[-1] == cat.pixel_values.shape[0] + dog.pixel_values.shape[0]
 
 
+
+def test_a_prompt_merged_stage_by_stage_equals_one_merge(tiny: TinyModel) -> None:
+    """As the encode server does: the text and positions once, then each stage's images into
+    the same prompt (an image met again later in the prompt with its first place)."""
+    prepared = tiny.encoder.prepare(user(CAT, text_part("and"), DOG, text_part("again"), CAT))
+    whole = tiny.encoder.encode([prepared])[0]
+    cat, dog, _ = prepared.images
+    merged = None
+    for stage in ([cat], [dog]):
+        features = tiny.encoder.image_features(stage, None, 0)
+        same = [image for image in prepared.images if image.content_hash in features]
+        merged = tiny.encoder.merge(prepared, same, features, merged)
+        if stage == [cat]:  # the dog's rows are not there yet
+            dog_rows = slice(prepared.image_starts[1], prepared.image_starts[1] + dog.num_tokens)
+            assert not merged.embeddings[dog_rows].any()
+    assert torch.equal(merged.embeddings, whole.embeddings)
+    assert torch.equal(merged.positions, whole.positions)
+    assert merged.mrope_delta == whole.mrope_delta
+    if whole.deepstack is not None:
+        assert torch.equal(merged.deepstack, whole.deepstack)
+        assert torch.equal(merged.visual_mask, whole.visual_mask)
+
 def test_block_hashes_key_images_by_their_pixels(tiny: TinyModel) -> None:
     """Two images of one size have the same placeholder tokens, but never the same hashes; the
     same image gives the same hashes, and elsewhere in the prompt it changes what follows."""
