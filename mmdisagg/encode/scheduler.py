@@ -261,7 +261,7 @@ class EncodeScheduler(LoopThread):
                 self._fail(job, ErrorEvent(f"encoding failed: {result!r}", 500))
                 continue
             if job.sender.poll() == Poll.Failed:
-                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
+                self._transfer_failed(job)
                 continue
             self._write(job, result)
             (self.sending if job.allocation is None else unfinished).append(job)
@@ -294,7 +294,7 @@ class EncodeScheduler(LoopThread):
         for job in [job for job in self.admitted if job.written is not None]:
             if job.sender.poll() == Poll.Failed:  # between stages
                 self.admitted.remove(job)
-                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
+                self._transfer_failed(job)
         for job in list(self.sending):
             state = job.sender.poll()
             if state == Poll.Success:
@@ -303,7 +303,10 @@ class EncodeScheduler(LoopThread):
                 job.answer(EncodeResult(job.prepared.total_tokens, len(job.prepared.images)))
             elif state == Poll.Failed:
                 self.sending.remove(job)
-                self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
+                self._transfer_failed(job)
+
+    def _transfer_failed(self, job: EncodeJob) -> None:
+        self._fail(job, ErrorEvent(f"transfer failed: {job.sender.failure}", 503))
 
     def _fail(self, job: EncodeJob, error: ErrorEvent, outcome: str = "failed") -> None:
         if job.replied:

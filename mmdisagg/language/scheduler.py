@@ -226,9 +226,7 @@ class LanguageScheduler(LoopThread):
             request = self._requests.pop(self._aborts.popleft(), None)
             if request is None:
                 continue
-            self.source.abort(request)
-            for choice in request.choices or [request]:
-                self.engine.abort(choice)
+            self._drop(request)
             request.status = ReqStatus.FINISHED
             self.outcomes["aborted"] += 1
         while self._stops:
@@ -309,10 +307,14 @@ class LanguageScheduler(LoopThread):
         if outputs:
             self.output.put(outputs)
 
-    def _finish(self, request: Req, event: Event) -> None:
-        self.source.abort(request)  # (its prompt may still be arriving)
+    def _drop(self, request: Req) -> None:
+        """Out of the source (its prompt may still be arriving) and the engine."""
+        self.source.abort(request)
         for choice in request.choices or [request]:
             self.engine.abort(choice)
+
+    def _finish(self, request: Req, event: Event) -> None:
+        self._drop(request)
         self._requests.pop(request.room, None)
         request.status = ReqStatus.FINISHED
         self.outcomes["ok" if isinstance(event, TokenEvent) else "failed"] += 1
